@@ -1,0 +1,1 @@
+"""malt compiler: load -> validate -> lower -> passes -> render, and the CLI."""

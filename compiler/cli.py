@@ -1,0 +1,210 @@
+"""The `malt` command line: check, plan, compile, run, export, sample.
+
+Heavy modules (torch, the compiler's passes) are imported inside the commands
+that need them, so `malt --help` and `malt check` answer quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="malt: a declarative model-recipe compiler for language-model pre-training.\n\n"
+                       "check → plan → compile → run → export. See docs/recipes.md for the recipe language.")
+
+SET_HELP = "Override a recipe value: --set train.steps=100 (repeatable)."
+
+
+def _fail(message: str, hint: str | None = None, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    if hint:
+        typer.echo(f"    hint: {hint}", err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn):
+    """Turn user errors into messages and exit codes (2 for recipe and data problems)."""
+    from .diagnostics import RecipeError, UserError
+
+    try:
+        return fn()
+    except RecipeError as e:
+        n = len(e.diagnostics)
+        for d in e.diagnostics:
+            typer.echo(d.format(), err=True)
+        typer.echo(f"{n} error{'s' if n != 1 else ''}", err=True)
+        raise typer.Exit(2)
+    except UserError as e:
+        _fail(e.message, e.hint, e.code)
+    except OSError as e:
+        _fail(str(e))
+    except Exception as e:  # errors from the runtime (data, checkpoints) are user errors too
+        from malt.runtime.data import DataError
+        from malt.runtime.run import RunError
+
+        if isinstance(e, (DataError, RunError)):
+            _fail(getattr(e, "message", str(e)), getattr(e, "hint", None), 2)
+        raise
+
+
+def slug(name: str) -> str:
+    """A directory name for a recipe name."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return s[:80] or "recipe"
+
+
+@app.command()
+def check(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+          set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
+    """Validate a recipe and report every problem with its file:line:col."""
+    from .api import check as do_check
+
+    def go():
+        r, loaded = do_check(recipe, set_)
+        typer.echo(f"{loaded.file}: ok ({r.name})")
+    _guard(go)
+
+
+def _plan_text(p) -> str:
+    from .units import human_bytes, human_count, human_seconds
+
+    j = p.to_json()
+    m, b, ex, est = j["model"], j["batch"], j["execution"], p.estimates
+    mem = est["memory_per_device_bytes"]
+    basis = est["basis"]
+    lines = [
+        f"{p.recipe.name}  ({p.recipe_file})",
+        "",
+        f"model      llama: {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads ({m['n_kv_heads']} kv), "
+        f"head_dim {m['head_dim']}, d_ff {m['d_ff']}, vocab {m['vocab_size']:,} → {m['padded_vocab']:,}",
+        f"params     {est['params']:,} ({human_count(est['params'])}; {human_count(est['params_non_embedding'])} non-embedding)",
+        f"run        {j['steps']:,} steps × {b['tokens_per_step']:,} tokens = {j['tokens']:,} tokens ({human_count(j['tokens'])})",
+        f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation",
+        f"compute    {human_count(est['flops_per_token'])}FLOPs/token × {human_count(j['tokens'])} tokens = {est['total_flops']:.3g} FLOPs",
+        f"memory     {human_bytes(mem['total'])} per device: weights {human_bytes(mem['weights'])}, gradients {human_bytes(mem['gradients'])}, "
+        f"optimizer {human_bytes(mem['optimizer'])}, activations {human_bytes(mem['activations'])} (of {human_bytes(est['memory_budget_bytes'])})",
+        f"time       ≈ {human_seconds(est['estimated_seconds'])} on {basis['chip']} at {basis['mfu']:.0%} MFU of {basis['peak_flops'] / 1e12:g} TFLOP/s "
+        f"({ex['precision']}; {basis['peak_source']})",
+        f"execution  {ex['device']}, {ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
+        f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW",
+        "",
+        "decisions",
+    ]
+    for d in p.decisions:
+        lines.append(f"  {d.name:<13} {d.value!s:<12} {d.reason}")
+    return "\n".join(lines)
+
+
+@app.command()
+def plan(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")):
+    """Resolve the recipe for its target and print the cost: parameters, FLOPs, memory, time."""
+    from .api import plan as do_plan
+
+    def go():
+        p, _ = do_plan(recipe, set_)
+        typer.echo(json.dumps(p.to_json(), indent=2) if as_json else _plan_text(p))
+    _guard(go)
+
+
+@app.command("compile")
+def compile_(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+             out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output directory (default build/NAME)."),
+             set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
+    """Render the training program: train.py, model.py, launch.sh, plan.json, recipe.lock.yaml."""
+    from .api import check as do_check
+    from .api import compile_to
+
+    def go():
+        target = out
+        if target is None:
+            r, _ = do_check(recipe, set_)
+            target = Path("build") / slug(r.name)
+        compile_to(recipe, target, set_)
+        typer.echo(f"wrote {target}/: train.py model.py launch.sh plan.json recipe.lock.yaml")
+    _guard(go)
+
+
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint.")):
+    """Compile the recipe into its run directory, prepare data and train."""
+    import os
+    import subprocess
+
+    from .api import check as do_check
+    from .api import compile_files
+    from .diagnostics import UserError
+
+    def go():
+        r, _ = do_check(recipe, set_)
+        directory = run_dir or Path("runs") / slug(r.name)
+        from malt.runtime.checkpoint import latest
+
+        found = latest(directory)
+        p, files = compile_files(recipe, directory, set_)
+        if found is not None:
+            if not resume:
+                raise UserError(f"{directory} already holds a run (checkpoint at step {found[0]:,})",
+                                "pass --resume to continue it, or --run-dir to start a new run elsewhere", code=2)
+            lock = directory / "plan.json"
+            old = json.loads(lock.read_text()).get("recipe_hash") if lock.is_file() else None
+            if old != p.recipe_hash:
+                raise UserError(f"the recipe changed since {directory} was started (hash {str(old)[:12]} → {p.recipe_hash[:12]})",
+                                "resume with the recipe as it was, or start a new run with --run-dir", code=2)
+        from .render import write
+
+        write(files, directory)
+        typer.echo(f"compiled {p.recipe_file} → {directory}/ ({p.estimates['params']:,} params, {p.steps:,} steps, {p.device}, {p.precision})")
+        cmd = [sys.executable, str(directory / "train.py")] + (["--resume"] if resume else [])
+        code = subprocess.call(cmd, env=os.environ.copy())
+        if code:
+            raise typer.Exit(code)
+    _guard(go)
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
+           out: Path = typer.Option(..., "-o", "--out", help="Directory for the Hugging Face model."),
+           force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists.")):
+    """Write the latest checkpoint as a Hugging Face model directory (config.json, model.safetensors, tokenizer)."""
+    def go():
+        from malt.runtime.export import export_hf
+
+        arch = export_hf(run_dir, out, force=force)
+        typer.echo(f"wrote {out}/ ({arch}): load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    _guard(go)
+
+
+@app.command()
+def sample(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
+           prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
+           tokens: int = typer.Option(64, "--tokens", "-n", min=1, help="Tokens to generate."),
+           temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="0 = greedy."),
+           top_k: int = typer.Option(50, "--top-k", min=0),
+           seed: int = typer.Option(0, "--seed")):
+    """Print a continuation of PROMPT from the run's latest checkpoint."""
+    def go():
+        from malt.runtime.export import load_run_model
+        from malt.runtime.sample import generate
+
+        model, tokenizer, _ = load_run_model(run_dir)
+        typer.echo(generate(model, tokenizer, prompt, tokens, seed=seed, temperature=temperature, top_k=top_k))
+    _guard(go)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

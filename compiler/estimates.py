@@ -1,0 +1,95 @@
+"""Cost estimates: parameters, FLOPs, memory per device and time, from the shape alone.
+
+The parameter count is exact (it equals ``sum(p.numel())`` of the generated model
+and of the equivalent Hugging Face model). FLOPs follow the PaLM paper's
+accounting (appendix B): ``6 × N_matmul`` per token for the dense layers,
+forward and backward, plus ``12 × n_layers × n_heads × head_dim × seq_len`` for
+attention scores and values. Memory and time are estimates; the basis of each is
+stated in ``estimate_basis``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Chip:
+    name: str
+    peak_flops: dict      # precision -> dense FLOP/s of one device
+    memory_bytes: int
+    default_mfu: float
+    note: str
+
+
+# Dense (non-sparse) peak FLOP/s from the vendors' data sheets. fp32 on GPUs is
+# counted as TF32 tensor-core math, which PyTorch uses for matmuls when allowed.
+CHIPS = {
+    "a100-40gb": Chip("NVIDIA A100 40GB", {"bf16": 312e12, "fp32": 156e12}, 40 * GiB, 0.40, "data sheet, dense"),
+    "a100-80gb": Chip("NVIDIA A100 80GB", {"bf16": 312e12, "fp32": 156e12}, 80 * GiB, 0.40, "data sheet, dense"),
+    "h100": Chip("NVIDIA H100 SXM", {"bf16": 989e12, "fp32": 494e12}, 80 * GiB, 0.40, "data sheet, dense"),
+    "h200": Chip("NVIDIA H200", {"bf16": 989e12, "fp32": 494e12}, 141 * 10**9, 0.40, "data sheet, dense"),
+}
+# A CPU core is taken as 2 FMA units × 8 fp32 lanes × 2 FLOPs × 2.5 GHz = 80 GFLOP/s
+# (AVX2); it is a nominal figure, bench/ measures the real one.
+CPU_CORE_FLOPS = 80e9
+CPU_MFU = 0.50
+
+
+def cpu_chip(cores: int, memory_bytes: int) -> Chip:
+    peak = cores * CPU_CORE_FLOPS
+    return Chip(f"CPU ({cores} cores)", {"fp32": peak, "bf16": peak}, memory_bytes, CPU_MFU,
+                f"nominal {CPU_CORE_FLOPS / 1e9:g} GFLOP/s per core")
+
+
+def param_counts(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int,
+                 vocab: int, tie_embeddings: bool, qkv_bias: bool) -> dict:
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    attn = d_model * q_dim + 2 * d_model * kv_dim + q_dim * d_model
+    if qkv_bias:
+        attn += q_dim + 2 * kv_dim
+    mlp = 3 * d_model * d_ff                       # gate, up, down (SwiGLU)
+    norms = 2 * d_model
+    per_layer = attn + mlp + norms
+    embedding = vocab * d_model
+    head = 0 if tie_embeddings else vocab * d_model
+    total = embedding + n_layers * per_layer + d_model + head
+    matmul = n_layers * (attn - (q_dim + 2 * kv_dim if qkv_bias else 0) + mlp) + vocab * d_model
+    return {
+        "params": total,
+        "params_non_embedding": total - embedding - head,
+        "params_per_layer": per_layer,
+        "params_embedding": embedding,
+        "params_head": head,
+        "matmul_params": matmul,
+    }
+
+
+def flops_per_token(matmul_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> int:
+    """Training FLOPs per token, forward and backward (3 × the forward's 2 FLOPs per weight)."""
+    return 6 * matmul_params + 12 * n_layers * n_heads * head_dim * seq_len
+
+
+def activation_bytes(micro_batch: int, seq_len: int, d_model: int, n_layers: int, kv_dim: int, d_ff: int,
+                     vocab: int, precision: str) -> int:
+    """Tensors saved for the backward pass of one micro-batch (no activation checkpointing).
+
+    Per layer and token: the two residual inputs, two norm outputs, q and k before
+    and after rotation, v, the attention output (7·d + 3·kv_dim elements) and the
+    SwiGLU gate, up, activation and product (4·d_ff). The loss keeps the logits
+    and their gradient in fp32 (2·vocab per token).
+    """
+    tokens = micro_batch * seq_len
+    width = 2 if precision == "bf16" else 4
+    per_layer = (7 * d_model + 3 * kv_dim + 4 * d_ff) * width
+    head = d_model * width + 2 * vocab * 4
+    return tokens * (n_layers * per_layer + head)
+
+
+def state_bytes(params: int, precision: str) -> dict:
+    weights = params * 4                      # fp32 master weights
+    if precision == "bf16":
+        weights += params * 2                 # autocast's bf16 copies of the weights
+    return {"weights": weights, "gradients": params * 4, "optimizer": params * 8}  # AdamW: two fp32 moments

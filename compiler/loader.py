@@ -1,0 +1,226 @@
+"""Load a recipe: YAML with a source map, ``extends:`` parents and ``--set`` overrides.
+
+The result is a plain tree (dicts, lists, scalars) plus a map from each value's
+path (a tuple of keys and list indices) to its :class:`Origin`, so that any later
+stage can say exactly which file, line and column a problem comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .diagnostics import Diagnostic, Origin, RecipeError
+
+Path_ = tuple  # a path into the tree: ('data', 'sources', 0, 'weight')
+
+
+@dataclass
+class Loaded:
+    tree: dict
+    origins: dict[Path_, Origin] = field(default_factory=dict)
+    file: str = "<recipe>"          # the recipe file as the user named it
+    base_dir: Path = Path(".")      # relative paths in the recipe resolve against this
+
+    def origin(self, path: Path_) -> Origin | None:
+        """The origin of ``path``, or of its closest ancestor that has one."""
+        path = tuple(path)
+        while True:
+            if path in self.origins:
+                return self.origins[path]
+            if not path:
+                return Origin(self.file)
+            path = path[:-1]
+
+
+def display_path(p: Path) -> str:
+    """A path as the user would write it: relative to the working directory when inside it."""
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
+class _Builder:
+    """Turns a composed YAML node graph into plain data while recording origins."""
+
+    def __init__(self, file: str):
+        self.file = file
+        self.constructor = yaml.SafeLoader("")
+        self.origins: dict[Path_, Origin] = {}
+        self.problems: list[Diagnostic] = []
+
+    def at(self, node) -> Origin:
+        return Origin(self.file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def build(self, node, path: Path_):
+        if isinstance(node, yaml.MappingNode):
+            out = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    self.problems.append(Diagnostic(".".join(map(str, path)), "mapping keys must be plain names", self.at(key_node)))
+                    continue
+                key = key_node.value
+                if key == "<<":
+                    self.problems.append(Diagnostic(".".join(map(str, path)), "YAML merge keys (<<) are not supported",
+                                                    self.at(key_node), hint="use `extends: parent.yaml` to inherit from another recipe"))
+                    continue
+                if key in out:
+                    self.problems.append(Diagnostic(".".join(map(str, path + (key,))), "duplicate key",
+                                                    self.at(key_node), hint="each key may appear once in a mapping; remove one of them"))
+                    continue
+                self.origins[path + (key,)] = self.at(key_node)
+                out[key] = self.build(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            out = []
+            for i, item in enumerate(node.value):
+                self.origins[path + (i,)] = self.at(item)
+                out.append(self.build(item, path + (i,)))
+            return out
+        return self.constructor.construct_object(node, deep=True)
+
+
+def _parse_file(path: Path, shown: str) -> tuple[dict, dict[Path_, Origin]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([Diagnostic("", f"recipe file not found: {shown}", Origin(shown),
+                                      hint="check the path; recipes are YAML files such as recipes/tiny.yaml")])
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError([Diagnostic("", f"cannot read recipe: {e}", Origin(shown))])
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        origin = Origin(shown, mark.line + 1, mark.column + 1) if mark else Origin(shown)
+        msg = f"not valid YAML: {e.problem or e.context}"
+        if e.context and e.problem:
+            msg = f"not valid YAML: {e.problem} ({e.context})"
+        raise RecipeError([Diagnostic("", msg, origin, hint="fix the YAML syntax at this line (indentation, a missing ':' or an unclosed quote or bracket)")])
+    except yaml.YAMLError as e:
+        raise RecipeError([Diagnostic("", f"not valid YAML: {e}", Origin(shown))])
+    if node is None:
+        raise RecipeError([Diagnostic("", "the recipe is empty", Origin(shown),
+                                      hint="a recipe needs at least name, model, tokenizer, data and train; see docs/recipes.md")])
+    builder = _Builder(shown)
+    tree = builder.build(node, ())
+    if builder.problems:
+        raise RecipeError(builder.problems)
+    if not isinstance(tree, dict):
+        raise RecipeError([Diagnostic("", "a recipe must be a mapping of sections (name:, model:, ...)",
+                                      Origin(shown, node.start_mark.line + 1, node.start_mark.column + 1))])
+    return tree, builder.origins
+
+
+def _merge(parent: dict, child: dict, origins: dict, c_origins: dict, path: Path_ = ()) -> dict:
+    """Child wins; mappings merge recursively; lists and scalars replace.
+
+    ``origins`` holds the parent's origins and is updated in place so that every
+    value keeps the origin of the file it finally comes from.
+    """
+    out = dict(parent)
+    for key, value in child.items():
+        sub = path + (key,)
+        if isinstance(value, dict) and isinstance(parent.get(key), dict):
+            out[key] = _merge(parent[key], value, origins, c_origins, sub)
+            origins[sub] = c_origins[sub]
+            continue
+        for k in [k for k in origins if k[: len(sub)] == sub]:
+            del origins[k]
+        origins.update({k: o for k, o in c_origins.items() if k[: len(sub)] == sub})
+        out[key] = value
+    return out
+
+
+def load_file(path: str | Path, _chain: tuple = ()) -> Loaded:
+    path = Path(path)
+    shown = display_path(path)
+    key = path.resolve()
+    if key in _chain:
+        cycle = " -> ".join(display_path(p) for p in _chain + (key,))
+        raise RecipeError([Diagnostic("extends", f"extends cycle: {cycle}", Origin(shown), hint="remove one of the extends: lines")])
+    tree, origins = _parse_file(path, shown)
+    parent_ref = tree.pop("extends", None)
+    ext_origin = origins.pop(("extends",), None)
+    if parent_ref is not None:
+        if not isinstance(parent_ref, str):
+            raise RecipeError([Diagnostic("extends", "expected the path of a parent recipe, such as base.yaml", ext_origin)])
+        parent_path = (path.parent / parent_ref)
+        if not parent_path.exists():
+            raise RecipeError([Diagnostic("extends", f"parent recipe not found: {parent_ref} (looked in {display_path(parent_path)})",
+                                          ext_origin, hint="extends: paths are relative to the recipe that names them")])
+        parent = load_file(parent_path, _chain + (key,))
+        p_origins = dict(parent.origins)
+        tree = _merge(parent.tree, tree, p_origins, origins)
+        origins = p_origins
+    return Loaded(tree=tree, origins=origins, file=shown, base_dir=path.resolve().parent)
+
+
+def _parse_set(text: str):
+    if "=" not in text:
+        raise RecipeError([Diagnostic("", f"--set expects path=value, got {text!r}", Origin("command line", command_line=text),
+                                      hint="for example --set train.steps=100 or --set data.sources.0.weight=0.5")])
+    dotted, raw = text.split("=", 1)
+    parts = []
+    for piece in dotted.strip().split("."):
+        if not piece:
+            raise RecipeError([Diagnostic("", f"--set path {dotted!r} has an empty component", Origin("command line", command_line=text))])
+        parts.append(int(piece) if piece.isdigit() else piece)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return tuple(parts), value
+
+
+def apply_sets(loaded: Loaded, sets: list[str]) -> Loaded:
+    """Apply ``--set a.b=v`` overrides in order; the value is read as a YAML scalar or flow value."""
+    problems = []
+    for text in sets or []:
+        try:
+            path, value = _parse_set(text)
+        except RecipeError as e:
+            problems.extend(e.diagnostics)
+            continue
+        origin = Origin("command line", command_line=text)
+        node = loaded.tree
+        ok = True
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, dict):
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int):
+                if part >= len(node):
+                    problems.append(Diagnostic(".".join(map(str, path)), f"index {part} is out of range (the list has {len(node)} items)", origin))
+                    ok = False
+                    break
+                node = node[part]
+            else:
+                problems.append(Diagnostic(".".join(map(str, path)), f"{'.'.join(map(str, path[:i + 1]))} is not a section", origin))
+                ok = False
+                break
+        if not ok:
+            continue
+        last = path[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last >= len(node):
+                problems.append(Diagnostic(".".join(map(str, path)), "list index out of range", origin))
+                continue
+        elif not isinstance(node, dict):
+            problems.append(Diagnostic(".".join(map(str, path)), "the parent of this path is not a section", origin))
+            continue
+        node[last] = value
+        for k in [k for k in loaded.origins if k[: len(path)] == path]:
+            del loaded.origins[k]
+        loaded.origins[path] = origin
+    if problems:
+        raise RecipeError(problems)
+    return loaded
+
+
+def load(path: str | Path, sets: list[str] | None = None) -> Loaded:
+    return apply_sets(load_file(path), sets or [])

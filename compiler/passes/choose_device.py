@@ -1,0 +1,26 @@
+"""Resolve target.accelerator and the chip used for estimates."""
+
+from __future__ import annotations
+
+from ..plan import Plan
+
+
+def run(plan: Plan) -> Plan:
+    t = plan.recipe.target
+    host = plan.host
+    if t.accelerator == "auto":
+        device = "cuda" if host.cuda else "cpu"
+        reason = f"accelerator auto: {'a CUDA device (' + host.cuda_name + ') is' if host.cuda else 'no CUDA device is'} visible on the compiling machine"
+    else:
+        device, reason = t.accelerator, f"target.accelerator {t.accelerator}"
+    plan = plan.decide("device", device, reason, device=device)
+    if t.chip != "auto":
+        chip, why = t.chip, f"target.chip {t.chip}"
+    elif device == "cpu":
+        chip, why = "cpu", "device is cpu"
+    else:
+        name = host.cuda_name.lower()
+        chip = next((c for c, key in (("h200", "h200"), ("h100", "h100"), ("a100-80gb", "a100-sxm4-80"), ("a100-80gb", "a100 80"),
+                                      ("a100-40gb", "a100")) if key in name), "h100")
+        why = f"detected {host.cuda_name}" if host.cuda_name else "no GPU visible to name it: assuming h100 (set target.chip)"
+    return plan.decide("chip", chip, why, chip=chip)

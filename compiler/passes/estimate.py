@@ -1,0 +1,54 @@
+"""Attach the cost estimates (parameters, FLOPs, memory per device, time) to the plan."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..estimates import CHIPS, activation_bytes, cpu_chip, flops_per_token, param_counts, state_bytes
+from ..plan import Plan
+
+
+def chip_of(plan: Plan):
+    if plan.chip == "cpu":
+        return cpu_chip(plan.host.cpu_cores, plan.host.memory_bytes)
+    return CHIPS[plan.chip]
+
+
+def model_counts(plan: Plan) -> dict:
+    m = plan.recipe.model
+    return param_counts(m.d_model, m.n_layers, m.n_heads, plan.n_kv_heads, plan.head_dim, plan.d_ff,
+                        plan.padded_vocab, m.tie_embeddings, m.qkv_bias)
+
+
+def states(plan: Plan) -> dict:
+    return state_bytes(model_counts(plan)["params"], plan.precision)
+
+
+def run(plan: Plan) -> Plan:
+    r = plan.recipe
+    m, tr = r.model, r.train
+    counts = model_counts(plan)
+    fpt = flops_per_token(counts["matmul_params"], m.n_layers, m.n_heads, plan.head_dim, tr.seq_len)
+    total = fpt * plan.tokens
+    mem = dict(states(plan))
+    mem["activations"] = activation_bytes(plan.micro_batch, tr.seq_len, m.d_model, m.n_layers, plan.n_kv_heads * plan.head_dim,
+                                          plan.d_ff, plan.padded_vocab, plan.precision)
+    mem["total"] = sum(mem.values())
+    chip = chip_of(plan)
+    mfu = chip.default_mfu if r.target.mfu == "auto" else r.target.mfu
+    peak = chip.peak_flops[plan.precision]
+    seconds = total / (peak * mfu * r.target.devices)
+    est = {
+        **{k: counts[k] for k in ("params", "params_non_embedding", "params_embedding", "params_head", "matmul_params")},
+        "flops_per_token": fpt,
+        "total_flops": total,
+        "memory_per_device_bytes": mem,
+        "memory_budget_bytes": chip.memory_bytes,
+        "estimated_seconds": round(seconds, 3),
+        "basis": {
+            "chip": chip.name, "peak_flops": peak, "peak_source": chip.note, "mfu": mfu, "devices": r.target.devices,
+            "flops": "6 × matmul params + 12 × n_layers × n_heads × head_dim × seq_len per token (PaLM, appendix B)",
+            "memory": "fp32 weights, gradients and AdamW moments; activations saved for backward of one micro-batch",
+        },
+    }
+    return replace(plan, estimates=est)

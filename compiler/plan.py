@@ -1,0 +1,156 @@
+"""The Plan: a recipe with every value resolved for a target, plus the decisions behind it.
+
+``lower(recipe, ...)`` builds the first Plan; then the passes in
+:mod:`malt.compiler.passes` each take a Plan and return a new one. A pass never
+mutates its input. ``Plan.to_json()`` is what ``malt plan --json`` prints and what
+``plan.json`` holds next to a generated program.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+from .schema import Recipe
+
+MALT_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the compiling machine offers. Detected by the CLI; fixed in tests and golden files."""
+
+    cuda: bool = False
+    cuda_name: str = ""
+    cpu_cores: int = 2
+    memory_bytes: int = 24 * 2**30
+
+    @staticmethod
+    def detect() -> "Host":
+        cuda, name = False, ""
+        # cheap detection first: importing torch costs about a second
+        if os.environ.get("MALT_HOST_CUDA") in ("0", "1"):
+            cuda = os.environ["MALT_HOST_CUDA"] == "1"
+        elif os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version"):
+            import torch
+
+            cuda = torch.cuda.is_available()
+            name = torch.cuda.get_device_name(0) if cuda else ""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            memory = 8 * 2**30
+        return Host(cuda=cuda, cuda_name=name, cpu_cores=cores, memory_bytes=memory)
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    value: object
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    recipe_file: str                 # as the user named it (relative to the working directory)
+    recipe_hash: str                 # sha256 of the resolved recipe
+    host: Host
+    tokenizer_vocab: int             # entries in the tokenizer
+    # model shape, resolved
+    n_kv_heads: int = 0
+    head_dim: int = 0
+    d_ff: int = 0
+    vocab_size: int = 0              # model vocabulary before padding
+    padded_vocab: int = 0
+    # run length
+    tokens_per_step: int = 0
+    steps: int = 0
+    tokens: int = 0
+    warmup_steps: int = 0
+    decay_start: int = 0             # step at which the decay part of the schedule begins
+    # execution
+    micro_batch: int = 0
+    grad_accum: int = 0
+    device: str = ""
+    chip: str = ""
+    precision: str = ""
+    compile: bool = False
+    attention: str = ""
+    fused_adamw: bool = False
+    estimates: dict = field(default_factory=dict)
+    decisions: tuple = ()
+    passes: tuple = ()
+
+    def decide(self, name: str, value, reason: str, **changes) -> "Plan":
+        """Record a decision and apply ``changes`` (a pass's usual return)."""
+        kept = tuple(d for d in self.decisions if d.name != name)
+        return replace(self, decisions=kept + (Decision(name, value, reason),), **changes)
+
+    def to_json(self) -> dict:
+        r = self.recipe
+        est = self.estimates
+        return {
+            "malt_version": MALT_VERSION,
+            "recipe": self.recipe_file,
+            "recipe_hash": self.recipe_hash,
+            "name": r.name,
+            "params": est.get("params"),
+            "params_non_embedding": est.get("params_non_embedding"),
+            "flops_per_token": est.get("flops_per_token"),
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "total_flops": est.get("total_flops"),
+            "memory_per_device_bytes": est.get("memory_per_device_bytes"),
+            "estimated_seconds": est.get("estimated_seconds"),
+            "estimate_basis": est.get("basis"),
+            "model": {
+                "family": r.model.family, "d_model": r.model.d_model, "n_layers": r.model.n_layers,
+                "n_heads": r.model.n_heads, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
+                "d_ff": self.d_ff, "vocab_size": self.vocab_size, "padded_vocab": self.padded_vocab,
+                "tie_embeddings": r.model.tie_embeddings, "qkv_bias": r.model.qkv_bias,
+            },
+            "batch": {
+                "seq_len": r.train.seq_len, "global_batch": r.train.global_batch, "micro_batch": self.micro_batch,
+                "grad_accum": self.grad_accum, "tokens_per_step": self.tokens_per_step,
+            },
+            "schedule": {"warmup_steps": self.warmup_steps, "decay": r.schedule.decay, "decay_start": self.decay_start},
+            "execution": {
+                "device": self.device, "chip": self.chip, "precision": self.precision, "compile": self.compile,
+                "attention": self.attention, "fused_adamw": self.fused_adamw,
+            },
+            "decisions": [{"name": d.name, "value": d.value, "reason": d.reason} for d in self.decisions],
+            "passes": list(self.passes),
+        }
+
+
+def resolved_recipe(recipe: Recipe) -> dict:
+    """The recipe as plain data with every default written out (recipe.lock.yaml)."""
+    return recipe.model_dump(mode="json")
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    blob = json.dumps(resolved_recipe(recipe), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def lower(recipe: Recipe, recipe_file: str, tokenizer_vocab: int, host: Host) -> Plan:
+    """The starting Plan: the recipe and its provenance, nothing decided yet."""
+    return Plan(recipe=recipe, recipe_file=recipe_file, recipe_hash=recipe_hash(recipe), host=host,
+                tokenizer_vocab=tokenizer_vocab)
+
+
+def run_passes(plan: Plan) -> Plan:
+    from .passes import PIPELINE
+
+    for name, fn in PIPELINE:
+        plan = fn(plan)
+        plan = replace(plan, passes=plan.passes + (name,))
+    return plan
+
+
+def as_dict(obj):
+    return asdict(obj)

@@ -1,0 +1,268 @@
+"""Render a Plan into a program: train.py, model.py, launch.sh, plan.json, recipe.lock.yaml.
+
+Templates only substitute and loop; every number and choice is made here or in
+the passes. Every value reaches generated code through the ``lit`` filter (the
+``repr`` of plain data, checked to be plain data), and recipe text that appears
+in a comment goes through ``comment``, which escapes anything that could end the
+comment. The output depends only on the Plan: no timestamps, hostnames or
+absolute paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import yaml
+
+from .plan import MALT_VERSION, Plan, resolved_recipe
+from .units import human_count
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+COMMENT_COLUMN = 40
+
+
+def lit(value) -> str:
+    """A Python literal for plain data; anything else is a bug in a pass."""
+    def check(v):
+        if v is None or isinstance(v, (bool, int, str)):
+            return
+        if isinstance(v, float):
+            if v != v or v in (float("inf"), float("-inf")):
+                raise TypeError(f"non-finite float {v!r} cannot be a literal")
+            return
+        if isinstance(v, (list, tuple)):
+            for x in v:
+                check(x)
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                check(k)
+                check(x)
+            return
+        raise TypeError(f"{type(v).__name__} is not plain data: {v!r}")
+
+    check(value)
+    return repr(value)
+
+
+def comment(text) -> str:
+    """Text safe inside a # comment: one line; control, format and line-separator characters escaped."""
+    import unicodedata
+
+    out = []
+    for ch in str(text):
+        if unicodedata.category(ch)[0] in "CZ" and ch != " ":
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def tidy(x: float) -> float:
+    """A derived float without binary noise: 3e-3 × 0.1 is 0.0003, not 0.00030000000000000003."""
+    return float(f"{x:.12g}")
+
+
+@dataclass
+class Const:
+    line: str
+    blank: bool = False
+
+
+def const(name: str, value, note: str) -> Const:
+    code = f"{name} = {lit(value)}"
+    pad = max(1, COMMENT_COLUMN - len(code))
+    return Const(f"{code}{' ' * pad}# {comment(note)}" if note else code)
+
+
+def _blank() -> Const:
+    return Const("", blank=True)
+
+
+def _num(n: int) -> str:
+    return f"{n:,}"
+
+
+def _source_path(path: str, base_dir: Path, out_dir: Path) -> str:
+    if path.startswith("builtin:") or os.path.isabs(path):
+        return path
+    return os.path.relpath((base_dir / path).resolve(), out_dir.resolve())
+
+
+def data_spec(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
+    """What malt.runtime.data.prepare needs; relative paths are relative to the program's directory."""
+    r = plan.recipe
+    t = r.tokenizer
+    return {
+        "seed": r.seed,
+        "validation": r.data.validation,
+        "tokenizer": {
+            "kind": t.kind,
+            "vocab_size": t.vocab_size,
+            "train_on": list(t.train_on),
+            "max_chars": t.max_chars,
+            "path": _source_path(t.path, base_dir, out_dir) if t.path else None,
+            "special_tokens": list(t.special_tokens),
+        },
+        "sources": [
+            {"name": s.name, "path": _source_path(s.path, base_dir, out_dir), "weight": s.weight, "text_field": s.text_field}
+            for s in r.data.sources
+        ],
+    }
+
+
+def _decision(plan: Plan, name: str) -> str:
+    return next((d.reason for d in plan.decisions if d.name == name), "")
+
+
+def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
+    r = plan.recipe
+    m, tr, o, sch = r.model, r.train, r.optimizer, r.schedule
+    est = plan.estimates
+    warm_note = (f"schedule.warmup {sch.warmup} of {_num(plan.steps)} steps, rounded" if isinstance(sch.warmup, str)
+                 else "schedule.warmup (steps)")
+    min_lr = tidy(o.lr * sch.min_lr_ratio)
+    model_constants = [
+        const("VOCAB_SIZE", plan.padded_vocab, f"tokenizer's {_num(plan.vocab_size)} tokens padded to a multiple of {m.pad_vocab_multiple}"
+              if plan.padded_vocab != plan.vocab_size else "model.vocab_size (the tokenizer's)"),
+        const("D_MODEL", m.d_model, "model.d_model"),
+        const("N_LAYERS", m.n_layers, "model.n_layers"),
+        const("N_HEADS", m.n_heads, "model.n_heads"),
+        const("N_KV_HEADS", plan.n_kv_heads, "model.n_kv_heads" + (" (grouped-query attention)" if plan.n_kv_heads != m.n_heads else "")),
+        const("HEAD_DIM", plan.head_dim, f"d_model {m.d_model} / n_heads {m.n_heads}"),
+        const("D_FF", plan.d_ff, "model.d_ff" if m.d_ff is not None else f"8/3 × d_model {m.d_model}, rounded up to 256 (Llama)"),
+        const("NORM_EPS", m.norm_eps, "model.norm_eps"),
+        const("ROPE_THETA", m.rope_theta, "model.rope_theta"),
+        const("INIT_STD", m.init_std, "model.init_std"),
+        const("MAX_SEQ_LEN", tr.seq_len, "train.seq_len (rotary tables are built for this length)"),
+    ]
+    constants = [
+        const("NAME", r.name, "name"),
+        const("RECIPE_HASH", plan.recipe_hash, "sha256 of the resolved recipe (recipe.lock.yaml)"),
+        const("SEED", r.seed, "seed"),
+        _blank(),
+        const("SEQ_LEN", tr.seq_len, "train.seq_len"),
+        const("GLOBAL_BATCH", tr.global_batch, "train.global_batch, sequences per optimizer step"),
+        const("MICRO_BATCH", plan.micro_batch, f"train.micro_batch {_decision(plan, 'micro_batch')}" if tr.micro_batch == "auto" else "train.micro_batch"),
+        const("GRAD_ACCUM", plan.grad_accum, f"global_batch {tr.global_batch} / micro_batch {plan.micro_batch}"),
+        const("TOKENS_PER_STEP", plan.tokens_per_step, f"global_batch {tr.global_batch} × seq_len {tr.seq_len} = {_num(plan.tokens_per_step)}"),
+        const("MAX_STEPS", plan.steps, _decision(plan, "steps")),
+        _blank(),
+        const("LR", o.lr, "optimizer.lr, the peak learning rate"),
+        const("MIN_LR", min_lr, f"optimizer.lr × schedule.min_lr_ratio {sch.min_lr_ratio:g}" if sch.decay != "constant" else "unused: constant schedule"),
+        const("WARMUP_STEPS", plan.warmup_steps, warm_note),
+    ]
+    if sch.decay == "wsd":
+        constants.append(const("DECAY_START", plan.decay_start, f"MAX_STEPS {plan.steps} - schedule.decay_share {sch.decay_share * 100:g}%"))
+    constants += [
+        const("BETAS", tuple(o.betas), "optimizer.betas"),
+        const("EPS", o.eps, "optimizer.eps"),
+        const("WEIGHT_DECAY", o.weight_decay, "optimizer.weight_decay"),
+    ]
+    if o.grad_clip:
+        constants.append(const("GRAD_CLIP", o.grad_clip, "optimizer.grad_clip, max global gradient norm"))
+    constants += [
+        _blank(),
+        const("LOG_EVERY", tr.log_every, "train.log_every (steps)"),
+        const("EVAL_EVERY", tr.eval_every, "train.eval_every (steps; 0 = never)"),
+        const("EVAL_BATCHES", tr.eval_batches, f"train.eval_batches: {tr.eval_batches} × {plan.micro_batch} validation sequences"),
+        const("CHECKPOINT_EVERY", tr.checkpoint_every, "train.checkpoint_every (steps; the last step is always saved)"),
+        const("KEEP_CHECKPOINTS", tr.keep_checkpoints, "train.keep_checkpoints, newest kept"),
+        const("SAMPLE_TOKENS", tr.sample_tokens, "train.sample_tokens, printed at the end"),
+        const("SAMPLE_PROMPT", tr.sample_prompt, "train.sample_prompt"),
+        _blank(),
+        const("DEVICE", plan.device, _decision(plan, "device")),
+        const("PRECISION", plan.precision, _decision(plan, "precision")),
+        _blank(),
+        Const("# data and tokenizer (data, tokenizer sections); paths are relative to this file"),
+        Const("DATA = " + _pretty_literal(data_spec(plan, base_dir, out_dir))),
+    ]
+    decay_doc = {
+        "cosine": "then cosine decay from LR to MIN_LR at MAX_STEPS",
+        "linear": "then linear decay from LR to MIN_LR at MAX_STEPS",
+        "wsd": "then constant LR until DECAY_START, then linear decay to MIN_LR (warmup-stable-decay)",
+        "constant": "then constant LR",
+    }[sch.decay]
+    schedule_doc = (f"linear warmup over WARMUP_STEPS, {decay_doc}" if plan.warmup_steps else decay_doc.replace("then ", "", 1))
+    return {
+        "version": MALT_VERSION,
+        "recipe_file": plan.recipe_file,
+        "recipe_hash": plan.recipe_hash,
+        "passes": list(plan.passes),
+        "n_layers": m.n_layers,
+        "params_human": human_count(est["params"]),
+        "constants": constants,
+        "model_constants": model_constants,
+        "qkv_bias": m.qkv_bias,
+        "tie_embeddings": m.tie_embeddings,
+        "gqa": plan.n_kv_heads != m.n_heads,
+        "warmup": plan.warmup_steps > 0,
+        "decay": sch.decay,
+        "schedule_doc": schedule_doc,
+        "compile": plan.compile,
+        "precision": plan.precision,
+        "grad_clip": bool(o.grad_clip),
+        "adamw_impl": "fused" if plan.fused_adamw else "foreach",
+    }
+
+
+def _pretty_literal(value, indent: int = 0) -> str:
+    """A multi-line Python literal for nested dicts and lists (each leaf through lit)."""
+    pad = "    " * (indent + 1)
+    end = "    " * indent
+    if isinstance(value, (dict, list)) and len(lit(value)) + len(pad) <= 100:
+        return lit(value)
+    if isinstance(value, dict) and value:
+        items = [f"{pad}{lit(k)}: {_pretty_literal(v, indent + 1)}," for k, v in value.items()]
+        return "{\n" + "\n".join(items) + f"\n{end}}}"
+    if isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
+        items = [f"{pad}{_pretty_literal(v, indent + 1)}," for v in value]
+        return "[\n" + "\n".join(items) + f"\n{end}]"
+    return lit(value)
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    env.filters["lit"] = lit
+    env.filters["comment"] = comment
+    return env
+
+
+LAUNCH_SH = """#!/usr/bin/env bash
+# launch.sh: generated by malt {version}. One process on one device.
+# Usage: ./launch.sh [--resume]
+set -euo pipefail
+exec "${{PYTHON:-python3}}" "$(dirname "$0")/train.py" "$@"
+"""
+
+
+def render(plan: Plan, base_dir: Path, out_dir: Path) -> dict[str, str]:
+    """File name -> content, for everything `malt compile` writes."""
+    env = _env()
+    ctx = context(plan, base_dir, out_dir)
+    files = {
+        "train.py": env.get_template("train.py.j2").render(ctx),
+        "model.py": env.get_template("model.py.j2").render(ctx),
+        "launch.sh": LAUNCH_SH.format(version=MALT_VERSION),
+        "plan.json": json.dumps(plan.to_json(), indent=2) + "\n",
+        "recipe.lock.yaml": f"# recipe.lock.yaml: {comment(plan.recipe_file)} with every default written out (malt {MALT_VERSION})\n"
+                            + yaml.safe_dump(resolved_recipe(plan.recipe), sort_keys=False, allow_unicode=False, width=100),
+    }
+    return files
+
+
+def write(files: dict[str, str], out_dir: Path) -> None:
+    """Write each file atomically (temporary file, then rename)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        target = out_dir / name
+        tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        if name.endswith(".sh"):
+            tmp.chmod(0o755)
+        os.replace(tmp, target)

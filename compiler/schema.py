@@ -1,0 +1,182 @@
+"""The recipe schema: pydantic v2 models, strict about unknown keys.
+
+Every field here is documented in docs/recipes.md. Values in readable units
+(``2M``, ``5%``, ``3e-4``) are parsed by the types from :mod:`.units`. Fields for
+capabilities that are not built yet are rejected before this schema runs, with a
+message naming what is missing (see ``NOT_BUILT`` in :mod:`.validate`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, field_validator
+
+from .units import parse_count, parse_float, parse_fraction
+
+
+def _count(v):
+    return parse_count(v)
+
+
+def _fraction(v):
+    return parse_fraction(v)
+
+
+def _float(v):
+    return parse_float(v)
+
+
+def _steps_or_percent(v):
+    """``5%`` (of the run's steps) stays the text ``'5%'``; ``200`` or ``2k`` becomes the step count 200."""
+    if isinstance(v, str) and v.strip().endswith("%"):
+        return f"{parse_fraction(v) * 100:g}%"
+    if isinstance(v, float) and 0 < v < 1:
+        return f"{v * 100:g}%"
+    return parse_count(v)
+
+
+def steps_of(value, total_steps: int) -> int:
+    """Resolve a StepsOrPercent value against the run's length."""
+    if isinstance(value, str):
+        return round(parse_fraction(value) * total_steps)
+    return value
+
+
+def _auto_or_positive_int(v):
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"expected auto or a positive whole number, got {v!r}")
+    return v
+
+
+def _auto_or_fraction(v):
+    return v if v == "auto" else parse_fraction(v)
+
+
+def _onoff(v):
+    # YAML 1.1 reads on/off/yes/no as booleans
+    if v is True:
+        return "on"
+    if v is False:
+        return "off"
+    return v
+
+
+Count = Annotated[int, BeforeValidator(_count)]
+Fraction = Annotated[float, BeforeValidator(_fraction)]
+Float = Annotated[float, BeforeValidator(_float)]
+StepsOrPercent = Annotated[Union[int, str], PlainValidator(_steps_or_percent)]
+AutoOrPositiveInt = Annotated[Union[str, int], PlainValidator(_auto_or_positive_int)]
+AutoOrFraction = Annotated[Union[str, float], PlainValidator(_auto_or_fraction)]
+OnOffAuto = Annotated[Literal["on", "off", "auto"], BeforeValidator(_onoff)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Section):
+    family: Literal["llama"] = "llama"
+    d_model: int = Field(gt=0)
+    n_layers: int = Field(gt=0)
+    n_heads: int = Field(gt=0)
+    n_kv_heads: Optional[int] = Field(default=None, gt=0)   # None: equal to n_heads (no GQA)
+    d_ff: Optional[int] = Field(default=None, gt=0)         # None: Llama's rule, 8/3 * d_model rounded up to 256
+    activation: Literal["swiglu"] = "swiglu"
+    norm: Literal["rmsnorm"] = "rmsnorm"
+    norm_eps: Float = 1e-5
+    position: Literal["rope"] = "rope"
+    rope_theta: Float = 10000.0
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    init_std: Float = 0.02
+    vocab_size: Optional[int] = Field(default=None, gt=0)   # None: the tokenizer's vocabulary
+    pad_vocab_multiple: int = Field(default=64, gt=0)
+
+
+class TokenizerSpec(Section):
+    kind: Literal["bpe", "bytes", "file"] = "bpe"
+    vocab_size: Optional[int] = Field(default=None, gt=0)   # bpe: required; bytes: 256 + special tokens; file: read from the file
+    train_on: list[str] = Field(default_factory=list)       # bpe: source names; empty = all sources
+    max_chars: Count = 20_000_000                            # bpe: characters of training text
+    path: Optional[str] = None                               # file: a tokenizer.json
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>"])
+
+
+class SourceSpec(Section):
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    weight: Float = 1.0
+    text_field: str = "text"
+
+
+class DataSpec(Section):
+    sources: list[SourceSpec] = Field(min_length=1)
+    validation: Fraction = 0.01
+    packing: Literal["concat"] = "concat"
+
+
+class ObjectiveSpec(Section):
+    kind: Literal["causal_lm"] = "causal_lm"
+
+
+class OptimizerSpec(Section):
+    kind: Literal["adamw"] = "adamw"
+    lr: Float
+    betas: tuple[Float, Float] = (0.9, 0.95)
+    eps: Float = 1e-8
+    weight_decay: Float = 0.1
+    grad_clip: Optional[Float] = 1.0                         # max global grad norm; null or 0 disables
+
+
+class ScheduleSpec(Section):
+    warmup: StepsOrPercent = "5%"                            # steps (200, 2k) or a share of the run (5%)
+    decay: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    min_lr_ratio: Fraction = 0.1                             # final lr = lr * min_lr_ratio
+    decay_share: Fraction = 0.2                              # wsd: the final share of the run spent decaying
+
+
+class TrainSpec(Section):
+    seq_len: int = Field(gt=0)
+    global_batch: int = Field(gt=0)                          # sequences per optimizer step
+    micro_batch: AutoOrPositiveInt = "auto"
+    tokens: Optional[Count] = None
+    steps: Optional[Count] = None
+    eval_every: Count = 100                                  # steps; 0 disables
+    eval_batches: int = Field(default=8, gt=0)               # micro-batches per evaluation
+    checkpoint_every: Count = 200                            # steps; 0 = only the final checkpoint
+    keep_checkpoints: int = Field(default=2, gt=0)
+    log_every: Count = 10
+    sample_tokens: Count = 64                                # tokens in the sample printed at the end; 0 disables
+    sample_prompt: str = "def "
+
+
+class TargetSpec(Section):
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: Literal[1] = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: OnOffAuto = "auto"
+    chip: Literal["auto", "cpu", "a100-40gb", "a100-80gb", "h100", "h200"] = "auto"  # for the time estimate
+    mfu: AutoOrFraction = "auto"         # model FLOPs utilisation assumed by the time estimate
+
+
+class Recipe(Section):
+    name: str = Field(min_length=1)
+    seed: int = 1337
+    model: ModelSpec
+    tokenizer: TokenizerSpec
+    data: DataSpec
+    objective: ObjectiveSpec = ObjectiveSpec()
+    optimizer: OptimizerSpec
+    schedule: ScheduleSpec = ScheduleSpec()
+    train: TrainSpec
+    target: TargetSpec = TargetSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("name must not be blank")
+        return v

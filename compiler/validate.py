@@ -1,0 +1,330 @@
+"""Validate a loaded recipe: not-yet-built features, the schema, then cross-field checks.
+
+All problems are collected and raised together as one :class:`RecipeError`,
+each pointing at the file, line and column of the value at fault.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from .diagnostics import Diagnostic, RecipeError, did_you_mean
+from .loader import Loaded
+from .schema import Recipe, steps_of
+
+BUILTIN_SOURCES = {
+    "builtin:python-docs": "docstrings and comments of this Python's standard library",
+    "builtin:python-code": "source code of this Python's standard library",
+}
+SUPPORTED_SUFFIXES = (".txt", ".jsonl")
+
+# Keys and values that name capabilities malt does not have yet. They are rejected
+# with a message that says so, rather than reported as typos or silently ignored.
+NOT_BUILT_KEYS = {
+    ("phases",): "multi-phase runs (phases:) are not built yet",
+    ("init_from",): "starting from an existing checkpoint (init_from:) is not built yet",
+    ("data", "metadata"): "metadata conditioning is not built yet",
+    ("model", "sliding_window"): "sliding-window attention is not built yet",
+    ("target", "nodes"): "multi-node targets are not built yet",
+    ("target", "parallelism"): "choosing a parallelism (ddp/fsdp) is not built yet; malt runs on one device",
+    ("target", "activation_checkpointing"): "activation checkpointing is not built yet",
+}
+NOT_BUILT_VALUES = {
+    ("model", "family"): ({"bert", "t5", "gpt2"}, "only the llama family (decoder-only) is built so far"),
+    ("model", "activation"): ({"geglu", "gelu", "relu2", "relu"}, "only swiglu is built so far"),
+    ("model", "norm"): ({"layernorm"}, "only rmsnorm is built so far"),
+    ("model", "position"): ({"alibi", "learned"}, "only rope is built so far"),
+    ("objective", "kind"): ({"mlm", "prefix_lm", "span_corruption", "ul2", "rtd", "distill", "fim"},
+                            "only causal_lm is built so far"),
+    ("data", "packing"): ({"document", "best_fit"}, "only concat packing is built so far"),
+    ("tokenizer", "kind"): ({"unigram"}, "tokenizer kinds built so far: bpe, bytes, file"),
+    ("target", "accelerator"): ({"tpu", "xla"}, "accelerators built so far: cpu, cuda, auto"),
+    ("optimizer", "kind"): ({"galore", "adam", "sgd", "lion", "muon", "adafactor"}, "only adamw is built so far"),
+    ("schedule", "decay"): ({"inverse_sqrt", "infinite", "rewarm"}, "schedules built so far: cosine, linear, constant, wsd"),
+}
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _not_built(loaded: Loaded) -> list[Diagnostic]:
+    out = []
+    tree = loaded.tree
+    for path, message in NOT_BUILT_KEYS.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            out.append(Diagnostic(_dotted(path), message, loaded.origin(path),
+                                  hint=f"remove `{path[-1]}:` from the recipe; see docs/recipes.md for what is supported"))
+    for path, (values, message) in NOT_BUILT_VALUES.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(path[-1]) in values:
+            out.append(Diagnostic(_dotted(path), f"{node[path[-1]]!r} is not built yet: {message}", loaded.origin(path),
+                                  hint="see docs/recipes.md for the values malt supports today"))
+    devices = tree.get("target", {}).get("devices") if isinstance(tree.get("target"), dict) else None
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 1:
+        out.append(Diagnostic("target.devices", f"{devices} devices: multi-device training is not built yet", loaded.origin(("target", "devices")),
+                              hint="set target.devices: 1"))
+    return out
+
+
+def _model_at(loc) -> type[BaseModel] | None:
+    """The schema model reached by following ``loc`` (skipping list indices)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = None
+        for c in candidates:
+            for inner in [c, *getattr(c, "__args__", ())]:
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    nxt = inner
+        model = nxt
+    return model
+
+
+def _schema_problems(loaded: Loaded, err: ValidationError) -> list[Diagnostic]:
+    out = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        kind = e["type"]
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        hint = None
+        if kind == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            fields = list(parent.model_fields) if parent else []
+            guess = did_you_mean(str(loc[-1]), fields)
+            msg = f"unknown key {loc[-1]!r}"
+            hint = f"did you mean {guess!r}?" if guess else f"valid keys here: {', '.join(fields)}"
+            out.append(Diagnostic(_dotted(loc), msg, loaded.origin(loc), hint=hint))
+            continue
+        if kind == "missing":
+            msg = "required field is missing"
+            hint = f"add `{loc[-1]}:` to the `{_dotted(loc[:-1]) or 'top level'}` section; see docs/recipes.md"
+        elif kind == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            msg = f"got {e['input']!r}, expected one of {expected}"
+        elif kind in ("int_type", "int_parsing", "int_from_float"):
+            msg = f"expected a whole number, got {e['input']!r}"
+        elif kind in ("bool_type", "bool_parsing"):
+            msg = f"expected true or false, got {e['input']!r}"
+        elif kind in ("string_type",):
+            msg = f"expected text, got {e['input']!r}"
+        elif kind in ("model_type", "dict_type", "model_attributes_type"):
+            msg = f"expected a section (a mapping of keys), got {e['input']!r}"
+        elif kind in ("list_type", "tuple_type"):
+            msg = f"expected a list, got {e['input']!r}"
+        elif kind in ("greater_than", "greater_than_equal"):
+            msg = f"must be {msg.split('should be ', 1)[-1]}, got {e['input']!r}"
+        out.append(Diagnostic(_dotted(loc), msg, loaded.origin(loc), hint=hint))
+    return out
+
+
+def tokenizer_file_vocab(path: Path) -> int:
+    """Vocabulary size of a tokenizers ``tokenizer.json`` without importing tokenizers."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data.get("model", {}).get("vocab", {})
+    ids = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+    ids.update(t["id"] for t in data.get("added_tokens", []))
+    return max(ids) + 1 if ids else 0
+
+
+def tokenizer_vocab(recipe: Recipe, base_dir: Path) -> int | None:
+    tok = recipe.tokenizer
+    if tok.kind == "bytes":
+        return 256 + len(tok.special_tokens)
+    if tok.kind == "bpe":
+        return tok.vocab_size
+    if tok.path and (base_dir / tok.path).is_file():
+        try:
+            return tokenizer_file_vocab(base_dir / tok.path)
+        except (ValueError, KeyError, TypeError, OSError):
+            return None
+    return None
+
+
+def _cross_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
+    out: list[Diagnostic] = []
+
+    def add(path, message, hint=None):
+        out.append(Diagnostic(_dotted(path), message, loaded.origin(path), hint=hint))
+
+    m = r.model
+    if m.d_model % m.n_heads:
+        divisors = [h for h in range(1, min(m.d_model, 128) + 1) if m.d_model % h == 0 and (m.d_model // h) % 2 == 0]
+        add(("model", "n_heads"), f"n_heads ({m.n_heads}) does not divide d_model ({m.d_model})",
+            f"choose n_heads from {divisors[-6:]} or change d_model to a multiple of {m.n_heads}")
+    else:
+        head_dim = m.d_model // m.n_heads
+        if head_dim % 2:
+            add(("model", "n_heads"), f"head dimension d_model/n_heads = {head_dim} is odd; rotary embeddings need an even head dimension",
+                "choose n_heads so that d_model / n_heads is even")
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % kv:
+        add(("model", "n_kv_heads"), f"n_kv_heads ({kv}) does not divide n_heads ({m.n_heads})",
+            f"choose n_kv_heads from {[k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]}")
+    for name in ("norm_eps", "rope_theta", "init_std"):
+        if getattr(m, name) <= 0:
+            add(("model", name), f"must be positive, got {getattr(m, name)}")
+
+    # tokenizer
+    t = r.tokenizer
+    base = loaded.base_dir
+    if t.kind == "bpe":
+        if t.vocab_size is None:
+            add(("tokenizer",), "a bpe tokenizer needs vocab_size", "add `vocab_size: 8192` (or another size) to the tokenizer section")
+        elif t.vocab_size < 256 + len(t.special_tokens):
+            add(("tokenizer", "vocab_size"), f"a byte-level bpe vocabulary needs at least 256 + {len(t.special_tokens)} special tokens, got {t.vocab_size}",
+                f"set tokenizer.vocab_size to at least {256 + len(t.special_tokens)}")
+    if t.kind == "bytes" and t.vocab_size is not None and t.vocab_size != 256 + len(t.special_tokens):
+        add(("tokenizer", "vocab_size"), f"a bytes tokenizer has exactly 256 + {len(t.special_tokens)} special tokens = {256 + len(t.special_tokens)} entries, got {t.vocab_size}",
+            "remove tokenizer.vocab_size (it is implied for kind: bytes)")
+    if t.kind == "file":
+        if not t.path:
+            add(("tokenizer",), "a file tokenizer needs path", "add `path: tokenizer.json` (relative to the recipe)")
+        elif not (base / t.path).is_file():
+            add(("tokenizer", "path"), f"tokenizer file not found: {t.path} (looked in {base / t.path})",
+                "paths are relative to the recipe file")
+        elif tokenizer_vocab(r, base) is None:
+            add(("tokenizer", "path"), f"{t.path} is not a readable tokenizers tokenizer.json", "export one with tokenizers' Tokenizer.save()")
+        if t.vocab_size is not None:
+            add(("tokenizer", "vocab_size"), "vocab_size is read from the tokenizer file and cannot be set", "remove tokenizer.vocab_size")
+    elif t.path is not None:
+        add(("tokenizer", "path"), f"path is only used by kind: file (this tokenizer is kind: {t.kind})", "remove tokenizer.path or set kind: file")
+    if not t.special_tokens:
+        add(("tokenizer", "special_tokens"), "at least one special token is needed: the first separates documents (end of text)",
+            "use special_tokens: ['<|endoftext|>']")
+    if len(set(t.special_tokens)) != len(t.special_tokens):
+        add(("tokenizer", "special_tokens"), "special tokens repeat", "list each special token once")
+    names = [s.name for s in r.data.sources]
+    for i, name in enumerate(t.train_on):
+        if name not in names:
+            guess = did_you_mean(name, names)
+            add(("tokenizer", "train_on", i), f"no data source is named {name!r}",
+                f"did you mean {guess!r}?" if guess else f"sources are: {', '.join(names)}")
+    if t.train_on and t.kind != "bpe":
+        add(("tokenizer", "train_on"), f"train_on is only used by kind: bpe (this tokenizer is kind: {t.kind})", "remove tokenizer.train_on")
+    if t.max_chars <= 0:
+        add(("tokenizer", "max_chars"), "must be positive")
+
+    tok_vocab = tokenizer_vocab(r, base)
+    if m.vocab_size is not None and tok_vocab is not None and tok_vocab > m.vocab_size:
+        add(("model", "vocab_size"), f"the tokenizer has {tok_vocab} tokens but the model's vocabulary is {m.vocab_size}",
+            f"raise model.vocab_size to at least {tok_vocab}, or remove it to use the tokenizer's size")
+
+    # data
+    seen = set()
+    for i, s in enumerate(r.data.sources):
+        if s.name in seen:
+            add(("data", "sources", i, "name"), f"another source is already named {s.name!r}", "give each source a unique name")
+        seen.add(s.name)
+        if s.weight <= 0:
+            add(("data", "sources", i, "weight"), f"weight must be positive, got {s.weight}", "remove the source or give it a positive weight")
+        if s.path.startswith("builtin:"):
+            if s.path not in BUILTIN_SOURCES:
+                guess = did_you_mean(s.path, BUILTIN_SOURCES)
+                add(("data", "sources", i, "path"), f"unknown built-in source {s.path!r}",
+                    f"did you mean {guess!r}?" if guess else f"built-in sources: {', '.join(BUILTIN_SOURCES)}")
+            continue
+        p = base / s.path
+        if not p.exists():
+            add(("data", "sources", i, "path"), f"data file not found: {s.path} (looked in {p})",
+                "paths are relative to the recipe file; check the name or create the file")
+        elif p.is_file() and not p.name.endswith(SUPPORTED_SUFFIXES):
+            add(("data", "sources", i, "path"), f"unsupported file type {p.suffix or p.name!r}; supported: {', '.join(SUPPORTED_SUFFIXES)} and directories of them",
+                "convert the data to .txt (one document per file) or .jsonl (one document per line)")
+    if r.data.validation >= 0.5:
+        add(("data", "validation"), f"{r.data.validation:.0%} of the data held out for validation leaves too little to train on", "use a few percent, such as 1%")
+
+    # optimizer
+    o = r.optimizer
+    if o.lr <= 0:
+        add(("optimizer", "lr"), f"learning rate must be positive, got {o.lr}", "a typical AdamW peak learning rate is 3e-4 to 3e-3")
+    for j, b in enumerate(o.betas):
+        if not 0 <= b < 1:
+            add(("optimizer", "betas", j), f"Adam betas must be in [0, 1), got {b}", "the usual values are [0.9, 0.95]")
+    if o.eps <= 0:
+        add(("optimizer", "eps"), f"must be positive, got {o.eps}")
+    if o.weight_decay < 0:
+        add(("optimizer", "weight_decay"), f"must not be negative, got {o.weight_decay}")
+    if o.grad_clip is not None and o.grad_clip < 0:
+        add(("optimizer", "grad_clip"), f"must not be negative, got {o.grad_clip}", "use null or 0 to disable clipping")
+
+    # train
+    tr = r.train
+    if (tr.tokens is None) == (tr.steps is None):
+        add(("train",), "set exactly one of train.tokens and train.steps" + (" (both are set)" if tr.tokens is not None else ""),
+            "for example `tokens: 2M` or `steps: 500`")
+    if tr.micro_batch != "auto" and tr.global_batch % tr.micro_batch:
+        add(("train", "micro_batch"), f"global_batch ({tr.global_batch}) is not divisible by micro_batch ({tr.micro_batch})",
+            f"choose micro_batch from {[d for d in range(1, tr.global_batch + 1) if tr.global_batch % d == 0]} or use auto")
+    tokens_per_step = tr.global_batch * tr.seq_len
+    steps = tr.steps if tr.steps is not None else (tr.tokens // tokens_per_step if tr.tokens is not None else None)
+    if tr.tokens is not None and tr.steps is None and steps == 0:
+        add(("train", "tokens"), f"{tr.tokens} tokens is less than one step of global_batch {tr.global_batch} × seq_len {tr.seq_len} = {tokens_per_step} tokens",
+            f"set train.tokens to at least {tokens_per_step}")
+    if tr.steps is not None and tr.steps <= 0:
+        add(("train", "steps"), "must be positive")
+    if steps:
+        warm = steps_of(r.schedule.warmup, steps)
+        if warm >= steps:
+            add(("schedule", "warmup"), f"warmup ({warm} steps) is not shorter than the run ({steps} steps)", "use a share such as 5%")
+    if r.schedule.decay == "wsd" and not 0 < r.schedule.decay_share < 1:
+        add(("schedule", "decay_share"), "the decay share of a wsd schedule must be between 0% and 100%", "a usual value is 20%")
+    for name in ("eval_every", "checkpoint_every", "log_every", "sample_tokens"):
+        if getattr(tr, name) < 0:
+            add(("train", name), "must not be negative")
+    if tr.log_every == 0:
+        add(("train", "log_every"), "must be at least 1")
+
+    tg = r.target
+    if tg.accelerator == "cpu" and tg.chip not in ("auto", "cpu"):
+        add(("target", "chip"), f"chip {tg.chip!r} is a GPU but accelerator is cpu", "set target.chip: cpu (or auto), or accelerator: cuda")
+    if tg.accelerator == "cuda" and tg.chip == "cpu":
+        add(("target", "chip"), "chip cpu with accelerator cuda", "set target.chip to your GPU (or auto)")
+    return out
+
+
+def validate(loaded: Loaded) -> Recipe:
+    problems = _not_built(loaded)
+    # keys reported as not built are removed before the schema sees them, so they are not also reported as unknown
+    tree = json.loads(json.dumps(loaded.tree, default=str))
+    for path in NOT_BUILT_KEYS:
+        node = tree
+        for p in path[:-1]:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    if problems:
+        bad = {tuple(d.path.split(".")) for d in problems}
+        for path in bad:
+            node = tree
+            for p in path[:-1]:
+                node = node.get(p) if isinstance(node, dict) else None
+            if isinstance(node, dict) and path[-1] in node and path in {k for k in NOT_BUILT_VALUES}:
+                node.pop(path[-1])
+            if path == ("target", "devices") and isinstance(node, dict):
+                node.pop("devices", None)
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as err:
+        problems += _schema_problems(loaded, err)
+        raise RecipeError(problems)
+    problems += _cross_checks(recipe, loaded)
+    if problems:
+        raise RecipeError(problems)
+    return recipe

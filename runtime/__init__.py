@@ -1,0 +1,1 @@
+"""malt runtime: what generated training programs import at run time."""

@@ -1,0 +1,184 @@
+"""The run directory, command-line flags, logging, metrics and progress of a generated program.
+
+A run directory holds the program (train.py, model.py, plan.json,
+recipe.lock.yaml), ``metrics.jsonl`` (one JSON object per logged step or
+evaluation), ``tokenizer.json`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+
+class RunError(Exception):
+    """A problem the user can fix (bad flag, existing run, corrupt checkpoint); printed without a traceback."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MALT_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "malt"
+
+
+def _fmt_duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+class Run:
+    def __init__(self, directory: Path, name: str, recipe_hash: str, resume: bool, quiet: bool = False):
+        self.dir = directory
+        self.name = name
+        self.recipe_hash = recipe_hash
+        self.resume = resume
+        self.quiet = quiet
+        self.cache_dir = default_cache_dir()
+        self.checkpoints = directory / "checkpoints"
+        self.metrics_path = directory / "metrics.jsonl"
+        self._metrics = None
+        self._progress = None
+        self._start_step = 0
+        self._max_steps = 0
+        self._tokens_per_step = 0
+        self._t0 = self._t_last = time.perf_counter()
+        self._step_last = 0
+        self.last_eval = None
+
+    # -- output -------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(message, markup=False, highlight=False)
+        elif not self.quiet:
+            print(message, flush=True)
+
+    def _write(self, record: dict) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+
+    def adopt_tokenizer(self, path) -> None:
+        """Copy the tokenizer into the run directory, so sampling and export need nothing else."""
+        import shutil
+
+        target = self.dir / "tokenizer.json"
+        tmp = self.dir / f".tokenizer.json.tmp-{os.getpid()}"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+
+    def begin(self, start_step: int, max_steps: int, tokens_per_step: int) -> None:
+        """Open metrics.jsonl (dropping records past ``start_step`` on resume) and start the clock."""
+        self._start_step, self._max_steps, self._tokens_per_step = start_step, max_steps, tokens_per_step
+        kept = []
+        if start_step > 0 and self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if rec.get("step", 0) <= start_step:  # what the checkpoint's run had logged by then
+                    kept.append(line)
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.metrics_path)
+        self._metrics = open(self.metrics_path, "a", encoding="utf-8")
+        self._t0 = self._t_last = time.perf_counter()
+        self._step_last = start_step
+        if start_step:
+            self.log(f"resumed {self.name} at step {start_step:,} of {max_steps:,}")
+        if sys.stderr.isatty() and not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task(self.name, total=max_steps, completed=start_step, status="")
+
+    def log_step(self, step: int, loss: float, lr: float, grad_norm=None) -> None:
+        now = time.perf_counter()
+        tok_s = (step - self._step_last) * self._tokens_per_step / max(now - self._t_last, 1e-9)
+        self._t_last, self._step_last = now, step
+        elapsed = now - self._t0
+        done = step - self._start_step
+        eta = elapsed / done * (self._max_steps - step) if done else float("inf")
+        gn = float(grad_norm) if grad_norm is not None else None
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens": step * self._tokens_per_step,
+                  "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 3)}
+        self._write(record)
+        status = f"loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1000:,.1f}k tok/s"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, status=status)
+        elif not self.quiet:
+            print(f"step {step:>6,}/{self._max_steps:,} | {status} | ETA {_fmt_duration(eta)}", flush=True)
+
+    def log_eval(self, step: int, val_loss: float) -> None:
+        self.last_eval = val_loss
+        self._write({"step": step, "val_loss": val_loss})
+        self.log(f"step {step:>6,}/{self._max_steps:,} | val loss {val_loss:.4f}")
+
+    def end(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._metrics is not None:
+            self._metrics.close()
+        elapsed = time.perf_counter() - self._t0
+        tokens = (self._max_steps - self._start_step) * self._tokens_per_step
+        self.log(f"done: {self._max_steps:,} steps, {tokens / max(elapsed, 1e-9) / 1000:,.1f}k tok/s over {_fmt_duration(elapsed)}"
+                 + (f", final val loss {self.last_eval:.4f}" if self.last_eval is not None else ""))
+
+
+USAGE = "usage: python train.py [--resume] [--quiet]"
+
+
+def start_run(directory: Path, name: str, recipe_hash: str, argv=None) -> Run:
+    """Parse the program's flags and check the run directory before any work is done."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    unknown = [a for a in args if a not in ("--resume", "--quiet", "-h", "--help")]
+    if "-h" in args or "--help" in args:
+        print(USAGE)
+        print("  --resume  continue from the latest checkpoint in this directory\n  --quiet   print only errors")
+        raise SystemExit(0)
+    if unknown:
+        raise RunError(f"unknown flag {unknown[0]!r}", USAGE)
+    from . import checkpoint
+
+    resume = "--resume" in args
+    latest = checkpoint.latest(directory)
+    if latest is not None and not resume:
+        raise RunError(f"{directory} already holds a checkpoint (step {latest[0]:,}); starting over would overwrite it",
+                       "pass --resume to continue that run, or remove the directory (or compile to another one) to start over")
+    run = Run(directory, name, recipe_hash, resume=resume and latest is not None, quiet="--quiet" in args)
+    if resume and latest is None:
+        run.log(f"no checkpoint in {directory}: starting from step 0")
+    return run
+
+
+def entry(main) -> None:
+    """Run a program's main() and turn user errors and Ctrl-C into a message and an exit code."""
+    from .data import DataError
+
+    try:
+        main()
+    except (RunError, DataError) as e:
+        print(f"error: {getattr(e, 'message', str(e))}", file=sys.stderr)
+        hint = getattr(e, "hint", None)
+        if hint:
+            print(f"    hint: {hint}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: checkpoints already written are complete; continue with --resume", file=sys.stderr)
+        raise SystemExit(130)

@@ -1,0 +1,33 @@
+"""Sampling a continuation from a model (the end of a run, and `malt sample`)."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, device: str = "cpu", seed: int = 0,
+             temperature: float = 0.8, top_k: int = 50) -> str:
+    """Prompt plus up to ``max_new_tokens`` sampled tokens (top-k, temperature), as text."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = tokenizer.encode(prompt).ids or [0]
+    max_len = model.rope_cos.shape[0]
+    vocab = tokenizer.get_vocab_size()
+    tokens = torch.tensor([ids], dtype=torch.long, device=device)
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -max_len:])[0, -1].float().cpu()
+        logits = logits[:vocab]  # never sample the padding rows of the vocabulary
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, vocab)).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        tokens = torch.cat([tokens, torch.tensor([[nxt]], device=device)], dim=1)
+    if was_training:
+        model.train()
+    return tokenizer.decode(tokens[0].tolist(), skip_special_tokens=False)

@@ -1,0 +1,210 @@
+"""Tokenizers for the data pipeline, built with the ``tokenizers`` library.
+
+Kinds:
+
+- ``bpe``: byte-level BPE trained on the recipe's sources (special tokens
+  first, so the first special token, the document separator, is id 0).
+- ``bytes``: 256 byte tokens (id = byte value) plus the special tokens.
+- ``file``: an existing ``tokenizer.json``.
+
+Every tokenizer is saved as ``tokenizer.json`` in the cache and reused when the
+same tokenizer spec and the same training-text fingerprint are asked again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from .sources import DataError, Source, _digest
+
+__all__ = ["KINDS", "build_tokenizer", "byte_tokenizer", "load_tokenizer", "tokenizer_hash",
+           "bytes_to_unicode"]
+
+KINDS = ("bpe", "bytes", "file")
+DEFAULT_SPECIALS = ["<|endoftext|>"]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what ByteLevel pre-tokenization uses)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _byte_level(tok):
+    from tokenizers import decoders, pre_tokenizers
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def byte_tokenizer(specials: list[str]):
+    """256 byte tokens (token id == byte value), then the special tokens."""
+    from tokenizers import Tokenizer, models
+    b2u = bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    tok = _byte_level(Tokenizer(models.BPE(vocab=vocab, merges=[])))
+    tok.add_special_tokens(list(specials))
+    return tok
+
+
+def _train(kind: str, texts: Iterable[str], vocab_size: int, specials: list[str]):
+    # (a byte-level Unigram trainer was tried: with the 256-byte initial alphabet,
+    # tokenizers 0.23 learns no pieces at all, so "unigram" is not offered)
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    assert kind == "bpe"
+    tok = _byte_level(Tokenizer(models.BPE()))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses
+        raise DataError(f"cannot read tokenizer file {path}: {e}; "
+                        f"delete it to rebuild it, or point tokenizer.path at a valid tokenizer.json") from None
+
+
+def tokenizer_hash(path: str | os.PathLike) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _save(tok, path: Path):
+    _atomic_write_bytes(path, tok.to_str(pretty=True).encode())
+
+
+def _training_texts(sources: list[Source], max_chars: int) -> Iterator[str]:
+    """Documents round-robin across ``sources`` until ``max_chars`` (the last one cut)."""
+    iters = [s.documents() for s in sources]
+    left = max_chars
+    while iters and left > 0:
+        alive = []
+        for it in iters:
+            if left <= 0:
+                break
+            doc = next(it, None)
+            if doc is None:
+                continue
+            alive.append(it)
+            if len(doc) > left:
+                doc = doc[:left]
+            left -= len(doc)
+            yield doc
+        iters = alive
+
+
+def build_tokenizer(tspec: dict, sources: list[Source], cache_dir: Path, base_dir,
+                    log: Callable[[str], None] = print):
+    """Return (tokenizer, path of its saved tokenizer.json, content hash, specials)."""
+    tspec = dict(tspec or {})
+    kind = tspec.get("kind", "bpe")
+    if kind not in KINDS:
+        raise DataError(f"tokenizer.kind '{kind}' is not one of: {', '.join(KINDS)}")
+    specials = tspec.get("special_tokens")
+    specials = list(DEFAULT_SPECIALS if specials is None else specials)
+    if not specials:
+        raise DataError("tokenizer.special_tokens is empty; it needs at least one token "
+                        "(the first one separates documents), e.g. ['<|endoftext|>']")
+    if len(set(specials)) != len(specials):
+        raise DataError(f"tokenizer.special_tokens has duplicates: {specials}")
+
+    key: dict = {"kind": kind, "specials": specials}
+    train_sources: list[Source] = []
+    src_path = None
+    if kind == "bpe":
+        vocab_size = int(tspec.get("vocab_size") or 8192)
+        if vocab_size < 256 + len(specials):
+            raise DataError(f"tokenizer.vocab_size {vocab_size} is too small for a byte-level {kind} "
+                            f"tokenizer; it needs at least 256 + {len(specials)} special tokens")
+        names = list(tspec.get("train_on") or [s.name for s in sources])
+        by_name = {s.name: s for s in sources}
+        for n in names:
+            if n not in by_name:
+                raise DataError(f"tokenizer.train_on names unknown source '{n}'; "
+                                f"sources are: {', '.join(by_name)}")
+        train_sources = [by_name[n] for n in names]
+        max_chars = int(tspec.get("max_chars") or 20_000_000)
+        key.update(vocab_size=vocab_size, max_chars=max_chars,
+                   train_on=[[s.name, s.fingerprint()] for s in train_sources])
+    elif kind == "file":
+        if not tspec.get("path"):
+            raise DataError("tokenizer.kind is 'file' but tokenizer.path is not set")
+        src_path = Path(os.path.expanduser(str(tspec["path"])))
+        if not src_path.is_absolute():
+            src_path = Path(base_dir or ".") / src_path
+        if not src_path.is_file():
+            raise DataError(f"tokenizer file '{tspec['path']}' does not exist (looked for {src_path})")
+        key.update(file_sha256=tokenizer_hash(src_path))
+
+    tdir = Path(cache_dir) / "tokenizers" / f"{kind}-{_digest(key)[:16]}"
+    path = tdir / "tokenizer.json"
+    if path.is_file():
+        tok = load_tokenizer(path)
+        log(f"data: tokenizer cache hit ({kind}, vocab {tok.get_vocab_size():,}): {path}")
+        return tok, str(path), tokenizer_hash(path), specials
+
+    t0 = time.time()
+    if kind == "bytes":
+        tok = byte_tokenizer(specials)
+        log(f"data: built bytes tokenizer (256 bytes + {len(specials)} special tokens)")
+    elif kind == "file":
+        tok = load_tokenizer(src_path)
+        missing = [s for s in specials if tok.token_to_id(s) is None]
+        if missing:
+            log(f"data: adding special tokens {missing} to {src_path.name}")
+            tok.add_special_tokens(missing)
+    else:
+        names = ", ".join(s.name for s in train_sources)
+        log(f"data: training {kind} tokenizer (vocab {key['vocab_size']:,}) on {names}, "
+            f"up to {key['max_chars']:,} characters ...")
+        stats = {"chars": 0, "docs": 0}
+
+        def counted(it):
+            for d in it:
+                stats["chars"] += len(d)
+                stats["docs"] += 1
+                yield d
+
+        tok = _train(kind, counted(_training_texts(train_sources, key["max_chars"])),
+                     key["vocab_size"], specials)
+        if stats["docs"] == 0:
+            raise DataError(f"no text to train the tokenizer on (sources: {names})")
+        missing = [s for s in specials if tok.token_to_id(s) is None]
+        if missing:
+            tok.add_special_tokens(missing)
+        log(f"data: trained tokenizer on {stats['docs']:,} documents, {stats['chars']:,} characters "
+            f"in {time.time() - t0:.1f}s; vocab {tok.get_vocab_size():,}")
+        if tok.get_vocab_size() < key["vocab_size"]:
+            log(f"data: note: the training text only supported {tok.get_vocab_size():,} of the "
+                f"{key['vocab_size']:,} requested tokens")
+    tdir.mkdir(parents=True, exist_ok=True)
+    _save(tok, path)
+    _atomic_write_bytes(tdir / "spec.json", json.dumps(key, indent=1, sort_keys=True).encode())
+    return load_tokenizer(path), str(path), tokenizer_hash(path), specials
