@@ -31,7 +31,7 @@ class Loaded:
             if path in self.origins:
                 return self.origins[path]
             if not path:
-                return Origin(self.file)
+                return Origin(self.file, 1, 1)
             path = path[:-1]
 
 
@@ -51,16 +51,36 @@ class _Builder:
         self.constructor = yaml.SafeLoader("")
         self.origins: dict[Path_, Origin] = {}
         self.problems: list[Diagnostic] = []
+        self.open: set[int] = set()  # ids of the collection nodes being built, to catch an alias that contains itself
 
     def at(self, node) -> Origin:
         return Origin(self.file, node.start_mark.line + 1, node.start_mark.column + 1)
 
     def build(self, node, path: Path_):
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in self.open:
+                self.problems.append(Diagnostic(".".join(map(str, path)), "a YAML alias refers to a value that contains it",
+                                                self.at(node), hint="recipes cannot be recursive; write the value out instead of *alias"))
+                return None
+            self.open.add(id(node))
+            try:
+                return self._collection(node, path)
+            finally:
+                self.open.discard(id(node))
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as e:
+            self.problems.append(Diagnostic(".".join(map(str, path)), f"cannot read this value: {getattr(e, 'problem', None) or e}",
+                                            self.at(node), hint="write plain YAML values; tags such as !!python/... are not allowed"))
+            return None
+
+    def _collection(self, node, path: Path_):
         if isinstance(node, yaml.MappingNode):
             out = {}
             for key_node, value_node in node.value:
                 if not isinstance(key_node, yaml.ScalarNode):
-                    self.problems.append(Diagnostic(".".join(map(str, path)), "mapping keys must be plain names", self.at(key_node)))
+                    self.problems.append(Diagnostic(".".join(map(str, path)), "mapping keys must be plain names", self.at(key_node),
+                                                    hint="write keys as plain words such as d_model"))
                     continue
                 key = key_node.value
                 if key == "<<":
@@ -68,7 +88,8 @@ class _Builder:
                                                     self.at(key_node), hint="use `extends: parent.yaml` to inherit from another recipe"))
                     continue
                 if key in out:
-                    self.problems.append(Diagnostic(".".join(map(str, path + (key,))), "duplicate key",
+                    first = self.origins[path + (key,)]
+                    self.problems.append(Diagnostic(".".join(map(str, path + (key,))), f"duplicate key {key!r} (first set at line {first.line})",
                                                     self.at(key_node), hint="each key may appear once in a mapping; remove one of them"))
                     continue
                 self.origins[path + (key,)] = self.at(key_node)
@@ -80,7 +101,6 @@ class _Builder:
                 self.origins[path + (i,)] = self.at(item)
                 out.append(self.build(item, path + (i,)))
             return out
-        return self.constructor.construct_object(node, deep=True)
 
 
 def _parse_file(path: Path, shown: str) -> tuple[dict, dict[Path_, Origin]]:
@@ -90,7 +110,7 @@ def _parse_file(path: Path, shown: str) -> tuple[dict, dict[Path_, Origin]]:
         raise RecipeError([Diagnostic("", f"recipe file not found: {shown}", Origin(shown),
                                       hint="check the path; recipes are YAML files such as recipes/tiny.yaml")])
     except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError([Diagnostic("", f"cannot read recipe: {e}", Origin(shown))])
+        raise RecipeError([Diagnostic("", f"cannot read recipe: {e}", Origin(shown), hint="a recipe must be a readable UTF-8 YAML file")])
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -101,7 +121,7 @@ def _parse_file(path: Path, shown: str) -> tuple[dict, dict[Path_, Origin]]:
             msg = f"not valid YAML: {e.problem} ({e.context})"
         raise RecipeError([Diagnostic("", msg, origin, hint="fix the YAML syntax at this line (indentation, a missing ':' or an unclosed quote or bracket)")])
     except yaml.YAMLError as e:
-        raise RecipeError([Diagnostic("", f"not valid YAML: {e}", Origin(shown))])
+        raise RecipeError([Diagnostic("", f"not valid YAML: {e}", Origin(shown), hint="fix the YAML syntax; see recipes/tiny.yaml for an example")])
     if node is None:
         raise RecipeError([Diagnostic("", "the recipe is empty", Origin(shown),
                                       hint="a recipe needs at least name, model, tokenizer, data and train; see docs/recipes.md")])
@@ -111,7 +131,8 @@ def _parse_file(path: Path, shown: str) -> tuple[dict, dict[Path_, Origin]]:
         raise RecipeError(builder.problems)
     if not isinstance(tree, dict):
         raise RecipeError([Diagnostic("", "a recipe must be a mapping of sections (name:, model:, ...)",
-                                      Origin(shown, node.start_mark.line + 1, node.start_mark.column + 1))])
+                                      Origin(shown, node.start_mark.line + 1, node.start_mark.column + 1),
+                                      hint="start from recipes/tiny.yaml")])
     return tree, builder.origins
 
 
@@ -139,16 +160,17 @@ def load_file(path: str | Path, _chain: tuple = ()) -> Loaded:
     path = Path(path)
     shown = display_path(path)
     key = path.resolve()
-    if key in _chain:
-        cycle = " -> ".join(display_path(p) for p in _chain + (key,))
-        raise RecipeError([Diagnostic("extends", f"extends cycle: {cycle}", Origin(shown), hint="remove one of the extends: lines")])
     tree, origins = _parse_file(path, shown)
     parent_ref = tree.pop("extends", None)
     ext_origin = origins.pop(("extends",), None)
     if parent_ref is not None:
         if not isinstance(parent_ref, str):
-            raise RecipeError([Diagnostic("extends", "expected the path of a parent recipe, such as base.yaml", ext_origin)])
+            raise RecipeError([Diagnostic("extends", "expected the path of a parent recipe, such as base.yaml", ext_origin,
+                                          hint="write `extends: base.yaml` (relative to this recipe)")])
         parent_path = (path.parent / parent_ref)
+        if parent_path.resolve() in _chain + (key,):
+            cycle = " -> ".join(display_path(p) for p in _chain + (key, parent_path.resolve()))
+            raise RecipeError([Diagnostic("extends", f"extends cycle: {cycle}", ext_origin, hint="remove one of the extends: lines")])
         if not parent_path.exists():
             raise RecipeError([Diagnostic("extends", f"parent recipe not found: {parent_ref} (looked in {display_path(parent_path)})",
                                           ext_origin, hint="extends: paths are relative to the recipe that names them")])
@@ -167,7 +189,8 @@ def _parse_set(text: str):
     parts = []
     for piece in dotted.strip().split("."):
         if not piece:
-            raise RecipeError([Diagnostic("", f"--set path {dotted!r} has an empty component", Origin("command line", command_line=text))])
+            raise RecipeError([Diagnostic("", f"--set path {dotted!r} has an empty component", Origin("command line", command_line=text),
+                                          hint="write the path as dotted keys, such as optimizer.lr or data.sources.0.weight")])
         parts.append(int(piece) if piece.isdigit() else piece)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -187,32 +210,28 @@ def apply_sets(loaded: Loaded, sets: list[str]) -> Loaded:
             continue
         origin = Origin("command line", command_line=text)
         node = loaded.tree
-        ok = True
-        for i, part in enumerate(path[:-1]):
-            if isinstance(node, dict):
-                if part not in node or node[part] is None:
-                    node[part] = {}
-                node = node[part]
-            elif isinstance(node, list) and isinstance(part, int):
-                if part >= len(node):
-                    problems.append(Diagnostic(".".join(map(str, path)), f"index {part} is out of range (the list has {len(node)} items)", origin))
-                    ok = False
+        problem = None
+        for i, part in enumerate(path):
+            here = ".".join(map(str, path[:i]))
+            if isinstance(node, list):
+                if not isinstance(part, int) or part >= len(node):
+                    problem = (f"{here} is a list of {len(node)} item(s); {part!r} is not one of its indices",
+                               "list indices start at 0, as in data.sources.0.weight")
                     break
-                node = node[part]
-            else:
-                problems.append(Diagnostic(".".join(map(str, path)), f"{'.'.join(map(str, path[:i + 1]))} is not a section", origin))
-                ok = False
+            elif not isinstance(node, dict):
+                problem = (f"{here} is not a section, so it has no key {part!r}",
+                           "--set can only reach into sections (mappings) and into lists by index")
                 break
-        if not ok:
+            if i == len(path) - 1:
+                break
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+                loaded.origins[path[: i + 1]] = origin  # a section created by --set comes from the command line
+            node = node[part]
+        if problem:
+            problems.append(Diagnostic(".".join(map(str, path)), problem[0], origin, hint=problem[1]))
             continue
         last = path[-1]
-        if isinstance(node, list):
-            if not isinstance(last, int) or last >= len(node):
-                problems.append(Diagnostic(".".join(map(str, path)), "list index out of range", origin))
-                continue
-        elif not isinstance(node, dict):
-            problems.append(Diagnostic(".".join(map(str, path)), "the parent of this path is not a section", origin))
-            continue
         node[last] = value
         for k in [k for k in loaded.origins if k[: len(path)] == path]:
             del loaded.origins[k]

@@ -112,6 +112,8 @@ class Plan:
                 "n_heads": r.model.n_heads, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
                 "d_ff": self.d_ff, "vocab_size": self.vocab_size, "padded_vocab": self.padded_vocab,
                 "tie_embeddings": r.model.tie_embeddings, "qkv_bias": r.model.qkv_bias,
+                "norm_eps": r.model.norm_eps, "rope_theta": r.model.rope_theta, "init_std": r.model.init_std,
+                "pad_vocab_multiple": r.model.pad_vocab_multiple,
             },
             "batch": {
                 "seq_len": r.train.seq_len, "global_batch": r.train.global_batch, "micro_batch": self.micro_batch,

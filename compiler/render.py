@@ -187,12 +187,12 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "wsd": "then constant LR until DECAY_START, then linear decay to MIN_LR (warmup-stable-decay)",
         "constant": "then constant LR",
     }[sch.decay]
-    schedule_doc = (f"linear warmup over WARMUP_STEPS, {decay_doc}" if plan.warmup_steps else decay_doc.replace("then ", "", 1))
+    schedule_doc = (f"Linear warmup over WARMUP_STEPS, {decay_doc}" if plan.warmup_steps else decay_doc.replace("then ", "", 1).capitalize())
     return {
         "version": MALT_VERSION,
         "recipe_file": plan.recipe_file,
         "recipe_hash": plan.recipe_hash,
-        "passes": list(plan.passes),
+        "passes_lines": _wrap(list(plan.passes), 90),
         "n_layers": m.n_layers,
         "params_human": human_count(est["params"]),
         "constants": constants,
@@ -223,6 +223,19 @@ def _pretty_literal(value, indent: int = 0) -> str:
         items = [f"{pad}{_pretty_literal(v, indent + 1)}," for v in value]
         return "[\n" + "\n".join(items) + f"\n{end}]"
     return lit(value)
+
+
+def _wrap(words: list[str], width: int) -> list[str]:
+    """Comma-separated words in lines of at most ``width`` characters."""
+    lines, line = [], ""
+    for w in words:
+        piece = f"{line}, {w}" if line else w
+        if len(piece) > width and line:
+            lines.append(line + ",")
+            line = w
+        else:
+            line = piece
+    return lines + [line] if line else lines
 
 
 def _env() -> jinja2.Environment:

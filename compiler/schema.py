@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, Strict, field_validator
 
 from .units import parse_count, parse_float, parse_fraction
 
@@ -64,6 +64,7 @@ def _onoff(v):
     return v
 
 
+Int = Annotated[int, Strict()]  # a whole number as written: not true/false, not 64.0, not "64"
 Count = Annotated[int, BeforeValidator(_count)]
 Fraction = Annotated[float, BeforeValidator(_fraction)]
 Float = Annotated[float, BeforeValidator(_float)]
@@ -79,11 +80,11 @@ class Section(BaseModel):
 
 class ModelSpec(Section):
     family: Literal["llama"] = "llama"
-    d_model: int = Field(gt=0)
-    n_layers: int = Field(gt=0)
-    n_heads: int = Field(gt=0)
-    n_kv_heads: Optional[int] = Field(default=None, gt=0)   # None: equal to n_heads (no GQA)
-    d_ff: Optional[int] = Field(default=None, gt=0)         # None: Llama's rule, 8/3 * d_model rounded up to 256
+    d_model: Int = Field(gt=0)
+    n_layers: Int = Field(gt=0)
+    n_heads: Int = Field(gt=0)
+    n_kv_heads: Optional[Int] = Field(default=None, gt=0)   # None: equal to n_heads (no GQA)
+    d_ff: Optional[Int] = Field(default=None, gt=0)         # None: Llama's rule, 8/3 * d_model rounded up to 256
     activation: Literal["swiglu"] = "swiglu"
     norm: Literal["rmsnorm"] = "rmsnorm"
     norm_eps: Float = 1e-5
@@ -92,13 +93,13 @@ class ModelSpec(Section):
     qkv_bias: bool = False
     tie_embeddings: bool = True
     init_std: Float = 0.02
-    vocab_size: Optional[int] = Field(default=None, gt=0)   # None: the tokenizer's vocabulary
-    pad_vocab_multiple: int = Field(default=64, gt=0)
+    vocab_size: Optional[Int] = Field(default=None, gt=0)   # None: the tokenizer's vocabulary
+    pad_vocab_multiple: Int = Field(default=64, gt=0)
 
 
 class TokenizerSpec(Section):
     kind: Literal["bpe", "bytes", "file"] = "bpe"
-    vocab_size: Optional[int] = Field(default=None, gt=0)   # bpe: required; bytes: 256 + special tokens; file: read from the file
+    vocab_size: Optional[Int] = Field(default=None, gt=0)   # bpe: required; bytes: 256 + special tokens; file: read from the file
     train_on: list[str] = Field(default_factory=list)       # bpe: source names; empty = all sources
     max_chars: Count = 20_000_000                            # bpe: characters of training text
     path: Optional[str] = None                               # file: a tokenizer.json
@@ -139,15 +140,15 @@ class ScheduleSpec(Section):
 
 
 class TrainSpec(Section):
-    seq_len: int = Field(gt=0)
-    global_batch: int = Field(gt=0)                          # sequences per optimizer step
+    seq_len: Int = Field(gt=0)
+    global_batch: Int = Field(gt=0)                          # sequences per optimizer step
     micro_batch: AutoOrPositiveInt = "auto"
     tokens: Optional[Count] = None
     steps: Optional[Count] = None
     eval_every: Count = 100                                  # steps; 0 disables
-    eval_batches: int = Field(default=8, gt=0)               # micro-batches per evaluation
+    eval_batches: Int = Field(default=8, gt=0)               # micro-batches per evaluation
     checkpoint_every: Count = 200                            # steps; 0 = only the final checkpoint
-    keep_checkpoints: int = Field(default=2, gt=0)
+    keep_checkpoints: Int = Field(default=2, gt=0)
     log_every: Count = 10
     sample_tokens: Count = 64                                # tokens in the sample printed at the end; 0 disables
     sample_prompt: str = "def "
@@ -164,7 +165,7 @@ class TargetSpec(Section):
 
 class Recipe(Section):
     name: str = Field(min_length=1)
-    seed: int = 1337
+    seed: Int = 1337
     model: ModelSpec
     tokenizer: TokenizerSpec
     data: DataSpec

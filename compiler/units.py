@@ -7,6 +7,7 @@ fractions take ``%``. Plain numbers pass through. Every parser raises
 
 from __future__ import annotations
 
+import math
 import re
 
 _SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "b": 10**9, "B": 10**9,
@@ -19,10 +20,12 @@ def parse_count(value) -> int:
     """``2M`` -> 2_000_000, ``1.5k`` -> 1500, ``4096`` -> 4096. Must be a whole number."""
     if isinstance(value, bool):
         raise ValueError("expected a count such as 4096, 2k or 2M, got a boolean")
+    if isinstance(value, (int, float)) and value < 0:
+        raise ValueError(f"expected a count of zero or more, got {value}")
     if isinstance(value, int):
         return value
     if isinstance(value, float):
-        if value != int(value):
+        if not math.isfinite(value) or value != int(value):
             raise ValueError(f"expected a whole number, got {value}")
         return int(value)
     if isinstance(value, str):
@@ -33,7 +36,7 @@ def parse_count(value) -> int:
             scaled = float(number) * _SUFFIX[suffix]
             if "." not in number and "e" not in number.lower():
                 scaled = int(number) * _SUFFIX[suffix]
-            if scaled != int(scaled):
+            if not math.isfinite(scaled) or scaled != int(scaled):
                 raise ValueError(f"{value!r} is not a whole number")
             return int(scaled)
     raise ValueError(f"expected a count such as 4096, 2k or 2M, got {value!r}")
@@ -66,13 +69,17 @@ def parse_float(value) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number, got a boolean")
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value) if abs(value) < 1e300 else math.inf
+    elif isinstance(value, str):
         try:
-            return float(value.strip())
+            number = float(value.strip())
         except ValueError:
-            pass
-    raise ValueError(f"expected a number such as 3e-4, got {value!r}")
+            raise ValueError(f"expected a number such as 3e-4, got {value!r}") from None
+    else:
+        raise ValueError(f"expected a number such as 3e-4, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
 
 
 def human_count(n: float) -> str:

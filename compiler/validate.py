@@ -7,7 +7,9 @@ each pointing at the file, line and column of the value at fault.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from pydantic import BaseModel, ValidationError
 
@@ -65,7 +67,7 @@ def _not_built(loaded: Loaded) -> list[Diagnostic]:
         node = tree
         for p in path[:-1]:
             node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict) and node.get(path[-1]) in values:
+        if isinstance(node, dict) and isinstance(node.get(path[-1]), str) and node[path[-1]] in values:
             out.append(Diagnostic(_dotted(path), f"{node[path[-1]]!r} is not built yet: {message}", loaded.origin(path),
                                   hint="see docs/recipes.md for the values malt supports today"))
     devices = tree.get("target", {}).get("devices") if isinstance(tree.get("target"), dict) else None
@@ -95,41 +97,82 @@ def _model_at(loc) -> type[BaseModel] | None:
     return model
 
 
+def _value_hint(msg: str) -> str:
+    """A hint for a value the unit parsers (or a validator) rejected, from what the message says was expected."""
+    if "auto" in msg:
+        return "write auto or a positive whole number such as 8"
+    if "fraction" in msg or "%" in msg:
+        return "write a share as a percentage such as 5% or as a number between 0 and 1 such as 0.05"
+    if "count" in msg or "whole number" in msg:
+        return "write a whole number, optionally with k, M, B or T: 500, 2k, 2M, 1.5B"
+    if "number" in msg:
+        return "write a number such as 0.1 or 3e-4"
+    return "see docs/recipes.md for the values this setting takes"
+
+
 def _schema_problems(loaded: Loaded, err: ValidationError) -> list[Diagnostic]:
     out = []
     for e in err.errors():
         loc = tuple(e["loc"])
         kind = e["type"]
         msg = e["msg"]
+        ctx = e.get("ctx", {})
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        hint = None
+        hint = "see docs/recipes.md for this setting"
         if kind == "extra_forbidden":
             parent = _model_at(loc[:-1])
             fields = list(parent.model_fields) if parent else []
-            guess = did_you_mean(str(loc[-1]), fields)
+            later = [k[-1] for k in NOT_BUILT_KEYS if k[:-1] == tuple(p for p in loc[:-1] if not isinstance(p, int))]
+            guess = did_you_mean(str(loc[-1]), fields + later)
             msg = f"unknown key {loc[-1]!r}"
-            hint = f"did you mean {guess!r}?" if guess else f"valid keys here: {', '.join(fields)}"
-            out.append(Diagnostic(_dotted(loc), msg, loaded.origin(loc), hint=hint))
-            continue
-        if kind == "missing":
+            hint = f"valid keys here: {', '.join(fields)}"
+            if guess:
+                hint = f"did you mean {guess!r}?" + (" (it is not built yet)" if guess in later else "")
+        elif kind == "missing" and loc and isinstance(loc[-1], int):
+            # a tuple such as betas with too few items
+            loc = loc[:-1]
+            msg = f"too few items: item {e['loc'][-1]} is missing"
+            hint = "give every item, for example betas: [0.9, 0.95]"
+        elif kind == "missing":
             msg = "required field is missing"
-            hint = f"add `{loc[-1]}:` to the `{_dotted(loc[:-1]) or 'top level'}` section; see docs/recipes.md"
+            where = f"the `{_dotted(loc[:-1])}` section" if loc[:-1] else "the recipe"
+            hint = f"add `{loc[-1]}:` to {where}; see docs/recipes.md"
         elif kind == "literal_error":
-            expected = e.get("ctx", {}).get("expected", "")
+            expected = ctx.get("expected", "")
             msg = f"got {e['input']!r}, expected one of {expected}"
+            guess = did_you_mean(str(e["input"]), re.findall(r"'([^']*)'", expected))
+            hint = f"did you mean {guess!r}?" if guess else f"use one of {expected}"
         elif kind in ("int_type", "int_parsing", "int_from_float"):
             msg = f"expected a whole number, got {e['input']!r}"
+            hint = "write a whole number without quotes, such as 256"
         elif kind in ("bool_type", "bool_parsing"):
             msg = f"expected true or false, got {e['input']!r}"
+            hint = "write true or false"
         elif kind in ("string_type",):
             msg = f"expected text, got {e['input']!r}"
+            hint = "write text; put it in quotes if YAML reads it as something else"
+        elif kind == "string_too_short":
+            msg = "must not be empty"
+            hint = "write a non-empty name"
         elif kind in ("model_type", "dict_type", "model_attributes_type"):
             msg = f"expected a section (a mapping of keys), got {e['input']!r}"
+            hint = "write the section as indented `key: value` lines, or as {key: value, ...}"
         elif kind in ("list_type", "tuple_type"):
             msg = f"expected a list, got {e['input']!r}"
+            hint = "write a list in brackets, such as [0.9, 0.95], or as indented `- item` lines"
+        elif kind in ("too_short", "too_long"):
+            n = ctx.get("actual_length")
+            msg = (f"needs at least {ctx.get('min_length')} item(s), got {n}" if kind == "too_short"
+                   else f"takes at most {ctx.get('max_length')} items, got {n}")
+            hint = ("list at least one source, such as `- {name: docs, path: docs.txt}`" if loc == ("data", "sources")
+                    else "see docs/recipes.md for what this list holds")
         elif kind in ("greater_than", "greater_than_equal"):
-            msg = f"must be {msg.split('should be ', 1)[-1]}, got {e['input']!r}"
+            bound = msg.split("should be ", 1)[-1]
+            msg = f"must be {bound}, got {e['input']!r}"
+            hint = f"use a value {bound}"
+        elif kind == "value_error":
+            hint = _value_hint(msg)
         out.append(Diagnostic(_dotted(loc), msg, loaded.origin(loc), hint=hint))
     return out
 
@@ -157,146 +200,195 @@ def tokenizer_vocab(recipe: Recipe, base_dir: Path) -> int | None:
     return None
 
 
-def _cross_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
+def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnostic]:
+    """Cross-field rules. ``r`` may be a partial recipe whose invalid sections are None
+    (see :func:`_valid_sections`); checks that need such a section are skipped."""
     out: list[Diagnostic] = []
 
-    def add(path, message, hint=None):
+    def add(path, message, hint):
         out.append(Diagnostic(_dotted(path), message, loaded.origin(path), hint=hint))
 
     m = r.model
-    if m.d_model % m.n_heads:
-        divisors = [h for h in range(1, min(m.d_model, 128) + 1) if m.d_model % h == 0 and (m.d_model // h) % 2 == 0]
-        add(("model", "n_heads"), f"n_heads ({m.n_heads}) does not divide d_model ({m.d_model})",
-            f"choose n_heads from {divisors[-6:]} or change d_model to a multiple of {m.n_heads}")
-    else:
-        head_dim = m.d_model // m.n_heads
-        if head_dim % 2:
-            add(("model", "n_heads"), f"head dimension d_model/n_heads = {head_dim} is odd; rotary embeddings need an even head dimension",
-                "choose n_heads so that d_model / n_heads is even")
-    kv = m.n_kv_heads or m.n_heads
-    if m.n_heads % kv:
-        add(("model", "n_kv_heads"), f"n_kv_heads ({kv}) does not divide n_heads ({m.n_heads})",
-            f"choose n_kv_heads from {[k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]}")
-    for name in ("norm_eps", "rope_theta", "init_std"):
-        if getattr(m, name) <= 0:
-            add(("model", name), f"must be positive, got {getattr(m, name)}")
+    if m is not None:
+        if m.d_model % m.n_heads:
+            divisors = [h for h in range(1, min(m.d_model, 128) + 1) if m.d_model % h == 0 and (m.d_model // h) % 2 == 0]
+            add(("model", "n_heads"), f"n_heads ({m.n_heads}) does not divide d_model ({m.d_model})",
+                f"choose n_heads from {divisors[-6:]} or change d_model to a multiple of {m.n_heads}" if divisors
+                else f"change d_model to a multiple of 2 × n_heads = {2 * m.n_heads}")
+        else:
+            head_dim = m.d_model // m.n_heads
+            if head_dim % 2:
+                add(("model", "n_heads"), f"head dimension d_model/n_heads = {head_dim} is odd; rotary embeddings need an even head dimension",
+                    "choose n_heads so that d_model / n_heads is even")
+        kv = m.n_kv_heads or m.n_heads
+        if m.n_heads % kv:
+            add(("model", "n_kv_heads"), f"n_kv_heads ({kv}) does not divide n_heads ({m.n_heads})",
+                f"choose n_kv_heads from {[k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if getattr(m, name) <= 0:
+                add(("model", name), f"must be positive, got {getattr(m, name)}", f"remove model.{name} to use the default")
 
     # tokenizer
     t = r.tokenizer
     base = loaded.base_dir
-    if t.kind == "bpe":
-        if t.vocab_size is None:
-            add(("tokenizer",), "a bpe tokenizer needs vocab_size", "add `vocab_size: 8192` (or another size) to the tokenizer section")
-        elif t.vocab_size < 256 + len(t.special_tokens):
-            add(("tokenizer", "vocab_size"), f"a byte-level bpe vocabulary needs at least 256 + {len(t.special_tokens)} special tokens, got {t.vocab_size}",
-                f"set tokenizer.vocab_size to at least {256 + len(t.special_tokens)}")
-    if t.kind == "bytes" and t.vocab_size is not None and t.vocab_size != 256 + len(t.special_tokens):
-        add(("tokenizer", "vocab_size"), f"a bytes tokenizer has exactly 256 + {len(t.special_tokens)} special tokens = {256 + len(t.special_tokens)} entries, got {t.vocab_size}",
-            "remove tokenizer.vocab_size (it is implied for kind: bytes)")
-    if t.kind == "file":
-        if not t.path:
-            add(("tokenizer",), "a file tokenizer needs path", "add `path: tokenizer.json` (relative to the recipe)")
-        elif not (base / t.path).is_file():
-            add(("tokenizer", "path"), f"tokenizer file not found: {t.path} (looked in {base / t.path})",
-                "paths are relative to the recipe file")
-        elif tokenizer_vocab(r, base) is None:
-            add(("tokenizer", "path"), f"{t.path} is not a readable tokenizers tokenizer.json", "export one with tokenizers' Tokenizer.save()")
-        if t.vocab_size is not None:
-            add(("tokenizer", "vocab_size"), "vocab_size is read from the tokenizer file and cannot be set", "remove tokenizer.vocab_size")
-    elif t.path is not None:
-        add(("tokenizer", "path"), f"path is only used by kind: file (this tokenizer is kind: {t.kind})", "remove tokenizer.path or set kind: file")
-    if not t.special_tokens:
-        add(("tokenizer", "special_tokens"), "at least one special token is needed: the first separates documents (end of text)",
-            "use special_tokens: ['<|endoftext|>']")
-    if len(set(t.special_tokens)) != len(t.special_tokens):
-        add(("tokenizer", "special_tokens"), "special tokens repeat", "list each special token once")
-    names = [s.name for s in r.data.sources]
-    for i, name in enumerate(t.train_on):
-        if name not in names:
-            guess = did_you_mean(name, names)
-            add(("tokenizer", "train_on", i), f"no data source is named {name!r}",
-                f"did you mean {guess!r}?" if guess else f"sources are: {', '.join(names)}")
-    if t.train_on and t.kind != "bpe":
-        add(("tokenizer", "train_on"), f"train_on is only used by kind: bpe (this tokenizer is kind: {t.kind})", "remove tokenizer.train_on")
-    if t.max_chars <= 0:
-        add(("tokenizer", "max_chars"), "must be positive")
+    if t is not None:
+        if t.kind == "bpe":
+            if t.vocab_size is None:
+                add(("tokenizer",), "a bpe tokenizer needs vocab_size", "add `vocab_size: 8192` (or another size) to the tokenizer section")
+            elif t.vocab_size < 256 + len(t.special_tokens):
+                add(("tokenizer", "vocab_size"), f"a byte-level bpe vocabulary needs at least 256 + {len(t.special_tokens)} special tokens, got {t.vocab_size}",
+                    f"set tokenizer.vocab_size to at least {256 + len(t.special_tokens)}")
+        if t.kind == "bytes" and t.vocab_size is not None and t.vocab_size != 256 + len(t.special_tokens):
+            add(("tokenizer", "vocab_size"), f"a bytes tokenizer has exactly 256 + {len(t.special_tokens)} special tokens = {256 + len(t.special_tokens)} entries, got {t.vocab_size}",
+                "remove tokenizer.vocab_size (it is implied for kind: bytes)")
+        if t.kind == "file":
+            if not t.path:
+                add(("tokenizer",), "a file tokenizer needs path", "add `path: tokenizer.json` (relative to the recipe)")
+            elif not (base / t.path).is_file():
+                add(("tokenizer", "path"), f"tokenizer file not found: {t.path} (looked in {base / t.path})",
+                    "paths are relative to the recipe file")
+            elif tokenizer_vocab(r, base) is None:
+                add(("tokenizer", "path"), f"{t.path} is not a readable tokenizers tokenizer.json", "export one with tokenizers' Tokenizer.save()")
+            if t.vocab_size is not None:
+                add(("tokenizer", "vocab_size"), "vocab_size is read from the tokenizer file and cannot be set", "remove tokenizer.vocab_size")
+        elif t.path is not None:
+            add(("tokenizer", "path"), f"path is only used by kind: file (this tokenizer is kind: {t.kind})", "remove tokenizer.path or set kind: file")
+        if not t.special_tokens:
+            add(("tokenizer", "special_tokens"), "at least one special token is needed: the first separates documents (end of text)",
+                "use special_tokens: ['<|endoftext|>']")
+        if len(set(t.special_tokens)) != len(t.special_tokens):
+            add(("tokenizer", "special_tokens"), "special tokens repeat", "list each special token once")
+        if r.data is not None:
+            names = [s.name for s in r.data.sources]
+            for i, name in enumerate(t.train_on):
+                if name not in names:
+                    guess = did_you_mean(name, names)
+                    add(("tokenizer", "train_on", i), f"no data source is named {name!r}",
+                        f"did you mean {guess!r}?" if guess else f"sources are: {', '.join(names)}")
+        if t.train_on and t.kind != "bpe":
+            add(("tokenizer", "train_on"), f"train_on is only used by kind: bpe (this tokenizer is kind: {t.kind})", "remove tokenizer.train_on")
+        if t.max_chars <= 0:
+            add(("tokenizer", "max_chars"), "must be positive", "remove tokenizer.max_chars to use the default (20M)")
 
-    tok_vocab = tokenizer_vocab(r, base)
-    if m.vocab_size is not None and tok_vocab is not None and tok_vocab > m.vocab_size:
-        add(("model", "vocab_size"), f"the tokenizer has {tok_vocab} tokens but the model's vocabulary is {m.vocab_size}",
-            f"raise model.vocab_size to at least {tok_vocab}, or remove it to use the tokenizer's size")
+        tok_vocab = tokenizer_vocab(r, base)
+        if m is not None and m.vocab_size is not None and tok_vocab is not None and tok_vocab > m.vocab_size:
+            add(("model", "vocab_size"), f"the tokenizer has {tok_vocab} tokens but the model's vocabulary is {m.vocab_size}",
+                f"raise model.vocab_size to at least {tok_vocab}, or remove it to use the tokenizer's size")
 
     # data
-    seen = set()
-    for i, s in enumerate(r.data.sources):
-        if s.name in seen:
-            add(("data", "sources", i, "name"), f"another source is already named {s.name!r}", "give each source a unique name")
-        seen.add(s.name)
-        if s.weight <= 0:
-            add(("data", "sources", i, "weight"), f"weight must be positive, got {s.weight}", "remove the source or give it a positive weight")
-        if s.path.startswith("builtin:"):
-            if s.path not in BUILTIN_SOURCES:
-                guess = did_you_mean(s.path, BUILTIN_SOURCES)
-                add(("data", "sources", i, "path"), f"unknown built-in source {s.path!r}",
-                    f"did you mean {guess!r}?" if guess else f"built-in sources: {', '.join(BUILTIN_SOURCES)}")
-            continue
-        p = base / s.path
-        if not p.exists():
-            add(("data", "sources", i, "path"), f"data file not found: {s.path} (looked in {p})",
-                "paths are relative to the recipe file; check the name or create the file")
-        elif p.is_file() and not p.name.endswith(SUPPORTED_SUFFIXES):
-            add(("data", "sources", i, "path"), f"unsupported file type {p.suffix or p.name!r}; supported: {', '.join(SUPPORTED_SUFFIXES)} and directories of them",
-                "convert the data to .txt (one document per file) or .jsonl (one document per line)")
-    if r.data.validation >= 0.5:
-        add(("data", "validation"), f"{r.data.validation:.0%} of the data held out for validation leaves too little to train on", "use a few percent, such as 1%")
+    if r.data is not None:
+        seen = set()
+        for i, s in enumerate(r.data.sources):
+            if s.name in seen:
+                add(("data", "sources", i, "name"), f"another source is already named {s.name!r}", "give each source a unique name")
+            seen.add(s.name)
+            if s.weight <= 0:
+                add(("data", "sources", i, "weight"), f"weight must be positive, got {s.weight}", "remove the source or give it a positive weight")
+            if s.path.startswith("builtin:"):
+                if s.path not in BUILTIN_SOURCES:
+                    guess = did_you_mean(s.path, BUILTIN_SOURCES)
+                    add(("data", "sources", i, "path"), f"unknown built-in source {s.path!r}",
+                        f"did you mean {guess!r}?" if guess else f"built-in sources: {', '.join(BUILTIN_SOURCES)}")
+                continue
+            p = base / s.path
+            if not p.exists():
+                add(("data", "sources", i, "path"), f"data file not found: {s.path} (looked in {p})",
+                    "paths are relative to the recipe file; check the name or create the file")
+            elif p.is_file() and not p.name.endswith(SUPPORTED_SUFFIXES):
+                add(("data", "sources", i, "path"), f"unsupported file type {p.suffix or p.name!r}; supported: {', '.join(SUPPORTED_SUFFIXES)} and directories of them",
+                    "convert the data to .txt (one document per file) or .jsonl (one document per line)")
+        if r.data.validation >= 0.5:
+            add(("data", "validation"), f"{r.data.validation:.0%} of the data held out for validation leaves too little to train on", "use a few percent, such as 1%")
 
     # optimizer
     o = r.optimizer
-    if o.lr <= 0:
-        add(("optimizer", "lr"), f"learning rate must be positive, got {o.lr}", "a typical AdamW peak learning rate is 3e-4 to 3e-3")
-    for j, b in enumerate(o.betas):
-        if not 0 <= b < 1:
-            add(("optimizer", "betas", j), f"Adam betas must be in [0, 1), got {b}", "the usual values are [0.9, 0.95]")
-    if o.eps <= 0:
-        add(("optimizer", "eps"), f"must be positive, got {o.eps}")
-    if o.weight_decay < 0:
-        add(("optimizer", "weight_decay"), f"must not be negative, got {o.weight_decay}")
-    if o.grad_clip is not None and o.grad_clip < 0:
-        add(("optimizer", "grad_clip"), f"must not be negative, got {o.grad_clip}", "use null or 0 to disable clipping")
+    if o is not None:
+        if o.lr <= 0:
+            add(("optimizer", "lr"), f"learning rate must be positive, got {o.lr}", "a typical AdamW peak learning rate is 3e-4 to 3e-3")
+        for j, b in enumerate(o.betas):
+            if not 0 <= b < 1:
+                add(("optimizer", "betas", j), f"Adam betas must be in [0, 1), got {b}", "the usual values are [0.9, 0.95]")
+        if o.eps <= 0:
+            add(("optimizer", "eps"), f"must be positive, got {o.eps}", "the usual value is 1e-8")
+        if o.weight_decay < 0:
+            add(("optimizer", "weight_decay"), f"must not be negative, got {o.weight_decay}", "use 0 for no weight decay; a usual value is 0.1")
+        if o.grad_clip is not None and o.grad_clip < 0:
+            add(("optimizer", "grad_clip"), f"must not be negative, got {o.grad_clip}", "use null or 0 to disable clipping")
 
     # train
     tr = r.train
-    if (tr.tokens is None) == (tr.steps is None):
-        add(("train",), "set exactly one of train.tokens and train.steps" + (" (both are set)" if tr.tokens is not None else ""),
-            "for example `tokens: 2M` or `steps: 500`")
-    if tr.micro_batch != "auto" and tr.global_batch % tr.micro_batch:
-        add(("train", "micro_batch"), f"global_batch ({tr.global_batch}) is not divisible by micro_batch ({tr.micro_batch})",
-            f"choose micro_batch from {[d for d in range(1, tr.global_batch + 1) if tr.global_batch % d == 0]} or use auto")
-    tokens_per_step = tr.global_batch * tr.seq_len
-    steps = tr.steps if tr.steps is not None else (tr.tokens // tokens_per_step if tr.tokens is not None else None)
-    if tr.tokens is not None and tr.steps is None and steps == 0:
-        add(("train", "tokens"), f"{tr.tokens} tokens is less than one step of global_batch {tr.global_batch} × seq_len {tr.seq_len} = {tokens_per_step} tokens",
-            f"set train.tokens to at least {tokens_per_step}")
-    if tr.steps is not None and tr.steps <= 0:
-        add(("train", "steps"), "must be positive")
-    if steps:
-        warm = steps_of(r.schedule.warmup, steps)
-        if warm >= steps:
-            add(("schedule", "warmup"), f"warmup ({warm} steps) is not shorter than the run ({steps} steps)", "use a share such as 5%")
-    if r.schedule.decay == "wsd" and not 0 < r.schedule.decay_share < 1:
+    if tr is not None:
+        if (tr.tokens is None) == (tr.steps is None):
+            add(("train",), "set exactly one of train.tokens and train.steps" + (" (both are set)" if tr.tokens is not None else ""),
+                "for example `tokens: 2M` or `steps: 500`")
+        if tr.micro_batch != "auto" and tr.global_batch % tr.micro_batch:
+            add(("train", "micro_batch"), f"global_batch ({tr.global_batch}) is not divisible by micro_batch ({tr.micro_batch})",
+                f"choose micro_batch from {[d for d in range(1, tr.global_batch + 1) if tr.global_batch % d == 0]} or use auto")
+        tokens_per_step = tr.global_batch * tr.seq_len
+        steps = tr.steps if tr.steps is not None else (tr.tokens // tokens_per_step if tr.tokens is not None else None)
+        if tr.tokens is not None and tr.steps is None and steps == 0:
+            add(("train", "tokens"), f"{tr.tokens} tokens is less than one step of global_batch {tr.global_batch} × seq_len {tr.seq_len} = {tokens_per_step} tokens",
+                f"set train.tokens to at least {tokens_per_step}")
+        if tr.steps is not None and tr.steps <= 0:
+            add(("train", "steps"), "must be positive", "for example `steps: 500`")
+        if steps and r.schedule is not None:
+            warm = steps_of(r.schedule.warmup, steps)
+            if warm >= steps:
+                add(("schedule", "warmup"), f"warmup ({warm} steps) is not shorter than the run ({steps} steps)", "use a share such as 5%")
+        for name in ("eval_every", "checkpoint_every", "log_every", "sample_tokens"):
+            if getattr(tr, name) < 0:
+                add(("train", name), "must not be negative", "use 0 to disable it" if name != "log_every" else "use 1 to log every step")
+        if tr.log_every == 0:
+            add(("train", "log_every"), "must be at least 1", "use 1 to log every step")
+    if r.schedule is not None and r.schedule.decay == "wsd" and not 0 < r.schedule.decay_share < 1:
         add(("schedule", "decay_share"), "the decay share of a wsd schedule must be between 0% and 100%", "a usual value is 20%")
-    for name in ("eval_every", "checkpoint_every", "log_every", "sample_tokens"):
-        if getattr(tr, name) < 0:
-            add(("train", name), "must not be negative")
-    if tr.log_every == 0:
-        add(("train", "log_every"), "must be at least 1")
 
     tg = r.target
-    if tg.accelerator == "cpu" and tg.chip not in ("auto", "cpu"):
-        add(("target", "chip"), f"chip {tg.chip!r} is a GPU but accelerator is cpu", "set target.chip: cpu (or auto), or accelerator: cuda")
-    if tg.accelerator == "cuda" and tg.chip == "cpu":
-        add(("target", "chip"), "chip cpu with accelerator cuda", "set target.chip to your GPU (or auto)")
+    if tg is not None:
+        if tg.accelerator == "cpu" and tg.chip not in ("auto", "cpu"):
+            add(("target", "chip"), f"chip {tg.chip!r} is a GPU but accelerator is cpu", "set target.chip: cpu (or auto), or accelerator: cuda")
+        if tg.accelerator == "cuda" and tg.chip == "cpu":
+            add(("target", "chip"), "chip cpu with accelerator cuda", "set target.chip to your GPU (or auto)")
     return out
+
+
+def _valid_sections(tree: dict, err: ValidationError) -> SimpleNamespace:
+    """The recipe's sections that pass the schema once unknown keys are dropped; the others are None.
+
+    Cross-field checks run on these when the schema fails, so that one `malt check`
+    reports every problem instead of one stage's problems at a time.
+    """
+    for e in err.errors():
+        if e["type"] == "extra_forbidden":
+            node = tree
+            for p in e["loc"][:-1]:
+                node = node[p] if isinstance(node, (dict, list)) else None
+            if isinstance(node, dict):
+                node.pop(e["loc"][-1], None)
+    sections = {}
+    for name, f in Recipe.model_fields.items():
+        spec = f.annotation
+        if not (isinstance(spec, type) and issubclass(spec, BaseModel)):
+            continue
+        if name not in tree:
+            sections[name] = None if f.is_required() else f.get_default()
+            continue
+        try:
+            sections[name] = spec.model_validate(tree[name])
+        except ValidationError:
+            sections[name] = None
+    return SimpleNamespace(**sections)
+
+
+def _in_order(problems: list[Diagnostic], loaded: Loaded) -> list[Diagnostic]:
+    """Problems in reading order: the recipe file by line, then its extends parents, then --set overrides as given."""
+    sets = list(dict.fromkeys(o.command_line for o in loaded.origins.values() if o.command_line is not None))
+
+    def key(d: Diagnostic):
+        o = d.origin or loaded.origin(())
+        given = sets.index(o.command_line) if o.command_line in sets else -1
+        return (o.command_line is not None, given, o.file != loaded.file, o.file, o.line, o.col)
+    return sorted(problems, key=key)
 
 
 def validate(loaded: Loaded) -> Recipe:
@@ -323,8 +415,9 @@ def validate(loaded: Loaded) -> Recipe:
         recipe = Recipe.model_validate(tree)
     except ValidationError as err:
         problems += _schema_problems(loaded, err)
-        raise RecipeError(problems)
+        problems += _cross_checks(_valid_sections(tree, err), loaded)
+        raise RecipeError(_in_order(problems, loaded))
     problems += _cross_checks(recipe, loaded)
     if problems:
-        raise RecipeError(problems)
+        raise RecipeError(_in_order(problems, loaded))
     return recipe

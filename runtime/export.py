@@ -54,10 +54,45 @@ def load_run_model(run_dir):
     return model, Tokenizer.from_file(str(tok_path)), plan
 
 
-def hf_config(plan: dict, eos_id: int) -> tuple[str, dict]:
-    m = plan["model"]
+def _model_section(plan: dict, lock: dict | None) -> dict:
+    """The model's shape: plan.json's ``model`` section, with the fields it does not carry
+    (norm_eps, rope_theta, init_std) taken from the resolved recipe (recipe.lock.yaml)."""
+    m = dict(plan["model"])
+    recipe_model = (lock or {}).get("model") or {}
+    for key in ("norm_eps", "rope_theta", "init_std"):
+        if key not in m:
+            if key not in recipe_model:
+                raise RunError(f"model.{key} is in neither plan.json nor recipe.lock.yaml",
+                               "the run directory is incomplete or from another malt version; compile the recipe again")
+            m[key] = recipe_model[key]
+    return m
+
+
+def read_lock(run_dir) -> dict:
+    """The resolved recipe a run was compiled from (recipe.lock.yaml)."""
+    import yaml
+
+    path = Path(run_dir) / "recipe.lock.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path} not found: {path.parent} is not a malt run directory",
+                       "pass the directory `malt run` trained in, such as runs/tiny-llama")
+    except yaml.YAMLError as e:
+        raise RunError(f"{path} is corrupt: {e}")
+    if not isinstance(data, dict):
+        raise RunError(f"{path} is corrupt: expected a mapping")
+    return data
+
+
+def hf_config(plan: dict, eos_id: int, lock: dict | None = None) -> tuple[str, dict]:
+    """(architecture, config.json contents) of the Hugging Face model equivalent to the plan's.
+
+    ``plan`` is plan.json (``Plan.to_json()``); ``lock`` the resolved recipe
+    (recipe.lock.yaml), needed for the fields plan.json lacks.
+    """
+    m = _model_section(plan, lock)
     seq_len = plan["batch"]["seq_len"]
-    lock_rope = plan.get("rope_theta")
     common = {
         "vocab_size": m["padded_vocab"],
         "hidden_size": m["d_model"],
@@ -69,8 +104,8 @@ def hf_config(plan: dict, eos_id: int) -> tuple[str, dict]:
         "hidden_act": "silu",
         "max_position_embeddings": seq_len,
         "rms_norm_eps": m["norm_eps"],
-        "rope_theta": m["rope_theta"],
-        "rope_parameters": {"rope_type": "default", "rope_theta": m["rope_theta"]},
+        "rope_theta": m["rope_theta"],                                                  # transformers 4.x
+        "rope_parameters": {"rope_type": "default", "rope_theta": m["rope_theta"]},    # transformers 5.x
         "tie_word_embeddings": m["tie_embeddings"],
         "initializer_range": m["init_std"],
         "bos_token_id": eos_id,
@@ -78,7 +113,6 @@ def hf_config(plan: dict, eos_id: int) -> tuple[str, dict]:
         "use_cache": True,
         "torch_dtype": "float32",
     }
-    del lock_rope
     if m["qkv_bias"]:
         return "Qwen2ForCausalLM", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common,
                                     "use_sliding_window": False, "sliding_window": None, "max_window_layers": m["n_layers"],
@@ -88,19 +122,26 @@ def hf_config(plan: dict, eos_id: int) -> tuple[str, dict]:
 
 
 def export_hf(run_dir, out, force: bool = False) -> str:
+    """Write the run's latest checkpoint to ``out`` as a Hugging Face model directory; returns the architecture."""
     from safetensors.torch import save_file
 
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} exists and is not a directory", "choose another output directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise RunError(f"{out} already exists and is not empty", "choose another directory, or pass --force to replace it")
+    if run_dir.exists() and (out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents):
+        raise RunError(f"{out} is or contains the run directory {run_dir}; exporting there would replace the run",
+                       "choose an output directory outside the run, such as hf/NAME")
     model, tokenizer, plan = load_run_model(run_dir)
-    specials = _read_json(run_dir / "recipe.lock.yaml.json") if (run_dir / "recipe.lock.yaml.json").exists() else None
-    del specials
-    eos_token = plan.get("eos_token", "<|endoftext|>")
-    eos_id = tokenizer.token_to_id(eos_token)
+    lock = read_lock(run_dir)
+    # the end-of-text token is the tokenizer's first special token (tokenizer.special_tokens); it also serves as BOS
+    specials = (lock.get("tokenizer") or {}).get("special_tokens") or []
+    eos_token = specials[0] if specials else None
+    eos_id = tokenizer.token_to_id(eos_token) if eos_token is not None else None
     if eos_id is None:
-        eos_id = 0
-    arch, config = hf_config(plan, eos_id)
+        eos_token = None
+    arch, config = hf_config(plan, eos_id, lock)
     state = {}
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight":
@@ -117,10 +158,11 @@ def export_hf(run_dir, out, force: bool = False) -> str:
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}, indent=2) + "\n")
     shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "bos_token": eos_token,
-                  "unk_token": None, "model_max_length": plan["batch"]["seq_len"], "clean_up_tokenization_spaces": False}
+    specials_map = {"eos_token": eos_token, "bos_token": eos_token} if eos_token is not None else {}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials_map, "unk_token": None,
+                  "model_max_length": plan["batch"]["seq_len"], "clean_up_tokenization_spaces": False}
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    (tmp / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos_token, "bos_token": eos_token}, indent=2) + "\n")
+    (tmp / "special_tokens_map.json").write_text(json.dumps(specials_map, indent=2) + "\n")
     if out.exists():
         trash = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, trash)

@@ -44,7 +44,7 @@ def run(plan: Plan) -> Plan:
         "total_flops": total,
         "memory_per_device_bytes": mem,
         "memory_budget_bytes": chip.memory_bytes,
-        "estimated_seconds": round(seconds, 3),
+        "estimated_seconds": float(f"{seconds:.6g}"),
         "basis": {
             "chip": chip.name, "peak_flops": peak, "peak_source": chip.note, "mfu": mfu, "devices": r.target.devices,
             "flops": "6 × matmul params + 12 × n_layers × n_heads × head_dim × seq_len per token (PaLM, appendix B)",

@@ -1,0 +1,139 @@
+"""Fixture tests for each compiler pass: one Plan in, one Plan out, the decision recorded."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from malt.compiler.api import plan as make_plan
+from malt.compiler.estimates import flops_per_token, param_counts
+from malt.compiler.passes import batch_split, choose_compile, choose_device, choose_precision, pad_vocab, resolve_shape, run_length
+from malt.compiler.plan import Host, lower
+from malt.compiler.validate import validate
+from malt.compiler.loader import load
+
+from .helpers import write_tiny_recipe
+
+CPU = Host(cuda=False, cpu_cores=2, memory_bytes=24 * 2**30)
+H100 = Host(cuda=True, cuda_name="NVIDIA H100 80GB HBM3", cpu_cores=16, memory_bytes=128 * 2**30)
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    return write_tiny_recipe(tmp_path)
+
+
+def start(recipe, sets=(), host=CPU):
+    loaded = load(recipe, list(sets))
+    r = validate(loaded)
+    return lower(r, loaded.file, 257, host)
+
+
+def decision(plan, name):
+    return next(d for d in plan.decisions if d.name == name)
+
+
+def test_resolve_shape_llama_d_ff_rule_and_kv_default(recipe):
+    p = resolve_shape.run(start(recipe, ["model.d_ff=null", "model.d_model=4096", "model.n_heads=32", "model.n_kv_heads=null"]))
+    assert p.d_ff == 11008  # Llama-7B's width: 8/3 × 4096 rounded up to 256
+    assert p.n_kv_heads == 32 and p.head_dim == 128
+    assert "8/3" in decision(p, "d_ff").reason
+
+
+def test_pad_vocab_rounds_up_to_multiple(recipe):
+    p = pad_vocab.run(resolve_shape.run(start(recipe)))
+    assert (p.vocab_size, p.padded_vocab) == (257, 320)
+    p = pad_vocab.run(resolve_shape.run(start(recipe, ["model.pad_vocab_multiple=1"])))
+    assert p.padded_vocab == 257
+
+
+def test_pass_does_not_mutate_its_input(recipe):
+    p0 = resolve_shape.run(start(recipe))
+    before = p0.to_json()
+    pad_vocab.run(p0)
+    assert p0.to_json() == before and p0.padded_vocab == 0
+
+
+@pytest.mark.parametrize("sets, steps, warmup, decay_start", [
+    (["train.steps=null", "train.tokens=1M", "train.seq_len=128", "train.global_batch=16", "schedule.warmup=5%"], 488, 24, 24),
+    (["train.steps=1000", "schedule.warmup=100", "schedule.decay=wsd", "schedule.decay_share=20%"], 1000, 100, 800),
+    (["train.steps=2k", "schedule.warmup=0"], 2000, 0, 0),
+])
+def test_run_length(recipe, sets, steps, warmup, decay_start):
+    p = run_length.run(start(recipe, sets))
+    assert (p.steps, p.warmup_steps, p.decay_start) == (steps, warmup, decay_start)
+    assert p.tokens == steps * p.tokens_per_step
+
+
+def test_device_precision_compile_on_a_gpu_host(recipe):
+    p = start(recipe, ["target.accelerator=auto", "target.precision=auto", "target.compile=auto"], host=H100)
+    p = choose_compile.run(choose_precision.run(choose_device.run(p)))
+    assert (p.device, p.chip, p.precision, p.compile) == ("cuda", "h100", "bf16", True)
+    assert "H100" in decision(p, "device").reason
+
+
+def test_device_precision_compile_on_this_cpu(recipe):
+    p = start(recipe, ["target.accelerator=auto", "target.precision=auto", "target.compile=auto"], host=CPU)
+    p = choose_compile.run(choose_precision.run(choose_device.run(p)))
+    assert (p.device, p.chip, p.precision, p.compile) == ("cpu", "cpu", "fp32", False)
+
+
+def test_explicit_target_wins(recipe):
+    p = start(recipe, ["target.accelerator=cuda", "target.chip=a100-40gb", "target.precision=fp32", "target.compile=off"], host=CPU)
+    p = choose_compile.run(choose_precision.run(choose_device.run(p)))
+    assert (p.device, p.chip, p.precision, p.compile) == ("cuda", "a100-40gb", "fp32", False)
+
+
+def test_batch_split_auto_fits_memory(recipe):
+    # a 1.3B-parameter model at seq 2048 does not fit 512 sequences at once on a 40 GB A100
+    sets = ["model.d_model=2048", "model.n_layers=24", "model.n_heads=16", "model.n_kv_heads=16", "model.d_ff=5504",
+            "train.seq_len=2048", "train.global_batch=512", "train.micro_batch=auto",
+            "target.accelerator=cuda", "target.chip=a100-40gb", "target.precision=bf16"]
+    p, _ = make_plan(recipe, sets, host=CPU)
+    assert p.micro_batch * p.grad_accum == 512
+    assert 1 <= p.micro_batch < 512
+    mem = p.estimates["memory_per_device_bytes"]
+    assert mem["total"] <= 0.8 * 40 * 2**30
+    # one size up would not have fit
+    bigger = replace(p, micro_batch=p.micro_batch * 2)
+    from malt.compiler.passes import estimate
+    assert estimate.run(bigger).estimates["memory_per_device_bytes"]["total"] > 0.8 * 40 * 2**30
+    assert "accumulation" in decision(p, "micro_batch").reason
+
+
+def test_batch_split_explicit(recipe):
+    p, _ = make_plan(recipe, ["train.micro_batch=2"], host=CPU)
+    assert (p.micro_batch, p.grad_accum) == (2, 4)
+
+
+def test_estimates_by_hand(recipe):
+    # d 64, 2 layers, 4 heads (2 kv) of 16, d_ff 128, vocab 257 -> 320, tied
+    p, _ = make_plan(recipe, [], host=CPU)
+    est = p.estimates
+    attn = 64 * 64 + 2 * 64 * 32 + 64 * 64
+    mlp = 3 * 64 * 128
+    per_layer = attn + mlp + 2 * 64
+    assert est["params"] == 320 * 64 + 2 * per_layer + 64
+    assert est["flops_per_token"] == 6 * (2 * (attn + mlp) + 320 * 64) + 12 * 2 * 4 * 16 * 32
+    assert est["total_flops"] == est["flops_per_token"] * p.tokens
+    assert est["estimated_seconds"] == pytest.approx(est["total_flops"] / (2 * 80e9 * 0.5), rel=1e-3)
+    mem = est["memory_per_device_bytes"]
+    assert mem["weights"] == 4 * est["params"] and mem["optimizer"] == 8 * est["params"]
+    assert mem["total"] == mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"]
+
+
+def test_param_counts_untied_bias():
+    c = param_counts(d_model=96, n_layers=3, n_heads=3, n_kv_heads=1, head_dim=32, d_ff=200, vocab=512,
+                     tie_embeddings=False, qkv_bias=True)
+    attn = 96 * 96 + 2 * 96 * 32 + 96 * 96 + (96 + 2 * 32)
+    assert c["params"] == 512 * 96 * 2 + 3 * (attn + 3 * 96 * 200 + 2 * 96) + 96
+    assert flops_per_token(c["matmul_params"], 3, 3, 32, 10) == 6 * c["matmul_params"] + 12 * 3 * 3 * 32 * 10
+
+
+def test_plan_is_deterministic(recipe):
+    a, _ = make_plan(recipe, [], host=CPU)
+    b, _ = make_plan(recipe, [], host=CPU)
+    assert a.to_json() == b.to_json()
+    assert list(a.passes) == ["resolve_shape", "pad_vocab", "run_length", "choose_device", "choose_precision", "choose_compile",
+                              "choose_attention", "choose_optimizer", "batch_split", "estimate"]

@@ -1,0 +1,116 @@
+"""End-to-end runs of generated programs: train, kill with SIGKILL, resume, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from malt.compiler.api import compile_to
+from malt.compiler.plan import Host
+
+from .helpers import run_env, run_program, write_tiny_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r}
+
+
+def test_train_then_resume_after_sigkill_reproduces_losses_exactly(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r", steps=40, eval_every=10, checkpoint_every=5)
+    cache = tmp_path / "cache"
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    compile_to(recipe, full, host=Host())
+    compile_to(recipe, killed, host=Host())
+
+    proc = run_program(full, cache)
+    ref = losses(full)
+    assert sorted(ref) == list(range(1, 41))
+    assert ref[40] < ref[1]
+    assert "sample (8 tokens after" in proc.stdout
+
+    # start the same run, SIGKILL it after its second checkpoint, then resume
+    p = subprocess.Popen([sys.executable, str(killed / "train.py"), "--quiet"], env=run_env(cache))
+    deadline = time.time() + 120
+    pointer = killed / "checkpoints" / "latest"
+    while time.time() < deadline:
+        if pointer.exists() and pointer.read_text().strip() >= "step_00000010":
+            break
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    stopped_at = int(pointer.read_text().strip().split("_")[1])
+    assert 10 <= stopped_at < 40, "the run finished before it could be killed; make it longer"
+
+    refused = run_program(killed, cache, check=False)  # without --resume the run directory is protected
+    assert refused.returncode == 2 and "--resume" in refused.stderr and "Traceback" not in refused.stderr
+
+    run_program(killed, cache, "--resume")
+    assert losses(killed) == ref  # bit-for-bit the same losses at every step
+    assert val_losses(killed) == val_losses(full)
+    # at most keep_checkpoints (2) complete checkpoints, and no temporary directories left behind
+    ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_00000035", "step_00000040"]
+
+
+def test_injection_in_recipe_text_is_inert(tmp_path):
+    """Names and paths full of quotes, newlines and code compile to a program that behaves as with plain ones."""
+    evil_dir = tmp_path / "r"
+    recipe = write_tiny_recipe(evil_dir, steps=3, eval_every=0, checkpoint_every=0)
+    evil_name = "x'\"\"\"\\n\nimport os; os.system('touch PWNED') # \\'"
+    (evil_dir / "we'ird \"dir\\").mkdir()
+    (evil_dir / "corpus.jsonl").rename(evil_dir / "we'ird \"dir\\" / "c\"o'r\\pus.jsonl")
+    text = recipe.read_text()
+    text = text.replace("name: t", "name: " + json.dumps(evil_name))
+    text = text.replace("path: corpus.jsonl", "path: " + json.dumps("we'ird \"dir\\/c\"o'r\\pus.jsonl"))
+    text = text.replace("sample_tokens: 8", "sample_tokens: 4, sample_prompt: " + json.dumps("'''\"\"\"\\n"))
+    recipe.write_text(text)
+
+    plain_dir = tmp_path / "p"
+    plain = write_tiny_recipe(plain_dir, steps=3, eval_every=0, checkpoint_every=0)
+    cache = tmp_path / "cache"
+    compile_to(recipe, tmp_path / "evil_run", host=Host())
+    compile_to(plain, tmp_path / "plain_run", host=Host())
+    run_program(tmp_path / "evil_run", cache)
+    run_program(tmp_path / "plain_run", cache)
+    assert not list(tmp_path.rglob("PWNED"))
+    assert not Path("PWNED").exists()
+    assert losses(tmp_path / "evil_run") == losses(tmp_path / "plain_run")
+    src = (tmp_path / "evil_run" / "train.py").read_text()
+    assert f"NAME = {evil_name!r}" in src
+
+
+def test_malt_run_cli_refuses_existing_run_and_changed_recipe(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r", steps=3, eval_every=0, checkpoint_every=0)
+    run_dir = tmp_path / "run"
+    env = run_env(tmp_path / "cache")
+    malt = [sys.executable, "-m", "malt.compiler.cli"]
+    first = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir)], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir)], env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    changed = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir), "--resume", "--set", "optimizer.lr=1e-3"],
+                             env=env, capture_output=True, text=True)
+    assert changed.returncode == 2 and "recipe changed" in changed.stderr and "Traceback" not in changed.stderr
+    # the run's files are untouched by the refused commands
+    assert "lr: 0.003" in (run_dir / "recipe.lock.yaml").read_text()
+    # resuming a finished run is a no-op that succeeds
+    done = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir), "--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
