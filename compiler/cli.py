@@ -166,7 +166,11 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         write(files, directory)
         typer.echo(f"compiled {p.recipe_file} → {directory}/ ({p.estimates['params']:,} params, {p.steps:,} steps, {p.device}, {p.precision})")
         cmd = [sys.executable, str(directory / "train.py")] + (["--resume"] if resume else [])
-        code = subprocess.call(cmd, env=os.environ.copy())
+        child = subprocess.Popen(cmd, env=os.environ.copy())
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:  # the program got the same Ctrl-C; let it finish its message
+            code = child.wait()
         if code:
             raise typer.Exit(code)
     _guard(go)

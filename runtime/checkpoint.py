@@ -45,6 +45,13 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
 def latest(run_dir: Path):
     """(step, path) of the newest complete checkpoint, or None."""
     ck = Path(run_dir) / "checkpoints"
@@ -94,6 +101,7 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
         "recipe_hash": run.recipe_hash,
         "data": {"sampler": "stateless", "next_step": step},  # batches are a pure function of (seed, step, index)
         "optimizer": meta,
+        "recipe": _read_text(run.dir / "recipe.lock.yaml"),  # the resolved recipe that produced this checkpoint
         **(extra or {}),
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=2))

@@ -70,6 +70,16 @@ class Run:
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
 
+    def check_device(self, device: str, precision: str) -> None:
+        """Fail early, with the fix, when the program was compiled for hardware this machine lacks."""
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RunError("this program was compiled for cuda, but no CUDA device is visible here",
+                           "compile for this machine: --set target.accelerator=cpu (or auto)")
+        if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise RunError(f"{torch.cuda.get_device_name(0)} does not support bf16", "use --set target.precision=fp32")
+
     def adopt_tokenizer(self, path) -> None:
         """Copy the tokenizer into the run directory, so sampling and export need nothing else."""
         import shutil

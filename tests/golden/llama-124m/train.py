@@ -89,6 +89,7 @@ def loss_fn(logits, targets):
 
 def main(argv=None):
     run = start_run(Path(__file__).resolve().parent, NAME, RECIPE_HASH, argv)
+    run.check_device(DEVICE, PRECISION)
     torch.manual_seed(SEED)
     dataset = data.prepare({**DATA, "base_dir": str(run.dir)}, cache_dir=run.cache_dir, log=run.log)
     run.adopt_tokenizer(dataset.tokenizer_path)
