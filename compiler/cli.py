@@ -93,23 +93,57 @@ def _plan_text(p) -> str:
         f"({ex['precision']}; {basis['peak_source']})",
         f"execution  {ex['device']}, {ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
         f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW",
-        "",
-        "decisions",
     ]
+    if p.recipe.phases:
+        lines += ["", "phases"]
+        width = max(len(ph.name) for ph in p.phases)
+        for ph in p.phases:
+            sched = f"own {ph.schedule.decay} schedule, peak {ph.lr:g}" if ph.schedule else "the recipe's schedule"
+            lines.append(f"  {ph.name:<{width}}  steps {ph.start:,}-{ph.end:,}  {human_count(ph.steps * ph.tokens_per_step)} tokens  "
+                         f"seq_len {ph.seq_len} × batch {ph.global_batch}  {sched}"
+                         + (f"  changes: {', '.join(ph.changes)}" if ph.changes else ""))
+    lines += ["", "decisions"]
+    width = max(len(d.name) for d in p.decisions)
     for d in p.decisions:
-        lines.append(f"  {d.name:<13} {d.value!s:<12} {d.reason}")
+        lines.append(f"  {d.name:<{width}}  {d.value!s:<12} {d.reason}")
     return "\n".join(lines)
+
+
+def _lr_text(p, width: int = 64, height: int = 12) -> str:
+    """An ASCII plot of the learning rate over the run, and its value at the milestones."""
+    from .phases import lr_at
+
+    n = p.steps
+    cols = [lr_at(p, min(n - 1, round(i * (n - 1) / max(1, width - 1)))) for i in range(width)]
+    top = max(cols) or 1.0
+    rows = []
+    for level in range(height, 0, -1):
+        cut = top * (level - 0.5) / height
+        label = f"{top * level / height:9.2e} |" if level in (height, 1) or level == height // 2 else "          |"
+        rows.append(label + "".join("█" if v >= cut else " " for v in cols))
+    rows.append("          +" + "-" * width)
+    rows.append(f"           step 0{' ' * (width - len(str(n)) - 7)}{n}")
+    marks = sorted({0, p.warmup_steps, p.schedule.decay_start, p.schedule.cooldown_end, n - 1}
+                   | {ph.start for ph in p.phases} | {max(ph.start, ph.end - 1) for ph in p.phases})
+    rows += ["", "step        lr"] + [f"{s:<10,}  {lr_at(p, s):.4e}" for s in marks if 0 <= s < n]
+    return "\n".join(rows)
 
 
 @app.command()
 def plan(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
          set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")):
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+         lr: bool = typer.Option(False, "--lr", help="Show the learning-rate curve (with --json: every step's value).")):
     """Resolve the recipe for its target and print the cost: parameters, FLOPs, memory, time."""
     from .api import plan as do_plan
 
     def go():
         p, _ = do_plan(recipe, set_)
+        if lr:
+            from .phases import lr_at
+
+            typer.echo(json.dumps([lr_at(p, s) for s in range(p.steps)]) if as_json else _lr_text(p))
+            return
         typer.echo(json.dumps(p.to_json(), indent=2) if as_json else _plan_text(p))
     _guard(go)
 

@@ -81,6 +81,9 @@ class Plan:
     compile: bool = False
     attention: str = ""
     fused_adamw: bool = False
+    schedule: object = None          # the recipe's schedule resolved over the whole run (phases.Schedule)
+    phases: tuple = ()               # phases.PhaseRange, one per phase (one named main without phases:)
+    sources: tuple = ()              # every data source any phase uses (SourceSpec), base sources first
     estimates: dict = field(default_factory=dict)
     decisions: tuple = ()
     passes: tuple = ()
@@ -124,8 +127,24 @@ class Plan:
                 "device": self.device, "chip": self.chip, "precision": self.precision, "compile": self.compile,
                 "attention": self.attention, "fused_adamw": self.fused_adamw,
             },
+            "phases": [self._phase_json(ph) for ph in self.phases] if self.recipe.phases else [],
             "decisions": [{"name": d.name, "value": d.value, "reason": d.reason} for d in self.decisions],
             "passes": list(self.passes),
+        }
+
+
+    def _phase_json(self, ph) -> dict:
+        sch = ph.schedule
+        return {
+            "name": ph.name, "start_step": ph.start, "end_step": ph.end, "steps": ph.steps,
+            "tokens": ph.steps * ph.tokens_per_step, "seq_len": ph.seq_len, "global_batch": ph.global_batch,
+            "micro_batch": ph.micro_batch, "grad_accum": ph.grad_accum,
+            "weights": {s.name: w for s, w in zip(self.sources, ph.weights)},
+            "rope_theta": ph.rope_theta, "lr": ph.lr, "weight_decay": ph.weight_decay,
+            "schedule": ({"decay": sch.decay, "warmup_steps": sch.warmup, "lr": sch.lr, "min_lr": sch.min_lr}
+                         if sch else "the recipe's schedule"),
+            "changes": list(ph.changes),
+            "flops": self.estimates.get("phase_flops", {}).get(ph.name),
         }
 
 

@@ -97,6 +97,7 @@ def data_spec(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
     """What malt.runtime.data.prepare needs; relative paths are relative to the program's directory."""
     r = plan.recipe
     t = r.tokenizer
+    base_weights = {s.name: s.weight for s in r.data.sources}  # sources that only phases use weigh 0 elsewhere
     return {
         "seed": r.seed,
         "validation": r.data.validation,
@@ -109,8 +110,9 @@ def data_spec(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
             "special_tokens": list(t.special_tokens),
         },
         "sources": [
-            {"name": s.name, "path": _source_path(s.path, base_dir, out_dir), "weight": s.weight, "text_field": s.text_field}
-            for s in r.data.sources
+            {"name": s.name, "path": _source_path(s.path, base_dir, out_dir), "weight": base_weights.get(s.name, 0.0),
+             "text_field": s.text_field}
+            for s in (plan.sources or r.data.sources)
         ],
     }
 
@@ -126,6 +128,8 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
     warm_note = (f"schedule.warmup {sch.warmup} of {_num(plan.steps)} steps, rounded" if isinstance(sch.warmup, str)
                  else "schedule.warmup (steps)")
     min_lr = tidy(o.lr * sch.min_lr_ratio)
+    phased = bool(r.phases)
+    max_seq = max([ph.seq_len for ph in plan.phases] or [tr.seq_len])
     model_constants = [
         const("VOCAB_SIZE", plan.padded_vocab, f"tokenizer's {_num(plan.vocab_size)} tokens padded to a multiple of {m.pad_vocab_multiple}"
               if plan.padded_vocab != plan.vocab_size else "model.vocab_size (the tokenizer's)"),
@@ -138,26 +142,37 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         const("NORM_EPS", m.norm_eps, "model.norm_eps"),
         const("ROPE_THETA", m.rope_theta, "model.rope_theta"),
         const("INIT_STD", m.init_std, "model.init_std"),
-        const("MAX_SEQ_LEN", tr.seq_len, "train.seq_len (rotary tables are built for this length)"),
+        const("MAX_SEQ_LEN", max_seq, "train.seq_len (rotary tables are built for this length)" if not phased
+              else "the longest phase's seq_len (rotary tables are built for this length)"),
     ]
     constants = [
         const("NAME", r.name, "name"),
         const("RECIPE_HASH", plan.recipe_hash, "sha256 of the resolved recipe (recipe.lock.yaml)"),
         const("SEED", r.seed, "seed"),
         _blank(),
-        const("SEQ_LEN", tr.seq_len, "train.seq_len"),
-        const("GLOBAL_BATCH", tr.global_batch, "train.global_batch, sequences per optimizer step"),
-        const("MICRO_BATCH", plan.micro_batch, f"train.micro_batch {_decision(plan, 'micro_batch')}" if tr.micro_batch == "auto" else "train.micro_batch"),
-        const("GRAD_ACCUM", plan.grad_accum, f"global_batch {tr.global_batch} / micro_batch {plan.micro_batch}"),
-        const("TOKENS_PER_STEP", plan.tokens_per_step, f"global_batch {tr.global_batch} × seq_len {tr.seq_len} = {_num(plan.tokens_per_step)}"),
+    ]
+    if not phased:  # with phases, the batch shape is a column of PHASES
+        constants += [
+            const("SEQ_LEN", tr.seq_len, "train.seq_len"),
+            const("GLOBAL_BATCH", tr.global_batch, "train.global_batch, sequences per optimizer step"),
+            const("MICRO_BATCH", plan.micro_batch, f"train.micro_batch {_decision(plan, 'micro_batch')}" if tr.micro_batch == "auto" else "train.micro_batch"),
+            const("GRAD_ACCUM", plan.grad_accum, f"global_batch {tr.global_batch} / micro_batch {plan.micro_batch}"),
+            const("TOKENS_PER_STEP", plan.tokens_per_step, f"global_batch {tr.global_batch} × seq_len {tr.seq_len} = {_num(plan.tokens_per_step)}"),
+        ]
+    constants += [
         const("MAX_STEPS", plan.steps, _decision(plan, "steps")),
         _blank(),
         const("LR", o.lr, "optimizer.lr, the peak learning rate"),
-        const("MIN_LR", min_lr, f"optimizer.lr × schedule.min_lr_ratio {sch.min_lr_ratio:g}" if sch.decay != "constant" else "unused: constant schedule"),
+        *([const("MIN_LR", min_lr, f"optimizer.lr × schedule.min_lr_ratio {sch.min_lr_ratio:g}")]
+          if sch.decay not in ("constant", "inverse_sqrt") else []),
         const("WARMUP_STEPS", plan.warmup_steps, warm_note),
     ]
-    if sch.decay == "wsd":
-        constants.append(const("DECAY_START", plan.decay_start, f"MAX_STEPS {plan.steps} - schedule.decay_share {sch.decay_share * 100:g}%"))
+    S = plan.schedule
+    if sch.decay in ("wsd", "infinite"):
+        constants.append(const("DECAY_START", S.decay_start, f"MAX_STEPS {plan.steps} - schedule.decay_share {sch.decay_share * 100:g}%"))
+    if sch.decay == "infinite":
+        constants.append(const("COOLDOWN_END", S.cooldown_end, f"WARMUP_STEPS + schedule.cooldown_share {sch.cooldown_share * 100:g}% of {plan.steps} steps"))
+        constants.append(const("PLATEAU_LR", S.plateau_lr, f"optimizer.lr × schedule.constant_ratio {sch.constant_ratio:g}"))
     constants += [
         const("BETAS", tuple(o.betas), "optimizer.betas"),
         const("EPS", o.eps, "optimizer.eps"),
@@ -169,7 +184,8 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         _blank(),
         const("LOG_EVERY", tr.log_every, "train.log_every (steps)"),
         const("EVAL_EVERY", tr.eval_every, "train.eval_every (steps; 0 = never)"),
-        const("EVAL_BATCHES", tr.eval_batches, f"train.eval_batches: {tr.eval_batches} × {plan.micro_batch} validation sequences"),
+        const("EVAL_BATCHES", tr.eval_batches, f"train.eval_batches: {tr.eval_batches} × {plan.micro_batch} validation sequences"
+              if not phased else "train.eval_batches, micro-batches of the current phase"),
         const("CHECKPOINT_EVERY", tr.checkpoint_every, "train.checkpoint_every (steps; the last step is always saved)"),
         const("KEEP_CHECKPOINTS", tr.keep_checkpoints, "train.keep_checkpoints, newest kept"),
         const("SAMPLE_TOKENS", tr.sample_tokens, "train.sample_tokens, printed at the end"),
@@ -181,13 +197,11 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         Const("# data and tokenizer (data, tokenizer sections); paths are relative to this file"),
         Const("DATA = " + _pretty_literal(data_spec(plan, base_dir, out_dir))),
     ]
-    decay_doc = {
-        "cosine": "then cosine decay from LR to MIN_LR at MAX_STEPS",
-        "linear": "then linear decay from LR to MIN_LR at MAX_STEPS",
-        "wsd": "then constant LR until DECAY_START, then linear decay to MIN_LR (warmup-stable-decay)",
-        "constant": "then constant LR",
-    }[sch.decay]
-    schedule_doc = (f"Linear warmup over WARMUP_STEPS, {decay_doc}" if plan.warmup_steps else decay_doc.replace("then ", "", 1).capitalize())
+    schedules, lr_dispatch = _schedules(plan)
+    phase_comments, phase_rows = _phase_table(plan) if phased else ([], [])
+    e = ({"micro_batch": 'phase["micro_batch"]', "seq_len": 'phase["seq_len"]', "grad_accum": 'phase["grad_accum"]',
+          "weights": ', weights=phase["weights"]'} if phased else
+         {"micro_batch": "MICRO_BATCH", "seq_len": "SEQ_LEN", "grad_accum": "GRAD_ACCUM", "weights": ""})
     return {
         "version": MALT_VERSION,
         "recipe_file": plan.recipe_file,
@@ -200,14 +214,83 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "qkv_bias": m.qkv_bias,
         "tie_embeddings": m.tie_embeddings,
         "gqa": plan.n_kv_heads != m.n_heads,
-        "warmup": plan.warmup_steps > 0,
-        "decay": sch.decay,
-        "schedule_doc": schedule_doc,
+        "schedules": schedules,
+        "lr_dispatch": lr_dispatch,
+        "phased": phased,
+        "phase_comments": phase_comments,
+        "phase_rows": phase_rows,
+        "rope_changes": any(ph.rope_theta != m.rope_theta for ph in plan.phases),
+        "e": e,
         "compile": plan.compile,
         "precision": plan.precision,
         "grad_clip": bool(o.grad_clip),
         "adamw_impl": "fused" if plan.fused_adamw else "foreach",
     }
+
+
+_DECAY_DOC = {
+    "cosine": "then cosine decay from {lr} to {min_lr} at {total}",
+    "linear": "then linear decay from {lr} to {min_lr} at {total}",
+    "wsd": "then constant {lr} until {decay_start}, then linear decay to {min_lr} at {total} (warmup-stable-decay)",
+    "constant": "then constant {lr}",
+    "inverse_sqrt": "then {lr} × sqrt(warmup / (step + 1)) (inverse square root)",
+    "infinite": ("then cosine cooldown to {plateau} until {cooldown_end}, constant {plateau} until {decay_start}, "
+                 "then linear annealing to {min_lr} at {total} (infinite schedule)"),
+}
+
+
+def _schedule_ctx(fn: str, head: str, S, names: dict | None, t: str) -> dict:
+    """Template values for one schedule function: constant names (the recipe's schedule) or literals (a phase's own)."""
+    if names is None:
+        names = {"lr": lit(S.lr), "min_lr": lit(S.min_lr), "warmup": lit(S.warmup), "total": lit(S.total),
+                 "decay_start": lit(S.decay_start), "cooldown_end": lit(S.cooldown_end), "plateau": lit(S.plateau_lr)}
+    warm = f"Linear warmup over {names['warmup']} steps, " if S.warmup else ""
+    doc = _DECAY_DOC[S.decay].format(**names)
+    doc = warm + doc if S.warmup else doc.replace("then ", "", 1).capitalize()
+    return {"fn": fn, "t": t, "decay": S.decay, "doc_head": head, "doc": doc, "warmup_nonzero": S.warmup > 0,
+            "timescale": f"max(1, {names['warmup']})", **names}
+
+
+def _schedules(plan: Plan) -> tuple[list, list]:
+    """The schedule functions of train.py and, with phases, how lr_at dispatches to them."""
+    recipe_names = {"lr": "LR", "min_lr": "MIN_LR", "warmup": "WARMUP_STEPS", "total": "MAX_STEPS", "decay_start": "DECAY_START",
+                    "cooldown_end": "COOLDOWN_END", "plateau": "PLATEAU_LR"}
+    if not plan.recipe.phases:
+        return [_schedule_ctx("lr_at", "Learning rate for optimizer step `step` (0-based).", plan.schedule, recipe_names, "step")], []
+    schedules, dispatch = [], []
+    if any(ph.schedule is None for ph in plan.phases):
+        schedules.append(_schedule_ctx("lr_recipe", "The recipe's schedule, over all MAX_STEPS steps of the run.", plan.schedule,
+                                       recipe_names, "step"))
+    for ph in plan.phases:
+        if ph.schedule is None:
+            dispatch.append({"end": ph.end, "name": f"{ph.name}: the recipe's schedule", "call": "lr_recipe(step)"})
+        else:
+            fn = f"lr_phase_{ph.index + 1}"
+            schedules.append(_schedule_ctx(fn, f"Phase {ph.index + 1}'s own schedule; t counts steps from the phase's start ({ph.start:,}).",
+                                           ph.schedule, None, "t"))
+            dispatch.append({"end": ph.end, "name": f"{ph.name}: its own schedule", "call": f"{fn}(step - {ph.start})"})
+    return schedules, dispatch
+
+
+def _phase_table(plan: Plan) -> tuple[list[str], list[str]]:
+    names = [s.name for s in plan.sources]
+    comments, rows = [], []
+    tokens_before = 0
+    width = max(len(ph.name) for ph in plan.phases)
+    for ph in plan.phases:
+        tokens = ph.steps * ph.tokens_per_step
+        changes = ", ".join(ph.changes) if ph.changes else "the recipe as written"
+        comments.append(f"{ph.name:<{width}}  steps {ph.start:,}-{ph.end:,} ({ph.steps:,} steps, {tokens:,} tokens): {changes}")
+        row = {
+            "name": ph.name, "start": ph.start, "end": ph.end,
+            "seq_len": ph.seq_len, "micro_batch": ph.micro_batch, "grad_accum": ph.grad_accum,
+            "tokens_per_step": ph.tokens_per_step, "tokens_before": tokens_before,
+            "weights": dict(zip(names, ph.weights)), "rope_theta": ph.rope_theta,
+            "betas": tuple(ph.betas), "eps": ph.eps, "weight_decay": ph.weight_decay, "grad_clip": ph.grad_clip or 0.0,
+        }
+        rows.append(_pretty_literal(row, 1))
+        tokens_before += tokens
+    return comments, rows
 
 
 def _pretty_literal(value, indent: int = 0) -> str:

@@ -132,11 +132,69 @@ class OptimizerSpec(Section):
     grad_clip: Optional[Float] = 1.0                         # max global grad norm; null or 0 disables
 
 
+DECAYS = ("cosine", "linear", "constant", "wsd", "inverse_sqrt", "infinite")
+# which decays read which optional schedule field (a field set for a decay that ignores it is an error)
+SCHEDULE_FIELD_USERS = {
+    "min_lr_ratio": ("cosine", "linear", "wsd", "infinite"),
+    "decay_share": ("wsd", "infinite"),
+    "cooldown_share": ("infinite",),
+    "constant_ratio": ("infinite",),
+}
+
+
 class ScheduleSpec(Section):
     warmup: StepsOrPercent = "5%"                            # steps (200, 2k) or a share of the run (5%)
-    decay: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay: Literal[DECAYS] = "cosine"
     min_lr_ratio: Fraction = 0.1                             # final lr = lr * min_lr_ratio
-    decay_share: Fraction = 0.2                              # wsd: the final share of the run spent decaying
+    decay_share: Fraction = 0.2                              # wsd, infinite: the final share of the run spent decaying
+    cooldown_share: Fraction = 0.1                           # infinite: share of the run cooling down from lr to the plateau
+    constant_ratio: Fraction = 0.25                          # infinite: the plateau's lr as a share of lr
+
+
+class PhaseSchedule(Section):
+    """A phase's own schedule (re-warming): unset fields are the recipe's schedule's."""
+
+    warmup: Optional[StepsOrPercent] = None
+    decay: Optional[Literal[DECAYS]] = None
+    min_lr_ratio: Optional[Fraction] = None
+    decay_share: Optional[Fraction] = None
+    cooldown_share: Optional[Fraction] = None
+    constant_ratio: Optional[Fraction] = None
+
+
+class PhaseData(Section):
+    weights: Optional[dict[str, Float]] = None               # the phase's mixture by source name; unnamed sources get 0
+    sources: Optional[list[SourceSpec]] = None               # replaces the source list for this phase
+
+
+class PhaseTrain(Section):
+    seq_len: Optional[Int] = Field(default=None, gt=0)
+    global_batch: Optional[Int] = Field(default=None, gt=0)
+    micro_batch: Optional[AutoOrPositiveInt] = None
+
+
+class PhaseModel(Section):
+    rope_theta: Optional[Float] = None                       # context extension: a new rotary base
+
+
+class PhaseOptimizer(Section):
+    lr: Optional[Float] = None
+    betas: Optional[tuple[Float, Float]] = None
+    eps: Optional[Float] = None
+    weight_decay: Optional[Float] = None
+    grad_clip: Optional[Float] = None
+
+
+class PhaseSpec(Section):
+    name: str = Field(min_length=1)
+    share: Optional[Fraction] = None                         # of train.tokens (or train.steps)
+    tokens: Optional[Count] = None
+    steps: Optional[Count] = None
+    data: Optional[PhaseData] = None
+    train: Optional[PhaseTrain] = None
+    model: Optional[PhaseModel] = None
+    optimizer: Optional[PhaseOptimizer] = None
+    schedule: Optional[PhaseSchedule] = None                 # present: the phase runs its own schedule
 
 
 class TrainSpec(Section):
@@ -174,6 +232,7 @@ class Recipe(Section):
     schedule: ScheduleSpec = ScheduleSpec()
     train: TrainSpec
     target: TargetSpec = TargetSpec()
+    phases: list[PhaseSpec] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod

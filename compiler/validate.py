@@ -15,7 +15,8 @@ from pydantic import BaseModel, ValidationError
 
 from .diagnostics import Diagnostic, RecipeError, did_you_mean
 from .loader import Loaded
-from .schema import Recipe, steps_of
+from .phases import resolve as resolve_phases, schedule_field_problems
+from .schema import ModelSpec, Recipe, steps_of
 
 BUILTIN_SOURCES = {
     "builtin:python-docs": "docstrings and comments of this Python's standard library",
@@ -26,7 +27,6 @@ SUPPORTED_SUFFIXES = (".txt", ".jsonl")
 # Keys and values that name capabilities malt does not have yet. They are rejected
 # with a message that says so, rather than reported as typos or silently ignored.
 NOT_BUILT_KEYS = {
-    ("phases",): "multi-phase runs (phases:) are not built yet",
     ("init_from",): "starting from an existing checkpoint (init_from:) is not built yet",
     ("data", "metadata"): "metadata conditioning is not built yet",
     ("model", "sliding_window"): "sliding-window attention is not built yet",
@@ -45,7 +45,6 @@ NOT_BUILT_VALUES = {
     ("tokenizer", "kind"): ({"unigram"}, "tokenizer kinds built so far: bpe, bytes, file"),
     ("target", "accelerator"): ({"tpu", "xla"}, "accelerators built so far: cpu, cuda, auto"),
     ("optimizer", "kind"): ({"galore", "adam", "sgd", "lion", "muon", "adafactor"}, "only adamw is built so far"),
-    ("schedule", "decay"): ({"inverse_sqrt", "infinite", "rewarm"}, "schedules built so far: cosine, linear, constant, wsd"),
 }
 
 
@@ -74,7 +73,32 @@ def _not_built(loaded: Loaded) -> list[Diagnostic]:
     if isinstance(devices, int) and not isinstance(devices, bool) and devices > 1:
         out.append(Diagnostic("target.devices", f"{devices} devices: multi-device training is not built yet", loaded.origin(("target", "devices")),
                               hint="set target.devices: 1"))
+    phases = tree.get("phases")
+    for i, ph in enumerate(phases if isinstance(phases, list) else []):
+        if not isinstance(ph, dict):
+            continue
+        model = ph.get("model")
+        for key in (model if isinstance(model, dict) else {}):
+            if key != "rope_theta" and key in ModelSpec.model_fields:
+                path = ("phases", i, "model", key)
+                out.append(Diagnostic(_dotted(path), f"a phase that changes model.{key} (model growth) is not built yet",
+                                      loaded.origin(path), hint="a phase may change model.rope_theta only, for now"))
+        data = ph.get("data")
+        if isinstance(data, dict) and "metadata" in data:
+            path = ("phases", i, "data", "metadata")
+            out.append(Diagnostic(_dotted(path), "metadata conditioning is not built yet", loaded.origin(path),
+                                  hint="remove `metadata:` from the phase"))
     return out
+
+
+def _drop_not_built_phase_keys(tree: dict) -> None:
+    """Remove what _not_built reported inside phases, so the schema does not also call it unknown."""
+    for ph in tree.get("phases") if isinstance(tree.get("phases"), list) else []:
+        if isinstance(ph, dict) and isinstance(ph.get("model"), dict):
+            for key in [k for k in ph["model"] if k != "rope_theta" and k in ModelSpec.model_fields]:
+                del ph["model"][key]
+        if isinstance(ph, dict) and isinstance(ph.get("data"), dict):
+            ph["data"].pop("metadata", None)
 
 
 def _model_at(loc) -> type[BaseModel] | None:
@@ -318,7 +342,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
     # train
     tr = r.train
     if tr is not None:
-        if (tr.tokens is None) == (tr.steps is None):
+        explicit_phases = bool(getattr(r, "phases", None)) and all(ph.share is None for ph in r.phases)
+        if (tr.tokens is None) == (tr.steps is None) and not (explicit_phases and tr.tokens is None):
             add(("train",), "set exactly one of train.tokens and train.steps" + (" (both are set)" if tr.tokens is not None else ""),
                 "for example `tokens: 2M` or `steps: 500`")
         if tr.micro_batch != "auto" and tr.global_batch % tr.micro_batch:
@@ -340,8 +365,19 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 add(("train", name), "must not be negative", "use 0 to disable it" if name != "log_every" else "use 1 to log every step")
         if tr.log_every == 0:
             add(("train", "log_every"), "must be at least 1", "use 1 to log every step")
-    if r.schedule is not None and r.schedule.decay == "wsd" and not 0 < r.schedule.decay_share < 1:
-        add(("schedule", "decay_share"), "the decay share of a wsd schedule must be between 0% and 100%", "a usual value is 20%")
+    if r.schedule is not None:
+        sch = r.schedule
+        if sch.decay == "wsd" and not 0 < sch.decay_share < 1:
+            add(("schedule", "decay_share"), "the decay share of a wsd schedule must be between 0% and 100%", "a usual value is 20%")
+        if sch.decay == "infinite":
+            if sch.cooldown_share + sch.decay_share >= 1:
+                add(("schedule", "cooldown_share"), f"cooldown_share {sch.cooldown_share:.0%} and decay_share {sch.decay_share:.0%} leave no constant plateau",
+                    "make their sum well below 100%, e.g. 10% and 20%")
+            if sch.constant_ratio <= sch.min_lr_ratio:
+                add(("schedule", "constant_ratio"), f"the plateau ({sch.constant_ratio:.0%} of lr) must lie above the final lr ({sch.min_lr_ratio:.0%} of lr)",
+                    "raise constant_ratio or lower min_lr_ratio")
+        for path, message, hint in schedule_field_problems(sch, sch.decay, ("schedule",)):
+            add(path, message, hint)
 
     tg = r.target
     if tg is not None:
@@ -401,6 +437,7 @@ def validate(loaded: Loaded) -> Recipe:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(path[-1], None)
+    _drop_not_built_phase_keys(tree)
     if problems:
         bad = {tuple(d.path.split(".")) for d in problems}
         for path in bad:
@@ -418,6 +455,20 @@ def validate(loaded: Loaded) -> Recipe:
         problems += _cross_checks(_valid_sections(tree, err), loaded)
         raise RecipeError(_in_order(problems, loaded))
     problems += _cross_checks(recipe, loaded)
+    if not problems:
+        problems += _phase_checks(recipe, loaded)
     if problems:
         raise RecipeError(_in_order(problems, loaded))
     return recipe
+
+
+def _phase_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
+    """Problems in the phases: coverage of the run, mixtures, batch shapes, schedules, phase-only sources."""
+    out = [Diagnostic(_dotted(path), message, loaded.origin(path), hint=hint) for path, message, hint in resolve_phases(r).problems]
+    for i, ph in enumerate(r.phases):
+        for j, s in enumerate(ph.data.sources if ph.data and ph.data.sources else []):
+            if not s.path.startswith("builtin:") and not (loaded.base_dir / s.path).exists():
+                path = ("phases", i, "data", "sources", j, "path")
+                out.append(Diagnostic(_dotted(path), f"data file not found: {s.path} (looked in {loaded.base_dir / s.path})",
+                                      loaded.origin(path), hint="paths are relative to the recipe file"))
+    return out

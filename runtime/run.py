@@ -89,9 +89,14 @@ class Run:
         shutil.copyfile(path, tmp)
         os.replace(tmp, target)
 
-    def begin(self, start_step: int, max_steps: int, tokens_per_step: int) -> None:
-        """Open metrics.jsonl (dropping records past ``start_step`` on resume) and start the clock."""
+    def begin(self, start_step: int, max_steps: int, tokens_per_step: int, tokens_done: int | None = None) -> None:
+        """Open metrics.jsonl (dropping records past ``start_step`` on resume) and start the clock.
+
+        ``tokens_done``: tokens trained before ``start_step`` (default start_step × tokens_per_step;
+        phased runs pass it, since their tokens per step change).
+        """
         self._start_step, self._max_steps, self._tokens_per_step = start_step, max_steps, tokens_per_step
+        self._tokens_last = self._tokens_start = start_step * tokens_per_step if tokens_done is None else tokens_done
         kept = []
         if start_step > 0 and self.metrics_path.exists():
             for line in self.metrics_path.read_text().splitlines():
@@ -117,15 +122,17 @@ class Run:
             self._progress.start()
             self._task = self._progress.add_task(self.name, total=max_steps, completed=start_step, status="")
 
-    def log_step(self, step: int, loss: float, lr: float, grad_norm=None) -> None:
+    def log_step(self, step: int, loss: float, lr: float, grad_norm=None, tokens: int | None = None) -> None:
+        """Record a step; ``tokens`` is the run's tokens so far (default step × tokens_per_step)."""
         now = time.perf_counter()
-        tok_s = (step - self._step_last) * self._tokens_per_step / max(now - self._t_last, 1e-9)
-        self._t_last, self._step_last = now, step
+        tokens = step * self._tokens_per_step if tokens is None else tokens
+        tok_s = (tokens - self._tokens_last) / max(now - self._t_last, 1e-9)
+        self._t_last, self._step_last, self._tokens_last = now, step, tokens
         elapsed = now - self._t0
         done = step - self._start_step
         eta = elapsed / done * (self._max_steps - step) if done else float("inf")
         gn = float(grad_norm) if grad_norm is not None else None
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens": step * self._tokens_per_step,
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens": tokens,
                   "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 3)}
         self._write(record)
         status = f"loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1000:,.1f}k tok/s"
@@ -146,7 +153,7 @@ class Run:
         if self._metrics is not None:
             self._metrics.close()
         elapsed = time.perf_counter() - self._t0
-        tokens = (self._max_steps - self._start_step) * self._tokens_per_step
+        tokens = self._tokens_last - self._tokens_start
         self.log(f"done: {self._max_steps:,} steps, {tokens / max(elapsed, 1e-9) / 1000:,.1f}k tok/s over {_fmt_duration(elapsed)}"
                  + (f", final val loss {self.last_eval:.4f}" if self.last_eval is not None else ""))
 

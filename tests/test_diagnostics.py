@@ -282,16 +282,16 @@ def test_schema_and_cross_field_problems_together(recipe):
 @pytest.mark.parametrize("extra, expected", [
     ("objective: {kind: mlm}",
      "recipe.yaml:21:13: error: objective.kind: 'mlm' is not built yet: only causal_lm is built so far"),
-    ("phases:\n  - {name: main, share: 90%}\n  - {name: cooldown, share: 10%}",
-     "recipe.yaml:21:1: error: phases: multi-phase runs (phases:) are not built yet"),
+    ("objective: {kind: ul2}",
+     "recipe.yaml:21:13: error: objective.kind: 'ul2' is not built yet"),
     ("target: {devices: 8}",
      "recipe.yaml:21:10: error: target.devices: 8 devices: multi-device training is not built yet"),
     ("target: {accelerator: tpu}",
      "recipe.yaml:21:10: error: target.accelerator: 'tpu' is not built yet"),
     ("init_from: runs/base",
      "recipe.yaml:21:1: error: init_from: starting from an existing checkpoint (init_from:) is not built yet"),
-    ("schedule: {decay: inverse_sqrt}",
-     "recipe.yaml:21:12: error: schedule.decay: 'inverse_sqrt' is not built yet"),
+    ("target: {parallelism: fsdp}",
+     "recipe.yaml:21:10: error: target.parallelism: choosing a parallelism (ddp/fsdp) is not built yet"),
 ])
 def test_not_built_yet(recipe, extra, expected):
     out = one(recipe(BASE + extra + "\n"))
@@ -311,14 +311,14 @@ def test_not_built_values_of_the_wrong_type_do_not_crash(recipe):
 
 
 def test_not_built_features_are_reported_with_other_problems(recipe):
-    out = errors(recipe(BASE.replace("  n_heads: 4", "  n_heads: 6") + "objective: {kind: mlm}\nphases: []\ntarget: {devices: 8, nodes: 2}\n"))
+    out = errors(recipe(BASE.replace("  n_heads: 4", "  n_heads: 6") + "objective: {kind: mlm}\ninit_from: x\ntarget: {devices: 8, nodes: 2}\n"))
     assert [o.split(": error: ")[1].split(":")[0] for o in out] == [
-        "model.n_heads", "objective.kind", "phases", "target.devices", "target.nodes"]
+        "model.n_heads", "objective.kind", "init_from", "target.devices", "target.nodes"]
 
 
 def test_a_typo_of_a_not_built_key_says_so(recipe):
-    assert one(recipe(BASE + "phase: []\n")) == ("recipe.yaml:21:1: error: phase: unknown key 'phase'\n"
-                                                 "    hint: did you mean 'phases'? (it is not built yet)")
+    assert one(recipe(BASE + "init_frm: x\n")) == ("recipe.yaml:21:1: error: init_frm: unknown key 'init_frm'\n"
+                                                   "    hint: did you mean 'init_from'? (it is not built yet)")
 
 
 # ---- where problems come from: extends parents and --set -------------------------------------

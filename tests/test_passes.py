@@ -96,7 +96,7 @@ def test_batch_split_auto_fits_memory(recipe):
     mem = p.estimates["memory_per_device_bytes"]
     assert mem["total"] <= 0.8 * 40 * 2**30
     # one size up would not have fit
-    bigger = replace(p, micro_batch=p.micro_batch * 2)
+    bigger = replace(p, micro_batch=p.micro_batch * 2, phases=tuple(replace(ph, micro_batch=ph.micro_batch * 2) for ph in p.phases))
     from malt.compiler.passes import estimate
     assert estimate.run(bigger).estimates["memory_per_device_bytes"]["total"] > 0.8 * 40 * 2**30
     assert "accumulation" in decision(p, "micro_batch").reason

@@ -30,11 +30,14 @@ def load_train(run_dir):
 def test_lr_schedule_matches_formula(tmp_path, decay):
     recipe = write_tiny_recipe(tmp_path / "r")
     run = tmp_path / "run"
-    compile_to(recipe, run, sets=["train.steps=1000", "schedule.warmup=100", f"schedule.decay={decay}",
-                                  "schedule.min_lr_ratio=10%", "schedule.decay_share=20%", "optimizer.lr=1e-3"], host=Host())
+    sets = ["train.steps=1000", "schedule.warmup=100", f"schedule.decay={decay}", "optimizer.lr=1e-3"]
+    sets += ["schedule.min_lr_ratio=10%"] if decay != "constant" else []
+    sets += ["schedule.decay_share=20%"] if decay == "wsd" else []
+    compile_to(recipe, run, sets=sets, host=Host())
     t = load_train(run)
     lr, lo = 1e-3, 1e-4
-    assert t.WARMUP_STEPS == 100 and t.MAX_STEPS == 1000 and t.MIN_LR == pytest.approx(lo)
+    assert t.WARMUP_STEPS == 100 and t.MAX_STEPS == 1000
+    assert decay == "constant" or t.MIN_LR == pytest.approx(lo)
     # linear warmup: step s (0-based) uses lr × (s + 1) / warmup
     assert t.lr_at(0) == pytest.approx(lr / 100)
     assert t.lr_at(49) == pytest.approx(lr / 2)
@@ -53,3 +56,50 @@ def test_lr_schedule_matches_formula(tmp_path, decay):
         assert t.lr_at(s) == pytest.approx(expected(s), rel=1e-12), s
     if decay != "constant":
         assert t.lr_at(1000) == pytest.approx(lo)
+
+
+def test_inverse_sqrt_and_infinite_schedules(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r")
+    lr = 1e-3
+    run = tmp_path / "isqrt"
+    compile_to(recipe, run, sets=["train.steps=1000", "schedule.warmup=100", "schedule.decay=inverse_sqrt", "optimizer.lr=1e-3"],
+               host=Host())
+    t = load_train(run)
+    assert t.lr_at(99) == pytest.approx(lr)
+    assert t.lr_at(399) == pytest.approx(lr * math.sqrt(100 / 400))
+    assert t.lr_at(999) == pytest.approx(lr * math.sqrt(100 / 1000))
+
+    run = tmp_path / "inf"
+    compile_to(recipe, run, sets=["train.steps=1000", "schedule.warmup=100", "schedule.decay=infinite", "optimizer.lr=1e-3",
+                                  "schedule.cooldown_share=20%", "schedule.constant_ratio=50%", "schedule.decay_share=10%",
+                                  "schedule.min_lr_ratio=1%"], host=Host())
+    t = load_train(run)
+    plateau, lo = 5e-4, 1e-5
+    assert (t.COOLDOWN_END, t.DECAY_START) == (300, 900)
+    assert t.lr_at(100) == pytest.approx(lr)                                      # cooldown starts at the peak
+    assert t.lr_at(200) == pytest.approx(plateau + (lr - plateau) * 0.5)           # halfway down the cosine
+    assert t.lr_at(300) == t.lr_at(650) == t.lr_at(899) == pytest.approx(plateau)  # the plateau
+    assert t.lr_at(950) == pytest.approx(plateau - (plateau - lo) * 0.5)           # annealing
+    assert t.lr_at(1000) == pytest.approx(lo)
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "constant", "wsd", "inverse_sqrt", "infinite"])
+def test_compiler_schedule_equals_generated_lr_at(tmp_path, decay):
+    """`malt plan --lr` computes the curve in the compiler; it must be the generated program's, step for step."""
+    from malt.compiler.phases import lr_at
+
+    recipe = write_tiny_recipe(tmp_path / "r")
+    p = compile_to(recipe, tmp_path / "run", sets=["train.steps=300", "schedule.warmup=7%", f"schedule.decay={decay}"], host=Host())
+    t = load_train(tmp_path / "run")
+    assert [t.lr_at(s) for s in range(300)] == [lr_at(p, s) for s in range(300)]
+
+
+def test_schedule_field_for_another_decay_is_an_error(tmp_path):
+    from malt.compiler.api import check
+    from malt.compiler.diagnostics import RecipeError
+
+    recipe = write_tiny_recipe(tmp_path / "r")
+    with pytest.raises(RecipeError, match="cooldown_share is not used by decay 'cosine'"):
+        check(recipe, ["schedule.cooldown_share=10%"])
+    with pytest.raises(RecipeError, match="min_lr_ratio is not used by decay 'inverse_sqrt'"):
+        check(recipe, ["schedule.decay=inverse_sqrt", "schedule.min_lr_ratio=5%"])

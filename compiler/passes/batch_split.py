@@ -1,6 +1,8 @@
-"""Split the global batch into micro-batches and gradient accumulation within the memory budget."""
+"""Split each phase's global batch into micro-batches and gradient accumulation within the memory budget."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from ..estimates import activation_bytes
 from ..plan import Plan
@@ -10,25 +12,33 @@ from .estimate import chip_of, states
 BUDGET_SHARE = 0.8
 
 
-def run(plan: Plan) -> Plan:
+def split(plan: Plan, global_batch: int, seq_len: int, micro_batch) -> tuple[int, str]:
+    """(micro_batch, reason) for one batch shape."""
+    gb = global_batch
+    if micro_batch != "auto":
+        return micro_batch, f"train.micro_batch {micro_batch}: {gb} / {micro_batch} = {gb // micro_batch} accumulation steps"
     r = plan.recipe
-    tr = r.train
-    gb = tr.global_batch
-    if tr.micro_batch != "auto":
-        mb = tr.micro_batch
-        return plan.decide("micro_batch", mb, f"train.micro_batch {mb}: {gb} / {mb} = {gb // mb} accumulation steps",
-                           micro_batch=mb, grad_accum=gb // mb)
     chip = chip_of(plan)
     budget = int(chip.memory_bytes * BUDGET_SHARE)
     fixed = sum(states(plan).values())
-    divisors = [d for d in range(gb, 0, -1) if gb % d == 0]
-    for mb in divisors:
-        act = activation_bytes(mb, tr.seq_len, r.model.d_model, r.model.n_layers, plan.n_kv_heads * plan.head_dim,
+    for mb in (d for d in range(gb, 0, -1) if gb % d == 0):
+        act = activation_bytes(mb, seq_len, r.model.d_model, r.model.n_layers, plan.n_kv_heads * plan.head_dim,
                                plan.d_ff, plan.padded_vocab, plan.precision)
         if fixed + act <= budget:
-            reason = (f"auto: the whole global batch ({gb}) fits in {BUDGET_SHARE:.0%} of {chip.name} memory" if mb == gb else
-                      f"auto: largest divisor of global_batch {gb} whose activations fit in {BUDGET_SHARE:.0%} of {chip.name} memory; "
-                      f"{gb} / {mb} = {gb // mb} accumulation steps")
-            return plan.decide("micro_batch", mb, reason, micro_batch=mb, grad_accum=gb // mb)
-    return plan.decide("micro_batch", 1, f"auto: even micro_batch 1 exceeds the memory budget of {chip.name}; see memory estimate",
-                       micro_batch=1, grad_accum=gb)
+            if mb == gb:
+                return mb, f"auto: the whole global batch ({gb}) fits in {BUDGET_SHARE:.0%} of {chip.name} memory"
+            return mb, (f"auto: largest divisor of global_batch {gb} whose activations fit in {BUDGET_SHARE:.0%} of {chip.name} memory; "
+                        f"{gb} / {mb} = {gb // mb} accumulation steps")
+    return 1, f"auto: even micro_batch 1 exceeds the memory budget of {chip.name}; see memory estimate"
+
+
+def run(plan: Plan) -> Plan:
+    tr = plan.recipe.train
+    mb, reason = split(plan, tr.global_batch, tr.seq_len, tr.micro_batch)
+    phases = []
+    for ph in plan.phases:
+        pmb, preason = split(plan, ph.global_batch, ph.seq_len, ph.micro_batch)
+        phases.append(replace(ph, micro_batch=pmb, grad_accum=ph.global_batch // pmb))
+        if plan.recipe.phases and (ph.global_batch, ph.seq_len, ph.micro_batch) != (tr.global_batch, tr.seq_len, tr.micro_batch):
+            plan = plan.decide(f"micro_batch[{ph.name}]", pmb, preason)
+    return plan.decide("micro_batch", mb, reason, micro_batch=mb, grad_accum=tr.global_batch // mb, phases=tuple(phases))

@@ -29,10 +29,15 @@ def run(plan: Plan) -> Plan:
     m, tr = r.model, r.train
     counts = model_counts(plan)
     fpt = flops_per_token(counts["matmul_params"], m.n_layers, m.n_heads, plan.head_dim, tr.seq_len)
-    total = fpt * plan.tokens
+    # each phase at its own sequence length (attention FLOPs grow with it); the peak memory is the largest phase's
+    phase_flops = {ph.name: flops_per_token(counts["matmul_params"], m.n_layers, m.n_heads, plan.head_dim, ph.seq_len)
+                   * ph.steps * ph.tokens_per_step for ph in plan.phases}
+    total = sum(phase_flops.values()) if plan.phases else fpt * plan.tokens
     mem = dict(states(plan))
-    mem["activations"] = activation_bytes(plan.micro_batch, tr.seq_len, m.d_model, m.n_layers, plan.n_kv_heads * plan.head_dim,
-                                          plan.d_ff, plan.padded_vocab, plan.precision)
+    kv_dim = plan.n_kv_heads * plan.head_dim
+    shapes = [(ph.micro_batch, ph.seq_len) for ph in plan.phases] or [(plan.micro_batch, tr.seq_len)]
+    mem["activations"] = max(activation_bytes(mb, seq, m.d_model, m.n_layers, kv_dim, plan.d_ff, plan.padded_vocab, plan.precision)
+                             for mb, seq in shapes)
     mem["total"] = sum(mem.values())
     chip = chip_of(plan)
     mfu = chip.default_mfu if r.target.mfu == "auto" else r.target.mfu
@@ -42,6 +47,7 @@ def run(plan: Plan) -> Plan:
         **{k: counts[k] for k in ("params", "params_non_embedding", "params_embedding", "params_head", "matmul_params")},
         "flops_per_token": fpt,
         "total_flops": total,
+        **({"phase_flops": phase_flops} if len(plan.phases) > 1 else {}),
         "memory_per_device_bytes": mem,
         "memory_budget_bytes": chip.memory_bytes,
         "estimated_seconds": float(f"{seconds:.6g}"),

@@ -1,0 +1,150 @@
+"""Phases: the plan's step ranges, the generated program's schedule and switches, resume inside a later phase."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from malt.compiler.api import compile_to, plan as make_plan
+from malt.compiler.diagnostics import RecipeError
+from malt.compiler.phases import lr_at
+from malt.compiler.plan import Host
+
+from .helpers import run_program, write_corpus, write_tiny_recipe
+from .test_run import losses, val_losses
+from .test_schedule import load_train
+
+TWO_PHASES = """
+phases:
+  - {name: main, share: 70%}
+  - name: long
+    share: 30%
+    train: {seq_len: 64, global_batch: 4}
+    model: {rope_theta: 40000}
+    optimizer: {lr: 1e-3, weight_decay: 0.0}
+    schedule: {warmup: 10%, decay: linear}
+"""
+
+
+def phased_recipe(tmp_path, extra=TWO_PHASES, steps=20):
+    recipe = write_tiny_recipe(tmp_path / "r", steps=steps, eval_every=4, checkpoint_every=2)
+    recipe.write_text(recipe.read_text().replace("micro_batch: 4, ", "") + extra)
+    return recipe
+
+
+def test_plan_splits_the_run_into_phases(tmp_path):
+    p, _ = make_plan(phased_recipe(tmp_path), host=Host())
+    main, long = p.phases
+    assert (main.start, main.end, long.start, long.end) == (0, 14, 14, 20)
+    assert (long.seq_len, long.global_batch, long.micro_batch, long.grad_accum) == (64, 4, 4, 1)
+    assert long.rope_theta == 40000 and long.weight_decay == 0.0 and main.weight_decay == 0.1
+    assert p.steps == 20 and p.tokens == 14 * 8 * 32 + 6 * 4 * 64
+    j = p.to_json()
+    assert [ph["name"] for ph in j["phases"]] == ["main", "long"]
+    assert j["phases"][1]["changes"] == ["train.seq_len", "train.global_batch", "model.rope_theta", "optimizer.lr",
+                                         "optimizer.weight_decay", "schedule"]
+    # attention FLOPs grow with seq_len: the long phase costs more per token
+    flops = p.estimates["phase_flops"]
+    assert flops["long"] / (6 * 4 * 64) > flops["main"] / (14 * 8 * 32)
+    assert p.estimates["total_flops"] == sum(flops.values())
+
+
+def test_phase_tokens_and_steps_define_the_run_without_train_length(tmp_path):
+    extra = """
+phases:
+  - {name: a, steps: 5}
+  - {name: b, tokens: 2048, train: {seq_len: 64}}
+"""
+    recipe = phased_recipe(tmp_path, extra)
+    recipe.write_text(recipe.read_text().replace("steps: 20, ", ""))
+    p, _ = make_plan(recipe, host=Host())
+    assert [(ph.start, ph.end) for ph in p.phases] == [(0, 5), (5, 9)]  # 2048 tokens / (8 × 64) = 4 steps
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("phases:\n  - {name: a, share: 50%}\n  - {name: b, share: 40%}\n", "add up to 90%, not 100%"),
+    ("phases:\n  - {name: a, share: 60%}\n  - {name: a, share: 40%}\n", "another phase is already named 'a'"),
+    ("phases:\n  - {name: a, share: 60%}\n  - {name: b, share: 40%, optimizer: {lr: 1e-4}}\n", "needs its own schedule"),
+    ("phases:\n  - {name: a, share: 60%}\n  - {name: b, share: 40%, data: {weights: {corpsu: 1}}}\n", "did you mean 'corpus'?"),
+    ("phases:\n  - {name: a, share: 60%, steps: 3}\n  - {name: b, share: 40%}\n", "exactly one of share, tokens or steps"),
+    ("phases:\n  - {name: a, share: 60%}\n  - {name: b, share: 40%, train: {global_batch: 6, micro_batch: 4}}\n", "not divisible"),
+    ("phases:\n  - {name: a, share: 60%}\n  - {name: b, share: 40%, schedule: {decay: cosine, decay_share: 10%}}\n",
+     "decay_share is not used by decay 'cosine'"),
+    ("phases:\n  - {name: a, steps: 5}\n  - {name: b, steps: 5}\n", "the phases cover 10 steps but train.steps is 20"),
+])
+def test_phase_problems_point_into_the_recipe(tmp_path, extra, message):
+    recipe = phased_recipe(tmp_path, extra)
+    with pytest.raises(RecipeError) as err:
+        make_plan(recipe, host=Host())
+    text = str(err.value)
+    assert message in text
+    assert "recipe.yaml:" in text and "hint:" in text
+
+
+def test_generated_lr_matches_the_plan_at_every_step(tmp_path):
+    recipe = phased_recipe(tmp_path)
+    p = compile_to(recipe, tmp_path / "run", host=Host())
+    t = load_train(tmp_path / "run")
+    assert [t.lr_at(s) for s in range(p.steps)] == [lr_at(p, s) for s in range(p.steps)]
+    assert t.lr_at(14) == pytest.approx(1e-3 / 1)  # re-warming: 10% of 6 steps rounds to 1 warmup step to the new peak
+    assert t.lr_at(19) == pytest.approx(1e-3 - (1e-3 - 1e-4) * 4 / 5)
+
+
+@pytest.mark.slow
+def test_two_phase_run_resumes_inside_the_second_phase_exactly(tmp_path):
+    recipe = phased_recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("eval_batches: 2,", "eval_batches: 2, keep_checkpoints: 20,"))
+    cache = tmp_path / "cache"
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    compile_to(recipe, full, host=Host())
+    proc = run_program(full, cache)
+    assert "phase long: steps 14 to 20" in proc.stdout
+    ref = losses(full)
+    assert sorted(ref) == list(range(1, 21))
+    # the same run as if it had stopped after its checkpoint at step 16, inside phase 'long'
+    compile_to(recipe, resumed, host=Host())
+    shutil.copytree(full / "checkpoints" / "step_00000016", resumed / "checkpoints" / "step_00000016")
+    (resumed / "checkpoints" / "latest").write_text("step_00000016\n")
+    shutil.copy(full / "tokenizer.json", resumed / "tokenizer.json")
+    out = run_program(resumed, cache, "--resume")
+    assert "resumed t at step 16" in out.stdout and "phase long" in out.stdout
+    assert {s: l for s, l in losses(resumed).items()} == {s: l for s, l in ref.items() if s > 16}
+    assert {s: v for s, v in val_losses(resumed).items()} == {s: v for s, v in val_losses(full).items() if s > 16}
+    tokens = [json.loads(line)["tokens"] for line in (resumed / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert tokens == [14 * 8 * 32 + (s - 14) * 4 * 64 for s in range(17, 21)]
+
+
+def test_phase_mixture_over_sources_only_a_phase_uses(tmp_path):
+    extra = """
+phases:
+  - {name: main, share: 50%}
+  - name: cooldown
+    share: 50%
+    data:
+      sources:
+        - {name: extra, path: extra.jsonl, weight: 3}
+        - {name: corpus, path: corpus.jsonl, weight: 1}
+"""
+    recipe = phased_recipe(tmp_path, extra)
+    write_corpus(recipe.parent / "extra.jsonl", 50, seed=3)
+    p = compile_to(recipe, tmp_path / "run", host=Host())
+    assert [s.name for s in p.sources] == ["corpus", "extra"]
+    assert [ph.weights for ph in p.phases] == [(1.0, 0.0), (1.0, 3.0)]
+    src = (tmp_path / "run" / "train.py").read_text()
+    assert "'weights': {'corpus': 1.0, 'extra': 3.0}" in src.replace("\n", " ").replace("  ", " ") or "'extra': 3.0" in src
+
+
+def test_phase_growth_and_metadata_are_not_built_yet(tmp_path):
+    extra = """
+phases:
+  - {name: small, share: 50%}
+  - {name: big, share: 50%, model: {n_layers: 4}, data: {metadata: true}}
+"""
+    with pytest.raises(RecipeError) as err:
+        make_plan(phased_recipe(tmp_path, extra), host=Host())
+    text = str(err.value)
+    assert "phases.1.model.n_layers: a phase that changes model.n_layers (model growth) is not built yet" in text
+    assert "phases.1.data.metadata: metadata conditioning is not built yet" in text
+    assert "unknown key" not in text
