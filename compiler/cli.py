@@ -1,4 +1,4 @@
-"""The `malt` command line: check, plan, compile, run, export, sample.
+"""The `malt` command line: check, plan, compile, prepare, data, run, export, sample.
 
 Heavy modules (torch, the compiler's passes) are imported inside the commands
 that need them, so `malt --help` and `malt check` answer quickly.
@@ -85,13 +85,14 @@ def _plan_text(p) -> str:
         f"head_dim {m['head_dim']}, d_ff {m['d_ff']}, vocab {m['vocab_size']:,} → {m['padded_vocab']:,}",
         f"params     {est['params']:,} ({human_count(est['params'])}; {human_count(est['params_non_embedding'])} non-embedding)",
         f"run        {j['steps']:,} steps × {b['tokens_per_step']:,} tokens = {j['tokens']:,} tokens ({human_count(j['tokens'])})",
-        f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation",
+        f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation"
+        + (f" × {ex['devices']} devices" if ex['devices'] > 1 else ""),
         f"compute    {human_count(est['flops_per_token'])}FLOPs/token × {human_count(j['tokens'])} tokens = {est['total_flops']:.3g} FLOPs",
         f"memory     {human_bytes(mem['total'])} per device: weights {human_bytes(mem['weights'])}, gradients {human_bytes(mem['gradients'])}, "
         f"optimizer {human_bytes(mem['optimizer'])}, activations {human_bytes(mem['activations'])} (of {human_bytes(est['memory_budget_bytes'])})",
         f"time       ≈ {human_seconds(est['estimated_seconds'])} on {basis['chip']} at {basis['mfu']:.0%} MFU of {basis['peak_flops'] / 1e12:g} TFLOP/s "
         f"({ex['precision']}; {basis['peak_source']})",
-        f"execution  {ex['device']}, {ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
+        f"execution  {ex['device'] if ex['devices'] == 1 else str(ex['devices']) + ' × ' + ex['device'] + ' (' + ex['parallelism'] + ')'}, {ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
         f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW",
     ]
     if p.recipe.phases:
@@ -180,7 +181,7 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     from .diagnostics import UserError
 
     def go():
-        r, _ = do_check(recipe, set_)
+        r, loaded = do_check(recipe, set_)
         directory = run_dir or Path("runs") / slug(r.name)
         from malt.runtime.checkpoint import latest
 
@@ -198,8 +199,19 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         from .render import write
 
         write(files, directory)
-        typer.echo(f"compiled {p.recipe_file} → {directory}/ ({p.estimates['params']:,} params, {p.steps:,} steps, {p.device}, {p.precision})")
-        cmd = [sys.executable, str(directory / "train.py")] + (["--resume"] if resume else [])
+        where = p.device if p.world == 1 else f"{p.world} × {p.device}, {p.parallelism}"
+        typer.echo(f"compiled {p.recipe_file} → {directory}/ ({p.estimates['params']:,} params, {p.steps:,} steps, {where}, {p.precision})")
+        if p.world > 1:
+            # data first, in this process: a data problem is then one message, not one per process from torchrun
+            from malt.runtime.data import prepare
+            from malt.runtime.run import default_cache_dir
+
+            from .render import data_spec
+
+            prepare({**data_spec(p, loaded.base_dir, directory), "base_dir": str(directory)}, cache_dir=default_cache_dir(), log=typer.echo)
+        from .render import launch_command
+
+        cmd = launch_command(p, str(directory / "train.py")) + (["--resume"] if resume else [])
         child = subprocess.Popen(cmd, env=os.environ.copy())
         try:
             code = child.wait()
@@ -237,6 +249,79 @@ def sample(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)
 
         model, tokenizer, _ = load_run_model(run_dir)
         typer.echo(generate(model, tokenizer, prompt, tokens, seed=seed, temperature=temperature, top_k=top_k))
+    _guard(go)
+
+
+def _data_spec(recipe: Path, set_):
+    """(plan, the data spec a run of this recipe prepares), paths relative to the recipe's folder."""
+    from .api import plan as do_plan
+    from .render import data_spec
+
+    p, loaded = do_plan(recipe, set_)
+    base = Path(loaded.base_dir)
+    spec = data_spec(p, base, base)
+    spec["base_dir"] = str(base)
+    return p, spec
+
+
+def _prepare(recipe: Path, set_, workers, verify):
+    from malt.runtime.data import prepare as do_prepare
+    from malt.runtime.run import default_cache_dir
+
+    p, spec = _data_spec(recipe, set_)
+    ds = do_prepare(spec, default_cache_dir(), log=lambda m: typer.echo(m, err=True), workers=workers, verify=verify)
+    return p, ds
+
+
+WORKERS_HELP = "Tokenizer processes (default: $MALT_DATA_WORKERS or the CPU count, at most 16)."
+
+
+@app.command()
+def prepare(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+            set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+            workers: Optional[int] = typer.Option(None, "--workers", min=1, help=WORKERS_HELP),
+            verify: bool = typer.Option(False, "--verify", help="Check the sha256 of every cached shard.")):
+    """Build the tokenizer and tokenize the data into the cache ($MALT_CACHE_DIR), as `malt run` does first."""
+    def go():
+        _, ds = _prepare(recipe, set_, workers, verify)
+        typer.echo(ds.summary())
+    _guard(go)
+
+
+def drawn_tokens(p, names: list[str]) -> list[float]:
+    """Training tokens the run draws from each named source: each phase's tokens split by its weights."""
+    phases = getattr(p, "phases", None) or ()
+    src_names = [s.name for s in (getattr(p, "sources", None) or p.recipe.data.sources)]
+    drawn = dict.fromkeys(names, 0.0)
+    if phases:
+        for ph in phases:
+            total = sum(ph.weights)
+            for n, w in zip(src_names, ph.weights):
+                if total > 0 and n in drawn:
+                    drawn[n] += ph.steps * ph.tokens_per_step * w / total
+    else:
+        weights = {s.name: s.weight for s in p.recipe.data.sources}
+        total = sum(weights.values())
+        for n in names:
+            drawn[n] = p.tokens * weights.get(n, 0.0) / total
+    return [drawn[n] for n in names]
+
+
+@app.command()
+def data(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+         set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+         workers: Optional[int] = typer.Option(None, "--workers", min=1, help=WORKERS_HELP)):
+    """Per source: documents, tokens, share of the mix, tokens the run draws and epochs (tokenizing first if needed)."""
+    def go():
+        p, ds = _prepare(recipe, set_, workers, False)
+        drawn = drawn_tokens(p, ds.names)
+        typer.echo(f"run: {p.steps:,} steps, {p.tokens:,} training tokens")
+        typer.echo(ds.summary(drawn=drawn))
+        over = [f"{n} ({d / s['train_tokens']:.1f})" for n, d, s in zip(ds.names, drawn, ds.sources)
+                if s["train_tokens"] and d / s["train_tokens"] > 4]
+        if over:
+            typer.echo(f"note: the run repeats {', '.join(over)} more than 4 times; "
+                       f"repeated data helps less each epoch (Muennighoff et al., 2023)")
     _guard(go)
 
 

@@ -95,6 +95,8 @@ class PhaseRange:
     grad_clip: float | None
     own_schedule: ScheduleSpec | None   # None: the recipe's schedule over the whole run
     changes: tuple = ()
+    n_layers: int = 0              # the model's depth in this phase (growth multiplies it)
+    grow_factor: int = 0           # > 0: the phase starts by stacking the layers this many times
     grad_accum: int = 0            # set by the batch_split pass, with micro_batch
     schedule: Schedule | None = None   # own_schedule resolved over the phase's steps (run_length pass)
 
@@ -212,9 +214,18 @@ def resolve(r: Recipe) -> Resolved:
         return out
 
     base_weights = {s.name: s.weight for s in r.data.sources}
+    n_layers = r.model.n_layers
     for i, (ph, (n, seq, gb, tps)) in enumerate(zip(specs, steps_list)):
         where = ("phases", i)
         changes = []
+        grow = 0
+        if ph.growth is not None:
+            if i == 0:
+                problems.append((where + ("growth",), "the first phase has no smaller model to grow from",
+                                 "train the small model in a phase before the one that grows it"))
+            grow = ph.growth.factor
+            changes.append(f"growth (stack × {grow}: n_layers {n_layers} → {n_layers * grow})")
+            n_layers *= grow
         weights = dict.fromkeys(names, 0.0)
         weights.update(base_weights)
         if ph.data and ph.data.sources:
@@ -262,7 +273,7 @@ def resolve(r: Recipe) -> Resolved:
                                  "use a share such as 5%"))
         out.phases.append(PhaseRange(i, ph.name, start, start + n, seq, gb, mb, tuple(weights[k] for k in names), rope,
                                      pick("lr"), tuple(pick("betas")), pick("eps"), pick("weight_decay"), pick("grad_clip"),
-                                     own, tuple(changes)))
+                                     own, tuple(changes), n_layers, grow))
         start += n
     return out
 

@@ -26,6 +26,8 @@ class Host:
     cuda_name: str = ""
     cpu_cores: int = 2
     memory_bytes: int = 24 * 2**30
+    cpu_bf16: bool = False           # the CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo)
+    cxx_compiler: bool = False       # a C++ compiler on PATH: torch.compile's CPU backend needs one
 
     @staticmethod
     def detect() -> "Host":
@@ -43,7 +45,16 @@ class Host:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             memory = 8 * 2**30
-        return Host(cuda=cuda, cuda_name=name, cpu_cores=cores, memory_bytes=memory)
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+        except OSError:
+            flags = set()
+        import shutil
+
+        cxx = any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++"))
+        return Host(cuda=cuda, cuda_name=name, cpu_cores=cores, memory_bytes=memory,
+                    cpu_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}), cxx_compiler=cxx)
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class Plan:
     # model shape, resolved
     n_kv_heads: int = 0
     head_dim: int = 0
+    n_layers: int = 0                # the final model's depth (model.n_layers, times any growth)
     d_ff: int = 0
     vocab_size: int = 0              # model vocabulary before padding
     padded_vocab: int = 0
@@ -76,6 +88,8 @@ class Plan:
     micro_batch: int = 0
     grad_accum: int = 0
     device: str = ""
+    parallelism: str = "single"      # single | ddp | fsdp
+    world: int = 1                   # processes (devices)
     chip: str = ""
     precision: str = ""
     compile: bool = False
@@ -111,7 +125,7 @@ class Plan:
             "estimated_seconds": est.get("estimated_seconds"),
             "estimate_basis": est.get("basis"),
             "model": {
-                "family": r.model.family, "d_model": r.model.d_model, "n_layers": r.model.n_layers,
+                "family": r.model.family, "d_model": r.model.d_model, "n_layers": self.n_layers or r.model.n_layers,
                 "n_heads": r.model.n_heads, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
                 "d_ff": self.d_ff, "vocab_size": self.vocab_size, "padded_vocab": self.padded_vocab,
                 "tie_embeddings": r.model.tie_embeddings, "qkv_bias": r.model.qkv_bias,
@@ -124,7 +138,8 @@ class Plan:
             },
             "schedule": {"warmup_steps": self.warmup_steps, "decay": r.schedule.decay, "decay_start": self.decay_start},
             "execution": {
-                "device": self.device, "chip": self.chip, "precision": self.precision, "compile": self.compile,
+                "device": self.device, "devices": self.world, "parallelism": self.parallelism,
+                "chip": self.chip, "precision": self.precision, "compile": self.compile,
                 "attention": self.attention, "fused_adamw": self.fused_adamw,
             },
             "phases": [self._phase_json(ph) for ph in self.phases] if self.recipe.phases else [],
@@ -141,6 +156,7 @@ class Plan:
             "micro_batch": ph.micro_batch, "grad_accum": ph.grad_accum,
             "weights": {s.name: w for s, w in zip(self.sources, ph.weights)},
             "rope_theta": ph.rope_theta, "lr": ph.lr, "weight_decay": ph.weight_decay,
+            "n_layers": ph.n_layers, "params": self.estimates.get("phase_params", {}).get(ph.name),
             "schedule": ({"decay": sch.decay, "warmup_steps": sch.warmup, "lr": sch.lr, "min_lr": sch.min_lr}
                          if sch else "the recipe's schedule"),
             "changes": list(ph.changes),
@@ -154,7 +170,11 @@ def resolved_recipe(recipe: Recipe) -> dict:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    blob = json.dumps(resolved_recipe(recipe), sort_keys=True, separators=(",", ":"))
+    """sha256 of the resolved recipe without its target: the same training on any hardware has the same hash,
+    so a run can resume on another machine, number of devices or precision."""
+    data = resolved_recipe(recipe)
+    data.pop("target", None)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -108,13 +108,35 @@ def data_spec(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
             "max_chars": t.max_chars,
             "path": _source_path(t.path, base_dir, out_dir) if t.path else None,
             "special_tokens": list(t.special_tokens),
+            **({"add_special_tokens": list(t.add_special_tokens)} if t.add_special_tokens else {}),
         },
+        "model_vocab": plan.padded_vocab,  # the runtime refuses a tokenizer larger than the model's vocabulary
         "sources": [
             {"name": s.name, "path": _source_path(s.path, base_dir, out_dir), "weight": base_weights.get(s.name, 0.0),
-             "text_field": s.text_field}
+             "text_field": s.text_field, **_source_options(s)}
             for s in (plan.sources or r.data.sources)
         ],
     }
+
+
+def _source_options(s) -> dict:
+    """A source's filter and dedupe, when set (the runtime's defaults are none and false)."""
+    out = {}
+    if s.filter is not None:
+        flt = {k: v for k, v in s.filter.model_dump().items() if v is not None}
+        if flt:
+            out["filter"] = flt
+    if s.dedupe:
+        out["dedupe"] = True
+    return out
+
+
+def init_from_spec(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
+    from .checkpoints import describe
+
+    init = plan.recipe.init_from
+    found, _ = describe(base_dir / init.path)
+    return {"path": _source_path(init.path, base_dir, out_dir), "kind": found["kind"], "optimizer": init.optimizer}
 
 
 def _decision(plan: Plan, name: str) -> str:
@@ -129,12 +151,14 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
                  else "schedule.warmup (steps)")
     min_lr = tidy(o.lr * sch.min_lr_ratio)
     phased = bool(r.phases)
+    distributed = plan.world > 1
     max_seq = max([ph.seq_len for ph in plan.phases] or [tr.seq_len])
     model_constants = [
         const("VOCAB_SIZE", plan.padded_vocab, f"tokenizer's {_num(plan.vocab_size)} tokens padded to a multiple of {m.pad_vocab_multiple}"
               if plan.padded_vocab != plan.vocab_size else "model.vocab_size (the tokenizer's)"),
         const("D_MODEL", m.d_model, "model.d_model"),
-        const("N_LAYERS", m.n_layers, "model.n_layers"),
+        const("N_LAYERS", plan.n_layers or m.n_layers, "model.n_layers" if (plan.n_layers or m.n_layers) == m.n_layers else
+              f"model.n_layers {m.n_layers}, grown by stacking: the final model (earlier phases build fewer)"),
         const("N_HEADS", m.n_heads, "model.n_heads"),
         const("N_KV_HEADS", plan.n_kv_heads, "model.n_kv_heads" + (" (grouped-query attention)" if plan.n_kv_heads != m.n_heads else "")),
         const("HEAD_DIM", plan.head_dim, f"d_model {m.d_model} / n_heads {m.n_heads}"),
@@ -156,7 +180,10 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
             const("SEQ_LEN", tr.seq_len, "train.seq_len"),
             const("GLOBAL_BATCH", tr.global_batch, "train.global_batch, sequences per optimizer step"),
             const("MICRO_BATCH", plan.micro_batch, f"train.micro_batch {_decision(plan, 'micro_batch')}" if tr.micro_batch == "auto" else "train.micro_batch"),
-            const("GRAD_ACCUM", plan.grad_accum, f"global_batch {tr.global_batch} / micro_batch {plan.micro_batch}"),
+            *([const("DEVICE_BATCH", tr.global_batch // plan.world, f"global_batch {tr.global_batch} / {plan.world} devices: sequences per device per step")]
+              if distributed else []),
+            const("GRAD_ACCUM", plan.grad_accum, f"global_batch {tr.global_batch} / micro_batch {plan.micro_batch}" if not distributed
+                  else f"DEVICE_BATCH {tr.global_batch // plan.world} / micro_batch {plan.micro_batch}"),
             const("TOKENS_PER_STEP", plan.tokens_per_step, f"global_batch {tr.global_batch} × seq_len {tr.seq_len} = {_num(plan.tokens_per_step)}"),
         ]
     constants += [
@@ -193,21 +220,28 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         _blank(),
         const("DEVICE", plan.device, _decision(plan, "device")),
         const("PRECISION", plan.precision, _decision(plan, "precision")),
+        *([const("WORLD", plan.world, "target.devices: processes, one per device"),
+           const("PARALLELISM", plan.parallelism, _decision(plan, "parallelism"))] if distributed else []),
         _blank(),
+        *([Const("# init_from: the weights this run starts from (continual pre-training); path relative to this file"),
+           Const("INIT_FROM = " + lit(init_from_spec(plan, base_dir, out_dir))), _blank()] if r.init_from else []),
         Const("# data and tokenizer (data, tokenizer sections); paths are relative to this file"),
         Const("DATA = " + _pretty_literal(data_spec(plan, base_dir, out_dir))),
     ]
     schedules, lr_dispatch = _schedules(plan)
     phase_comments, phase_rows = _phase_table(plan) if phased else ([], [])
     e = ({"micro_batch": 'phase["micro_batch"]', "seq_len": 'phase["seq_len"]', "grad_accum": 'phase["grad_accum"]',
-          "weights": ', weights=phase["weights"]'} if phased else
-         {"micro_batch": "MICRO_BATCH", "seq_len": "SEQ_LEN", "grad_accum": "GRAD_ACCUM", "weights": ""})
+          "weights": ', weights=phase["weights"]', "device_start": 'dist.rank * phase["device_batch"]'} if phased else
+         {"micro_batch": "MICRO_BATCH", "seq_len": "SEQ_LEN", "grad_accum": "GRAD_ACCUM", "weights": "",
+          "device_start": "dist.rank * DEVICE_BATCH"})
+    e["loss"] = (f"distributed.mean(loss_sum / {e['grad_accum']})" if distributed else f"(loss_sum / {e['grad_accum']}).item()")
     return {
         "version": MALT_VERSION,
         "recipe_file": plan.recipe_file,
         "recipe_hash": plan.recipe_hash,
         "passes_lines": _wrap(list(plan.passes), 90),
-        "n_layers": m.n_layers,
+        "n_layers": plan.n_layers or m.n_layers,
+        "growth": any(ph.grow_factor for ph in plan.phases),
         "params_human": human_count(est["params"]),
         "constants": constants,
         "model_constants": model_constants,
@@ -219,6 +253,11 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "phased": phased,
         "phase_comments": phase_comments,
         "phase_rows": phase_rows,
+        "init_from": r.init_from is not None,
+        "distributed": distributed,
+        "dev": "device" if distributed else "DEVICE",
+        "parallelism_note": {"ddp": "DDP: a replica per device, gradients all-reduced",
+                             "fsdp": "FSDP2: weights, gradients and AdamW state sharded per block"}.get(plan.parallelism, ""),
         "rope_changes": any(ph.rope_theta != m.rope_theta for ph in plan.phases),
         "e": e,
         "compile": plan.compile,
@@ -255,7 +294,7 @@ def _schedules(plan: Plan) -> tuple[list, list]:
     """The schedule functions of train.py and, with phases, how lr_at dispatches to them."""
     recipe_names = {"lr": "LR", "min_lr": "MIN_LR", "warmup": "WARMUP_STEPS", "total": "MAX_STEPS", "decay_start": "DECAY_START",
                     "cooldown_end": "COOLDOWN_END", "plateau": "PLATEAU_LR"}
-    if not plan.recipe.phases:
+    if all(ph.schedule is None for ph in plan.phases):  # one schedule over the whole run
         return [_schedule_ctx("lr_at", "Learning rate for optimizer step `step` (0-based).", plan.schedule, recipe_names, "step")], []
     schedules, dispatch = [], []
     if any(ph.schedule is None for ph in plan.phases):
@@ -283,8 +322,9 @@ def _phase_table(plan: Plan) -> tuple[list[str], list[str]]:
         comments.append(f"{ph.name:<{width}}  steps {ph.start:,}-{ph.end:,} ({ph.steps:,} steps, {tokens:,} tokens): {changes}")
         row = {
             "name": ph.name, "start": ph.start, "end": ph.end,
-            "seq_len": ph.seq_len, "micro_batch": ph.micro_batch, "grad_accum": ph.grad_accum,
+            "n_layers": ph.n_layers, "seq_len": ph.seq_len, "micro_batch": ph.micro_batch, "grad_accum": ph.grad_accum,
             "tokens_per_step": ph.tokens_per_step, "tokens_before": tokens_before,
+            **({"device_batch": ph.global_batch // plan.world} if plan.world > 1 else {}),
             "weights": dict(zip(names, ph.weights)), "rope_theta": ph.rope_theta,
             "betas": tuple(ph.betas), "eps": ph.eps, "weight_decay": ph.weight_decay, "grad_clip": ph.grad_clip or 0.0,
         }
@@ -336,6 +376,28 @@ set -euo pipefail
 exec "${{PYTHON:-python3}}" "$(dirname "$0")/train.py" "$@"
 """
 
+LAUNCH_TORCHRUN_SH = """#!/usr/bin/env bash
+# launch.sh: generated by malt {version}. {world} processes on one node, one per {device} device ({parallelism}).
+# Usage: ./launch.sh [--resume]
+set -euo pipefail
+exec "${{PYTHON:-python3}}" -m torch.distributed.run --standalone --nproc_per_node {world} "$(dirname "$0")/train.py" "$@"
+"""
+
+
+def launch_script(plan: Plan) -> str:
+    if plan.world > 1:
+        return LAUNCH_TORCHRUN_SH.format(version=MALT_VERSION, world=plan.world, device=plan.device, parallelism=plan.parallelism)
+    return LAUNCH_SH.format(version=MALT_VERSION)
+
+
+def launch_command(plan: Plan, train_py: str) -> list[str]:
+    """The command `malt run` starts: the program itself, or torchrun with one process per device."""
+    import sys
+
+    if plan.world > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(plan.world), train_py]
+    return [sys.executable, train_py]
+
 
 def render(plan: Plan, base_dir: Path, out_dir: Path) -> dict[str, str]:
     """File name -> content, for everything `malt compile` writes."""
@@ -344,7 +406,7 @@ def render(plan: Plan, base_dir: Path, out_dir: Path) -> dict[str, str]:
     files = {
         "train.py": env.get_template("train.py.j2").render(ctx),
         "model.py": env.get_template("model.py.j2").render(ctx),
-        "launch.sh": LAUNCH_SH.format(version=MALT_VERSION),
+        "launch.sh": launch_script(plan),
         "plan.json": json.dumps(plan.to_json(), indent=2) + "\n",
         "recipe.lock.yaml": f"# recipe.lock.yaml: {comment(plan.recipe_file)} with every default written out (malt {MALT_VERSION})\n"
                             + yaml.safe_dump(resolved_recipe(plan.recipe), sort_keys=False, allow_unicode=False, width=100),

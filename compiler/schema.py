@@ -98,19 +98,30 @@ class ModelSpec(Section):
 
 
 class TokenizerSpec(Section):
-    kind: Literal["bpe", "bytes", "file"] = "bpe"
-    vocab_size: Optional[Int] = Field(default=None, gt=0)   # bpe: required; bytes: 256 + special tokens; file: read from the file
-    train_on: list[str] = Field(default_factory=list)       # bpe: source names; empty = all sources
-    max_chars: Count = 20_000_000                            # bpe: characters of training text
+    kind: Literal["bpe", "unigram", "bytes", "file"] = "bpe"
+    vocab_size: Optional[Int] = Field(default=None, gt=0)   # bpe, unigram: required; bytes: 256 + special tokens; file: read from the file
+    train_on: list[str] = Field(default_factory=list)       # bpe, unigram: source names; empty = all sources
+    max_chars: Count = 20_000_000                            # bpe, unigram: characters of training text
     path: Optional[str] = None                               # file: a tokenizer.json
     special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>"])
+    add_special_tokens: list[str] = Field(default_factory=list)  # appended after the vocabulary of any kind (ChatML, UL2 modes, control tokens)
+
+
+class FilterSpec(Section):
+    min_chars: Optional[Count] = None                        # drop documents shorter than this (characters)
+    max_chars: Optional[Count] = None                        # drop documents longer than this (characters)
+    field: Optional[str] = None                              # a numeric record field (jsonl key, parquet column), e.g. a quality score
+    min: Optional[Float] = None                              # keep documents whose field is at least min
+    max: Optional[Float] = None                              # ... and at most max
 
 
 class SourceSpec(Section):
     name: str = Field(min_length=1)
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1)                          # builtin:NAME, a file, a folder or a glob
     weight: Float = 1.0
-    text_field: str = "text"
+    text_field: str = "text"                                 # jsonl key or parquet column holding the text
+    filter: Optional[FilterSpec] = None
+    dedupe: bool = False                                     # drop exact duplicates (after whitespace normalisation)
 
 
 class DataSpec(Section):
@@ -185,6 +196,11 @@ class PhaseOptimizer(Section):
     grad_clip: Optional[Float] = None
 
 
+class Growth(Section):
+    method: Literal["stack"] = "stack"                       # G_stack: tile the layer stack (Du et al., 2024)
+    factor: Int = Field(gt=1)                                # n_layers × factor
+
+
 class PhaseSpec(Section):
     name: str = Field(min_length=1)
     share: Optional[Fraction] = None                         # of train.tokens (or train.steps)
@@ -195,6 +211,7 @@ class PhaseSpec(Section):
     model: Optional[PhaseModel] = None
     optimizer: Optional[PhaseOptimizer] = None
     schedule: Optional[PhaseSchedule] = None                 # present: the phase runs its own schedule
+    growth: Optional[Growth] = None                          # grow the model at the phase's first step (fresh optimizer)
 
 
 class TrainSpec(Section):
@@ -214,11 +231,21 @@ class TrainSpec(Section):
 
 class TargetSpec(Section):
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"
-    devices: Literal[1] = 1
+    devices: Int = Field(default=1, gt=0)                    # processes, one per device (torchrun); on cpu, gloo processes
+    parallelism: Literal["auto", "single", "ddp", "fsdp"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: OnOffAuto = "auto"
     chip: Literal["auto", "cpu", "a100-40gb", "a100-80gb", "h100", "h200"] = "auto"  # for the time estimate
     mfu: AutoOrFraction = "auto"         # model FLOPs utilisation assumed by the time estimate
+
+
+def _init_from(v):
+    return {"path": v} if isinstance(v, str) else v
+
+
+class InitFrom(Section):
+    path: str = Field(min_length=1)                          # a malt run directory or a Hugging Face model directory
+    optimizer: Literal["fresh", "carry"] = "fresh"           # carry: the run's AdamW moments too (malt run directories only)
 
 
 class Recipe(Section):
@@ -233,6 +260,7 @@ class Recipe(Section):
     train: TrainSpec
     target: TargetSpec = TargetSpec()
     phases: list[PhaseSpec] = Field(default_factory=list)
+    init_from: Annotated[Optional[InitFrom], BeforeValidator(_init_from)] = None
 
     @field_validator("name")
     @classmethod

@@ -7,6 +7,7 @@ each pointing at the file, line and column of the value at fault.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,22 +17,20 @@ from pydantic import BaseModel, ValidationError
 from .diagnostics import Diagnostic, RecipeError, did_you_mean
 from .loader import Loaded
 from .phases import resolve as resolve_phases, schedule_field_problems
-from .schema import ModelSpec, Recipe, steps_of
+from .schema import SCHEDULE_FIELD_USERS, ModelSpec, Recipe, steps_of
 
 BUILTIN_SOURCES = {
     "builtin:python-docs": "docstrings and comments of this Python's standard library",
     "builtin:python-code": "source code of this Python's standard library",
 }
-SUPPORTED_SUFFIXES = (".txt", ".jsonl")
+SUPPORTED_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")  # see malt.runtime.sources
 
 # Keys and values that name capabilities malt does not have yet. They are rejected
 # with a message that says so, rather than reported as typos or silently ignored.
 NOT_BUILT_KEYS = {
-    ("init_from",): "starting from an existing checkpoint (init_from:) is not built yet",
     ("data", "metadata"): "metadata conditioning is not built yet",
     ("model", "sliding_window"): "sliding-window attention is not built yet",
     ("target", "nodes"): "multi-node targets are not built yet",
-    ("target", "parallelism"): "choosing a parallelism (ddp/fsdp) is not built yet; malt runs on one device",
     ("target", "activation_checkpointing"): "activation checkpointing is not built yet",
 }
 NOT_BUILT_VALUES = {
@@ -42,7 +41,6 @@ NOT_BUILT_VALUES = {
     ("objective", "kind"): ({"mlm", "prefix_lm", "span_corruption", "ul2", "rtd", "distill", "fim"},
                             "only causal_lm is built so far"),
     ("data", "packing"): ({"document", "best_fit"}, "only concat packing is built so far"),
-    ("tokenizer", "kind"): ({"unigram"}, "tokenizer kinds built so far: bpe, bytes, file"),
     ("target", "accelerator"): ({"tpu", "xla"}, "accelerators built so far: cpu, cuda, auto"),
     ("optimizer", "kind"): ({"galore", "adam", "sgd", "lion", "muon", "adafactor"}, "only adamw is built so far"),
 }
@@ -69,10 +67,10 @@ def _not_built(loaded: Loaded) -> list[Diagnostic]:
         if isinstance(node, dict) and isinstance(node.get(path[-1]), str) and node[path[-1]] in values:
             out.append(Diagnostic(_dotted(path), f"{node[path[-1]]!r} is not built yet: {message}", loaded.origin(path),
                                   hint="see docs/recipes.md for the values malt supports today"))
-    devices = tree.get("target", {}).get("devices") if isinstance(tree.get("target"), dict) else None
-    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 1:
-        out.append(Diagnostic("target.devices", f"{devices} devices: multi-device training is not built yet", loaded.origin(("target", "devices")),
-                              hint="set target.devices: 1"))
+    target = tree.get("target") if isinstance(tree.get("target"), dict) else {}
+    if target.get("parallelism") == "hsdp":
+        out.append(Diagnostic("target.parallelism", "'hsdp' is not built yet: parallelisms built so far: auto, single, ddp, fsdp",
+                              loaded.origin(("target", "parallelism")), hint="use fsdp"))
     phases = tree.get("phases")
     for i, ph in enumerate(phases if isinstance(phases, list) else []):
         if not isinstance(ph, dict):
@@ -81,8 +79,9 @@ def _not_built(loaded: Loaded) -> list[Diagnostic]:
         for key in (model if isinstance(model, dict) else {}):
             if key != "rope_theta" and key in ModelSpec.model_fields:
                 path = ("phases", i, "model", key)
-                out.append(Diagnostic(_dotted(path), f"a phase that changes model.{key} (model growth) is not built yet",
-                                      loaded.origin(path), hint="a phase may change model.rope_theta only, for now"))
+                hint = ("grow the depth with `growth: {method: stack, factor: 2}` in the phase" if key == "n_layers"
+                        else "a phase may change model.rope_theta, or grow the depth with growth:")
+                out.append(Diagnostic(_dotted(path), f"a phase that changes model.{key} is not built yet", loaded.origin(path), hint=hint))
         data = ph.get("data")
         if isinstance(data, dict) and "metadata" in data:
             path = ("phases", i, "data", "metadata")
@@ -210,17 +209,103 @@ def tokenizer_file_vocab(path: Path) -> int:
     return max(ids) + 1 if ids else 0
 
 
+def tokenizer_file_tokens(path: Path) -> set[str]:
+    """Every token string of a tokenizers ``tokenizer.json`` (vocabulary and added tokens)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data.get("model", {}).get("vocab", {})
+    out = set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab if isinstance(v, list) and v}
+    out.update(t["content"] for t in data.get("added_tokens", []))
+    return out
+
+
 def tokenizer_vocab(recipe: Recipe, base_dir: Path) -> int | None:
+    """Entries of the tokenizer the runtime builds (for bpe and unigram: at most this many)."""
     tok = recipe.tokenizer
+    added = len(getattr(tok, "add_special_tokens", None) or [])
     if tok.kind == "bytes":
-        return 256 + len(tok.special_tokens)
-    if tok.kind == "bpe":
-        return tok.vocab_size
+        return 256 + len(tok.special_tokens) + added
+    if tok.kind in ("bpe", "unigram"):
+        return tok.vocab_size + added if tok.vocab_size is not None else None
     if tok.path and (base_dir / tok.path).is_file():
         try:
-            return tokenizer_file_vocab(base_dir / tok.path)
-        except (ValueError, KeyError, TypeError, OSError):
+            n = tokenizer_file_vocab(base_dir / tok.path)
+            have = tokenizer_file_tokens(base_dir / tok.path)
+        except (ValueError, KeyError, TypeError, OSError, AttributeError):
             return None
+        return n + len([t for t in dict.fromkeys([*tok.special_tokens, *(tok.add_special_tokens or [])]) if t not in have])
+    return None
+
+
+def source_problems(s, base: Path) -> list[tuple[tuple, str, str]]:
+    """Problems of one data source (path, filter) as (path below the source, message, hint)."""
+    from malt.runtime.sources import check_filter, classify, is_glob, path_problem
+
+    out = []
+    flt = s.filter.model_dump() if s.filter is not None else {}
+    for key, msg in check_filter({k: v for k, v in flt.items() if v is not None}):
+        out.append((("filter", key), msg, "see the filter fields in docs/recipes.md"))
+    for key in ("min_chars", "max_chars"):
+        if flt.get(key) is not None and flt[key] < 0:
+            out.append((("filter", key), f"must not be negative, got {flt[key]}", "use a number of characters such as 200"))
+    wants_fields = flt.get("field") is not None
+    if s.path.startswith("builtin:"):
+        if s.path not in BUILTIN_SOURCES:
+            guess = did_you_mean(s.path, BUILTIN_SOURCES)
+            out.append((("path",), f"unknown built-in source {s.path!r}",
+                        f"did you mean {guess!r}?" if guess else f"built-in sources: {', '.join(BUILTIN_SOURCES)}"))
+        elif wants_fields:
+            out.append((("filter", "field"), f"{s.path} is plain text without fields", "remove filter.field"))
+        return out
+    p = base / s.path
+    supported = "files of a supported type (.txt, .jsonl, each also .gz or .zst, .parquet)"
+    if is_glob(s.path):
+        import glob
+
+        matches = glob.iglob(str(p), recursive=True)
+        first = next(matches, None)
+        if first is None:
+            out.append((("path",), f"the glob {s.path} matches no files (looked for {p})",
+                        "check the pattern; paths are relative to the recipe file"))
+            return out
+        problem = None
+        for m in [first, *matches]:
+            if os.path.isdir(m) and _first_supported(m) is not None or classify(os.path.basename(m)):
+                problem = None
+                break
+            problem = problem or path_problem(os.path.basename(m))
+        else:
+            out.append((("path",), f"the glob {s.path} matches no {supported}" + (f": {problem}" if problem else ""),
+                        "narrow the pattern to the data files, such as data/*.jsonl.zst"))
+        name = os.path.basename(s.path)
+    elif not p.exists():
+        out.append((("path",), f"data file not found: {s.path} (looked in {p})",
+                    "paths are relative to the recipe file; check the name or create the file"))
+        return out
+    elif p.is_dir():
+        if _first_supported(p) is None:
+            out.append((("path",), f"the folder {s.path} holds no {supported}", "point the source at the folder that holds the data"))
+        return out
+    else:
+        problem = path_problem(p.name)
+        if problem:
+            out.append((("path",), problem, "convert the data to .txt (one document per file), .jsonl (one document per line) or .parquet"))
+            return out
+        name = p.name
+    kind = classify(name)
+    if wants_fields and kind and kind[0] == "txt":
+        out.append((("filter", "field"), f"{s.path} is plain text: it has no field {flt['field']!r}",
+                    "a field filter needs .jsonl or .parquet records"))
+    return out
+
+
+def _first_supported(folder) -> str | None:
+    from malt.runtime.sources import classify
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for fn in filenames:
+            if not fn.startswith(".") and classify(fn):
+                return os.path.join(dirpath, fn)
     return None
 
 
@@ -235,9 +320,11 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
     m = r.model
     if m is not None:
         if m.d_model % m.n_heads:
-            divisors = [h for h in range(1, min(m.d_model, 128) + 1) if m.d_model % h == 0 and (m.d_model // h) % 2 == 0]
+            # head dimensions of 16 to 256 are what kernels are tuned for: offer the nearest such head counts
+            fits = [h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and (m.d_model // h) % 2 == 0 and 16 <= m.d_model // h <= 256]
+            divisors = sorted(sorted(fits, key=lambda h: abs(h - m.n_heads))[:4])
             add(("model", "n_heads"), f"n_heads ({m.n_heads}) does not divide d_model ({m.d_model})",
-                f"choose n_heads from {divisors[-6:]} or change d_model to a multiple of {m.n_heads}" if divisors
+                f"choose n_heads from {divisors} or change d_model to a multiple of {m.n_heads}" if divisors
                 else f"change d_model to a multiple of 2 × n_heads = {2 * m.n_heads}")
         else:
             head_dim = m.d_model // m.n_heads
@@ -256,11 +343,11 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
     t = r.tokenizer
     base = loaded.base_dir
     if t is not None:
-        if t.kind == "bpe":
+        if t.kind in ("bpe", "unigram"):
             if t.vocab_size is None:
-                add(("tokenizer",), "a bpe tokenizer needs vocab_size", "add `vocab_size: 8192` (or another size) to the tokenizer section")
+                add(("tokenizer",), f"a {t.kind} tokenizer needs vocab_size", "add `vocab_size: 8192` (or another size) to the tokenizer section")
             elif t.vocab_size < 256 + len(t.special_tokens):
-                add(("tokenizer", "vocab_size"), f"a byte-level bpe vocabulary needs at least 256 + {len(t.special_tokens)} special tokens, got {t.vocab_size}",
+                add(("tokenizer", "vocab_size"), f"a byte-level {t.kind} vocabulary needs at least 256 + {len(t.special_tokens)} special tokens, got {t.vocab_size}",
                     f"set tokenizer.vocab_size to at least {256 + len(t.special_tokens)}")
         if t.kind == "bytes" and t.vocab_size is not None and t.vocab_size != 256 + len(t.special_tokens):
             add(("tokenizer", "vocab_size"), f"a bytes tokenizer has exactly 256 + {len(t.special_tokens)} special tokens = {256 + len(t.special_tokens)} entries, got {t.vocab_size}",
@@ -282,6 +369,12 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 "use special_tokens: ['<|endoftext|>']")
         if len(set(t.special_tokens)) != len(t.special_tokens):
             add(("tokenizer", "special_tokens"), "special tokens repeat", "list each special token once")
+        for i, tok_text in enumerate(t.add_special_tokens):
+            if tok_text in t.special_tokens or tok_text in t.add_special_tokens[:i]:
+                add(("tokenizer", "add_special_tokens", i), f"{tok_text!r} is already " + ("in special_tokens" if tok_text in t.special_tokens else "listed"),
+                    "list each special token once")
+            elif not tok_text:
+                add(("tokenizer", "add_special_tokens", i), "a special token must not be empty", "remove the empty entry")
         if r.data is not None:
             names = [s.name for s in r.data.sources]
             for i, name in enumerate(t.train_on):
@@ -289,8 +382,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                     guess = did_you_mean(name, names)
                     add(("tokenizer", "train_on", i), f"no data source is named {name!r}",
                         f"did you mean {guess!r}?" if guess else f"sources are: {', '.join(names)}")
-        if t.train_on and t.kind != "bpe":
-            add(("tokenizer", "train_on"), f"train_on is only used by kind: bpe (this tokenizer is kind: {t.kind})", "remove tokenizer.train_on")
+        if t.train_on and t.kind not in ("bpe", "unigram"):
+            add(("tokenizer", "train_on"), f"train_on is only used by kind: bpe and unigram (this tokenizer is kind: {t.kind})", "remove tokenizer.train_on")
         if t.max_chars <= 0:
             add(("tokenizer", "max_chars"), "must be positive", "remove tokenizer.max_chars to use the default (20M)")
 
@@ -308,19 +401,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             seen.add(s.name)
             if s.weight <= 0:
                 add(("data", "sources", i, "weight"), f"weight must be positive, got {s.weight}", "remove the source or give it a positive weight")
-            if s.path.startswith("builtin:"):
-                if s.path not in BUILTIN_SOURCES:
-                    guess = did_you_mean(s.path, BUILTIN_SOURCES)
-                    add(("data", "sources", i, "path"), f"unknown built-in source {s.path!r}",
-                        f"did you mean {guess!r}?" if guess else f"built-in sources: {', '.join(BUILTIN_SOURCES)}")
-                continue
-            p = base / s.path
-            if not p.exists():
-                add(("data", "sources", i, "path"), f"data file not found: {s.path} (looked in {p})",
-                    "paths are relative to the recipe file; check the name or create the file")
-            elif p.is_file() and not p.name.endswith(SUPPORTED_SUFFIXES):
-                add(("data", "sources", i, "path"), f"unsupported file type {p.suffix or p.name!r}; supported: {', '.join(SUPPORTED_SUFFIXES)} and directories of them",
-                    "convert the data to .txt (one document per file) or .jsonl (one document per line)")
+            for sub, message, hint in source_problems(s, base):
+                add(("data", "sources", i, *sub), message, hint)
         if r.data.validation >= 0.5:
             add(("data", "validation"), f"{r.data.validation:.0%} of the data held out for validation leaves too little to train on", "use a few percent, such as 1%")
 
@@ -376,10 +458,38 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             if sch.constant_ratio <= sch.min_lr_ratio:
                 add(("schedule", "constant_ratio"), f"the plateau ({sch.constant_ratio:.0%} of lr) must lie above the final lr ({sch.min_lr_ratio:.0%} of lr)",
                     "raise constant_ratio or lower min_lr_ratio")
+        # a field of the recipe's schedule is also read by phases whose own schedule inherits it
+        inheriting = [ph.schedule for ph in (getattr(r, "phases", None) or []) if ph.schedule is not None]
         for path, message, hint in schedule_field_problems(sch, sch.decay, ("schedule",)):
-            add(path, message, hint)
+            field = path[-1]
+            readers = {ps.decay or sch.decay for ps in inheriting if getattr(ps, field) is None}
+            set_in, decay_in = loaded.origins.get(path), loaded.origins.get(("schedule", "decay"))
+            from_parent = set_in is not None and decay_in is not None and set_in.file != decay_in.file and not set_in.command_line
+            if not readers & set(SCHEDULE_FIELD_USERS[field]) and not from_parent:  # a parent's setting that the child's decay does not read is fine
+                add(path, message, hint)
 
     tg = r.target
+    if tg is not None and tr is not None:
+        n = tg.devices
+        if n > 1 and tr.global_batch % n:
+            add(("train", "global_batch"), f"global_batch ({tr.global_batch}) does not split evenly over {n} devices",
+                f"use a multiple of {n}, such as {tr.global_batch + n - tr.global_batch % n}")
+        elif n > 1 and tr.micro_batch != "auto" and (tr.global_batch // n) % tr.micro_batch:
+            add(("train", "micro_batch"), f"each of the {n} devices gets {tr.global_batch // n} sequences per step, not divisible by micro_batch ({tr.micro_batch})",
+                f"choose micro_batch from {[d for d in range(1, tr.global_batch // n + 1) if (tr.global_batch // n) % d == 0]} or use auto")
+        if n == 1 and tg.parallelism in ("ddp", "fsdp"):
+            add(("target", "parallelism"), f"{tg.parallelism} needs more than one device", "set target.devices, or parallelism: single (or auto)")
+        if n > 1 and tg.parallelism == "single":
+            add(("target", "parallelism"), f"parallelism single runs one process, but target.devices is {n}", "use auto, ddp or fsdp")
+        phases = getattr(r, "phases", None) or []
+        if n > 1 and any(ph.growth is not None for ph in phases):
+            add(("target", "devices"), "growth by stacking on several devices is not built yet", "grow on one device (target.devices: 1)")
+        if n > 1:
+            for i, ph in enumerate(phases):
+                gb = ph.train.global_batch if ph.train and ph.train.global_batch else None
+                if gb and gb % n:
+                    add(("phases", i, "train", "global_batch"), f"global_batch ({gb}) of phase {ph.name!r} does not split evenly over {n} devices",
+                        f"use a multiple of {n}")
     if tg is not None:
         if tg.accelerator == "cpu" and tg.chip not in ("auto", "cpu"):
             add(("target", "chip"), f"chip {tg.chip!r} is a GPU but accelerator is cpu", "set target.chip: cpu (or auto), or accelerator: cuda")
@@ -446,8 +556,8 @@ def validate(loaded: Loaded) -> Recipe:
                 node = node.get(p) if isinstance(node, dict) else None
             if isinstance(node, dict) and path[-1] in node and path in {k for k in NOT_BUILT_VALUES}:
                 node.pop(path[-1])
-            if path == ("target", "devices") and isinstance(node, dict):
-                node.pop("devices", None)
+            if path == ("target", "parallelism") and isinstance(node, dict):
+                node.pop("parallelism", None)
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as err:
@@ -457,6 +567,8 @@ def validate(loaded: Loaded) -> Recipe:
     problems += _cross_checks(recipe, loaded)
     if not problems:
         problems += _phase_checks(recipe, loaded)
+    if not problems and recipe.init_from is not None:
+        problems += _init_from_checks(recipe, loaded)
     if problems:
         raise RecipeError(_in_order(problems, loaded))
     return recipe
@@ -472,3 +584,43 @@ def _phase_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
                 out.append(Diagnostic(_dotted(path), f"data file not found: {s.path} (looked in {loaded.base_dir / s.path})",
                                       loaded.origin(path), hint="paths are relative to the recipe file"))
     return out
+
+
+def _init_from_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
+    """init_from must name a checkpoint whose shapes are this model's, field by field."""
+    from .checkpoints import describe
+
+    out = []
+    where = ("init_from", "path")
+    found, problem = describe(loaded.base_dir / r.init_from.path)
+    if problem:
+        return [Diagnostic("init_from.path", problem, loaded.origin(where),
+                           hint="name a run directory of `malt run` (runs/NAME) or a Hugging Face model directory (config.json + safetensors)")]
+    if r.init_from.optimizer == "carry" and found["kind"] != "malt":
+        out.append(Diagnostic("init_from.optimizer", "optimizer state can only be carried over from a malt run directory",
+                              loaded.origin(("init_from", "optimizer")), hint="use optimizer: fresh for a Hugging Face model"))
+    m = r.model
+    tok = tokenizer_vocab(r, loaded.base_dir)
+    vocab = m.vocab_size or tok
+    padded = -(-vocab // m.pad_vocab_multiple) * m.pad_vocab_multiple if vocab else None
+    mine = {
+        "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads or m.n_heads,
+        "d_ff": m.d_ff if m.d_ff is not None else _llama_d_ff(m.d_model), "vocab": padded,
+        "tie_embeddings": m.tie_embeddings, "qkv_bias": m.qkv_bias,
+    }
+    for key, theirs in found["shape"].items():
+        if mine.get(key) is not None and theirs is not None and mine[key] != theirs:
+            field = {"vocab": "vocab_size"}.get(key, key)
+            path = ("model", field) if field in ModelSpec.model_fields else ("model",)
+            hint = (f"set model.{field}: {theirs}" if key != "vocab" else
+                    f"the checkpoint's vocabulary is {theirs}: use its tokenizer (tokenizer: {{kind: file, path: ...}}) and "
+                    f"model.vocab_size / pad_vocab_multiple that give {theirs}")
+            out.append(Diagnostic(_dotted(path), f"{key} is {mine[key]} here but {theirs} in {r.init_from.path}",
+                                  loaded.origin(path if path in loaded.origins else ("model",)), hint=hint))
+    return out
+
+
+def _llama_d_ff(d_model: int) -> int:
+    from .passes.resolve_shape import llama_d_ff
+
+    return llama_d_ff(d_model)

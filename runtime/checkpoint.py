@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from .run import Run, RunError
 
-FORMAT = 1
+FORMAT = 2  # 2: tensors keyed by parameter name (full, unsharded), optimizer state by parameter name
 
 
 def _fsync_dir(path: Path) -> None:
@@ -67,19 +67,69 @@ def latest(run_dir: Path):
     return None
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer):
-    sd = optimizer.state_dict()
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def _model_tensors(model: torch.nn.Module) -> dict:
+    """The full (unsharded) model state on the CPU, keyed by parameter name; a tied head is stored once."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(model, options=_options())
+    seen, out = {}, {}
+    for k, v in sd.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        if key is not None and key in seen or (k == "lm_head.weight" and _tied(model)):
+            continue
+        seen[key] = k
+        out[k] = v.contiguous()
+    return out
+
+
+def _tied(model) -> bool:
+    m = getattr(model, "module", model)
+    return hasattr(m, "lm_head") and m.lm_head.weight is m.embed_tokens.weight
+
+
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """The full optimizer state keyed by parameter name (world-size independent): tensors and JSON metadata."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer, options=_options())  # gathered on the main process only
     tensors, plain = {}, {}
-    for pid, st in sd["state"].items():
+    for name, st in osd.get("state", {}).items():
         for key, value in st.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{name}::{key}"] = value.detach().cpu().contiguous()
             else:
-                plain[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "plain_state": plain}
+                plain[f"{name}::{key}"] = value
+    return tensors, {"param_groups": osd.get("param_groups", []), "plain_state": plain}
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 2, extra: dict | None = None) -> Path:
+    """Write a checkpoint of ``model`` (the unwrapped module; sharded or not) and ``optimizer``.
+
+    Every process must call it (gathering a sharded model is collective); the main process writes.
+    """
+    tensors = _model_tensors(model)
+    opt_tensors, meta = _optimizer_tensors(model, optimizer)
+    final = run.checkpoints / f"step_{step:08d}"
+    if getattr(run, "is_main", True):
+        _write(run, step, tensors, opt_tensors, meta, keep, extra)
+    _barrier()
+    return final
+
+
+def _write(run: Run, step: int, tensors: dict, opt_tensors: dict, meta: dict, keep: int, extra: dict | None) -> None:
     ck = run.checkpoints
     ck.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -87,9 +137,8 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    tensors, meta = _optimizer_tensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -99,6 +148,7 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
         "step": step,
         "name": run.name,
         "recipe_hash": run.recipe_hash,
+        "world_size": getattr(run, "world_size", 1),
         "data": {"sampler": "stateless", "next_step": step},  # batches are a pure function of (seed, step, index)
         "optimizer": meta,
         "recipe": _read_text(run.dir / "recipe.lock.yaml"),  # the resolved recipe that produced this checkpoint
@@ -123,11 +173,25 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     for old in done[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _set_model(model: torch.nn.Module, tensors: dict, source) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if _tied(model) and "lm_head.weight" not in tensors and "embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+    try:
+        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=True))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise RunError(f"checkpoint {source} does not fit this model: {str(e).splitlines()[0]}",
+                       "resume with the recipe that wrote it (same model shape)")
 
 
 def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    """Load the newest checkpoint of ``run`` into model and optimizer; returns its step."""
+    """Load the newest checkpoint of ``run`` into model and optimizer (on every process); returns its step.
+
+    Checkpoints hold full tensors keyed by name, so a run may resume on another number of processes.
+    """
     found = latest(run.dir)
     if found is None:
         return 0
@@ -136,36 +200,103 @@ def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         state = json.loads((path / "state.json").read_text())
     except ValueError as e:
         raise RunError(f"checkpoint {path / 'state.json'} is corrupt: {e}", "remove that checkpoint directory to resume from an older one")
+    if state.get("format") != FORMAT:
+        raise RunError(f"checkpoint {path} has format {state.get('format')}, this malt reads format {FORMAT}",
+                       "resume it with the malt version that wrote it")
     if state.get("recipe_hash") != run.recipe_hash:
         raise RunError(f"checkpoint {path} was written by a different version of the recipe "
                        f"(hash {str(state.get('recipe_hash'))[:12]}, now {run.recipe_hash[:12]})",
                        "resume with the recipe that started the run, or start a new run in another directory")
-    device = next(model.parameters()).device
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), device=str(device))
+        tensors = load_file(str(path / "model.safetensors"))
         if optimizer is not None:
-            tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
+            opt_tensors = load_file(str(path / "optimizer.safetensors"))
             rng = load_file(str(path / "rng.safetensors"))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise RunError(f"checkpoint {path} cannot be read: {e}", "remove that checkpoint directory to resume from an older one")
+    _set_model(model, tensors, path)
     if optimizer is not None:
-        meta = state["optimizer"]
-        opt_state: dict = {}
-        for key, value in tensors.items():
-            pid, name = key.split(".", 1)
-            opt_state.setdefault(int(pid), {})[name] = value
-        for key, value in meta["plain_state"].items():
-            pid, name = key.split(".", 1)
-            opt_state.setdefault(int(pid), {})[name] = value
-        groups = meta["param_groups"]
-        for g in groups:
-            if "betas" in g:
-                g["betas"] = tuple(g["betas"])
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        _load_optimizer(model, optimizer, state, opt_tensors)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return step
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, tensors: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    meta = state["optimizer"]
+    opt_state: dict = {}
+    for key, value in list(tensors.items()) + list(meta["plain_state"].items()):
+        name, field = key.rsplit("::", 1)
+        opt_state.setdefault(name, {})[field] = value
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    try:
+        set_optimizer_state_dict(model, optimizer, {"state": opt_state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise RunError(f"the optimizer state does not fit this model: {str(e).splitlines()[0]}", "use init_from.optimizer: fresh")
+
+
+def init_from(path: Path, kind: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, log=print) -> None:
+    """Load the weights a new run starts from: a malt run's latest checkpoint or a Hugging Face directory.
+
+    With ``optimizer`` (malt runs only), the checkpoint's AdamW moments come too; the
+    learning rate and schedule are the new recipe's.
+    """
+    path = Path(path)
+    if kind == "malt":
+        found = latest(path)
+        if found is None:
+            raise RunError(f"init_from: no checkpoint in {path}")
+        step, ck = found
+        state_dict = load_file(str(ck / "model.safetensors"))
+        source = f"{path} (step {step:,})"
+    else:
+        state_dict = _hf_state_dict(path)
+        source = str(path)
+    own = model.state_dict()
+    if "lm_head.weight" not in state_dict and "embed_tokens.weight" in state_dict and "lm_head.weight" in own:
+        state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]  # tied: stored once
+    if "embed_tokens.weight" not in state_dict and "lm_head.weight" in state_dict:
+        state_dict["embed_tokens.weight"] = state_dict["lm_head.weight"]
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} there, {tuple(v.shape)} here" for k, v in own.items()
+             if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in state_dict]
+    if wrong or missing:
+        raise RunError(f"init_from {source} does not fit this model: " + "; ".join(wrong + [f"{k} missing" for k in missing][:8]),
+                       "make the model section match the checkpoint's shape")
+    _set_model(model, {k: state_dict[k] for k in own}, source)
+    if optimizer is not None:
+        state = json.loads((ck / "state.json").read_text())
+        _load_optimizer(model, optimizer, state, load_file(str(ck / "optimizer.safetensors")))
+    n = sum(v.numel() for k, v in own.items() if not (k == "lm_head.weight" and _tied(model)))
+    log(f"init_from: {n:,} parameters from {source}" + (" with its optimizer state" if optimizer is not None else ""))
+
+
+def _hf_state_dict(path: Path) -> dict:
+    """A Hugging Face Llama/Mistral/Qwen2 checkpoint's tensors under malt's names (``model.`` prefix removed)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise RunError(f"init_from: no .safetensors files in {path}")
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue
+                    name = key[len("model."):] if key.startswith("model.") else key
+                    out[name] = handle.get_tensor(key).float()
+        except (SafetensorError, OSError) as e:
+            raise RunError(f"init_from: {f} cannot be read: {e}")
+    return out
 
 
 def load_weights(run_dir: Path, model: torch.nn.Module) -> int:

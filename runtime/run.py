@@ -41,7 +41,7 @@ def _fmt_duration(s: float) -> str:
 
 
 class Run:
-    def __init__(self, directory: Path, name: str, recipe_hash: str, resume: bool, quiet: bool = False):
+    def __init__(self, directory: Path, name: str, recipe_hash: str, resume: bool, quiet: bool = False, rank: int = 0, world: int = 1):
         self.dir = directory
         self.name = name
         self.recipe_hash = recipe_hash
@@ -58,15 +58,22 @@ class Run:
         self._t0 = self._t_last = time.perf_counter()
         self._step_last = 0
         self.last_eval = None
+        self.is_main = rank == 0      # with several processes, only the first logs and writes
+        self.world_size = world
+        self.resume_step = 0  # the step of the checkpoint a resumed run continues
 
     # -- output -------------------------------------------------------------
     def log(self, message: str) -> None:
+        if not self.is_main:
+            return
         if self._progress is not None:
             self._progress.console.print(message, markup=False, highlight=False)
         elif not self.quiet:
             print(message, flush=True)
 
     def _write(self, record: dict) -> None:
+        if self._metrics is None:
+            return
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
 
@@ -77,6 +84,9 @@ class Run:
         if device == "cuda" and not torch.cuda.is_available():
             raise RunError("this program was compiled for cuda, but no CUDA device is visible here",
                            "compile for this machine: --set target.accelerator=cpu (or auto)")
+        if device == "cuda" and torch.cuda.device_count() < self.world_size:
+            raise RunError(f"{self.world_size} processes but {torch.cuda.device_count()} CUDA devices on this machine",
+                           f"set target.devices to at most {torch.cuda.device_count()}")
         if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise RunError(f"{torch.cuda.get_device_name(0)} does not support bf16", "use --set target.precision=fp32")
 
@@ -84,6 +94,8 @@ class Run:
         """Copy the tokenizer into the run directory, so sampling and export need nothing else."""
         import shutil
 
+        if not self.is_main:
+            return
         target = self.dir / "tokenizer.json"
         tmp = self.dir / f".tokenizer.json.tmp-{os.getpid()}"
         shutil.copyfile(path, tmp)
@@ -97,6 +109,8 @@ class Run:
         """
         self._start_step, self._max_steps, self._tokens_per_step = start_step, max_steps, tokens_per_step
         self._tokens_last = self._tokens_start = start_step * tokens_per_step if tokens_done is None else tokens_done
+        if not self.is_main:
+            return
         kept = []
         if start_step > 0 and self.metrics_path.exists():
             for line in self.metrics_path.read_text().splitlines():
@@ -124,6 +138,10 @@ class Run:
 
     def log_step(self, step: int, loss: float, lr: float, grad_norm=None, tokens: int | None = None) -> None:
         """Record a step; ``tokens`` is the run's tokens so far (default step × tokens_per_step)."""
+        if hasattr(grad_norm, "full_tensor"):  # a sharded (FSDP) norm: every process takes part
+            grad_norm = grad_norm.full_tensor()
+        if not self.is_main:
+            return
         now = time.perf_counter()
         tokens = step * self._tokens_per_step if tokens is None else tokens
         tok_s = (tokens - self._tokens_last) / max(now - self._t_last, 1e-9)
@@ -142,11 +160,15 @@ class Run:
             print(f"step {step:>6,}/{self._max_steps:,} | {status} | ETA {_fmt_duration(eta)}", flush=True)
 
     def log_eval(self, step: int, val_loss: float) -> None:
+        if not self.is_main:
+            return
         self.last_eval = val_loss
         self._write({"step": step, "val_loss": val_loss})
         self.log(f"step {step:>6,}/{self._max_steps:,} | val loss {val_loss:.4f}")
 
     def end(self) -> None:
+        if not self.is_main:
+            return
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -161,7 +183,7 @@ class Run:
 USAGE = "usage: python train.py [--resume] [--quiet]"
 
 
-def start_run(directory: Path, name: str, recipe_hash: str, argv=None) -> Run:
+def start_run(directory: Path, name: str, recipe_hash: str, argv=None, rank: int = 0, world: int = 1) -> Run:
     """Parse the program's flags and check the run directory before any work is done."""
     args = list(sys.argv[1:] if argv is None else argv)
     unknown = [a for a in args if a not in ("--resume", "--quiet", "-h", "--help")]
@@ -178,7 +200,8 @@ def start_run(directory: Path, name: str, recipe_hash: str, argv=None) -> Run:
     if latest is not None and not resume:
         raise RunError(f"{directory} already holds a checkpoint (step {latest[0]:,}); starting over would overwrite it",
                        "pass --resume to continue that run, or remove the directory (or compile to another one) to start over")
-    run = Run(directory, name, recipe_hash, resume=resume and latest is not None, quiet="--quiet" in args)
+    run = Run(directory, name, recipe_hash, resume=resume and latest is not None, quiet="--quiet" in args, rank=rank, world=world)
+    run.resume_step = latest[0] if run.resume else 0
     if resume and latest is None:
         run.log(f"no checkpoint in {directory}: starting from step 0")
     return run

@@ -1,36 +1,53 @@
 """Text sources for the data pipeline: builtin corpora and local files.
 
-A source turns a path from the recipe into a stream of documents (strings)
-and a cheap fingerprint that changes whenever its content may have changed
-(paths, sizes and modification times; never the content itself, so checking a
-cached source costs a few ``stat`` calls).
+A source turns a path from the recipe into a stream of documents (strings),
+read lazily, one record at a time, so a source may be far larger than memory.
+Its *fingerprint* changes whenever its content may have changed (paths, sizes
+and modification times; never the content itself, so checking a cached source
+costs a few ``stat`` calls).
 
-Supported paths:
+Paths (relative ones resolve against the recipe's folder):
 
 - ``builtin:python-docs``: docstrings (modules, classes, functions) and comment
   blocks of the running interpreter's standard library, one document per file.
 - ``builtin:python-code``: the source code of those files, one document per file.
-- ``*.txt``: one document per file.
-- ``*.jsonl``: one document per line, taken from ``text_field``; broken lines and
-  records without the field are counted and skipped.
-- a directory: every ``.txt`` and ``.jsonl`` file below it, sorted by path.
+- ``*.txt`` (also ``.txt.gz``, ``.txt.zst``): one document per file.
+- ``*.jsonl`` (also ``.jsonl.gz``, ``.jsonl.zst``): one JSON object per line, its
+  text in ``text_field``.
+- ``*.parquet``: one document per row, its text in the column ``text_field``.
+- a directory: every file of those types below it (recursively), sorted by path.
+- a glob such as ``data/*.jsonl.zst`` or ``shards/**/*.parquet``: the matching
+  files (directories it matches are walked), sorted by path.
+
+Records that cannot be read (invalid JSON, bad UTF-8, a missing or non-text
+field, an unreadable or corrupt file) are counted by reason in
+:attr:`Source.skipped` and skipped. Per-source filters (``min_chars``,
+``max_chars``, a threshold on a numeric ``field``) and exact-duplicate removal
+(``dedupe``) drop documents, counted by filter in :attr:`Source.filtered`.
 """
 
 from __future__ import annotations
 
 import ast
+import glob as _glob
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import sys
 import sysconfig
 import tokenize
 import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["DataError", "Source", "make_source", "BUILTINS"]
+__all__ = ["DataError", "Source", "make_source", "BUILTINS", "classify", "path_problem",
+           "SUPPORTED", "COMPRESSIONS", "FILTER_KEYS", "check_filter", "doc_hash"]
 
 
 class DataError(Exception):
@@ -42,14 +59,77 @@ class DataError(Exception):
 
 
 BUILTINS = ("python-docs", "python-code")
-TEXT_SUFFIXES = (".txt",)
-JSONL_SUFFIXES = (".jsonl",)
+KINDS = ("txt", "jsonl", "parquet")
+COMPRESSIONS = {"": "none", ".gz": "gzip", ".zst": "zstandard"}
+SUPPORTED = (".txt", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+# compressions people use that are not read (yet): named in the error instead of "unsupported type"
+_OTHER_COMPRESSIONS = (".bz2", ".xz", ".lzma", ".lz4", ".zip", ".7z", ".tar", ".tgz", ".br", ".zstd", ".snappy", ".z")
+FILTER_KEYS = ("min_chars", "max_chars", "field", "min", "max")
 _SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _digest(obj) -> str:
     data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(data).hexdigest()
+
+
+def classify(name: str) -> tuple[str, str] | None:
+    """(kind, compression suffix) of a file name, or None if it is not a supported source file."""
+    low = name.lower()
+    for kind in ("txt", "jsonl"):
+        for comp in COMPRESSIONS:
+            if low.endswith(f".{kind}{comp}"):
+                return kind, comp
+    if low.endswith(".parquet"):
+        return "parquet", ""
+    return None
+
+
+def path_problem(name: str) -> str | None:
+    """Why a file named ``name`` cannot be a source, or None if it can."""
+    if classify(name):
+        return None
+    low = name.lower()
+    stem, dot, ext = low.rpartition(".")
+    if dot and f".{ext}" in _OTHER_COMPRESSIONS:
+        inner = stem.rpartition(".")[2]
+        what = f"a .{inner} file " if inner in KINDS else ""
+        return (f"unknown compression '.{ext}' ({what}{name}); supported compressions: .gz and .zst "
+                f"(for .txt and .jsonl; parquet compresses internally)")
+    if low.endswith((".parquet.gz", ".parquet.zst")):
+        return f"{name}: parquet files are compressed internally; use the .parquet file itself"
+    return f"unsupported file type {name!r}; supported: {', '.join(SUPPORTED)} and folders or globs of them"
+
+
+def is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def check_filter(flt: dict | None) -> list[tuple[str, str]]:
+    """Problems of a filter mapping as (key, message): empty when it is usable."""
+    if not flt:
+        return []
+    out = []
+    for k in flt:
+        if k not in FILTER_KEYS:
+            out.append((k, f"unknown filter {k!r}; filters are {', '.join(FILTER_KEYS)}"))
+    lo, hi = flt.get("min_chars"), flt.get("max_chars")
+    if lo is not None and hi is not None and lo > hi:
+        out.append(("min_chars", f"min_chars ({lo}) is larger than max_chars ({hi}): every document would be dropped"))
+    if flt.get("field") is None and (flt.get("min") is not None or flt.get("max") is not None):
+        out.append(("field", "min/max give a threshold on a numeric field, but no field is named"))
+    if flt.get("field") is not None and flt.get("min") is None and flt.get("max") is None:
+        out.append(("field", f"field {flt['field']!r} is named but neither min nor max is set"))
+    if flt.get("min") is not None and flt.get("max") is not None and flt["min"] > flt["max"]:
+        out.append(("min", f"min ({flt['min']}) is larger than max ({flt['max']}): every document would be dropped"))
+    return out
+
+
+def doc_hash(text: str) -> int:
+    """64-bit hash of a document after whitespace normalisation (what ``dedupe`` compares)."""
+    norm = " ".join(text.split())
+    return int.from_bytes(hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 # --------------------------------------------------------------------------
@@ -146,21 +226,41 @@ def _stdlib_corpus(root: str, listing: list[tuple[str, int, int]]) -> list[tuple
 # sources
 # --------------------------------------------------------------------------
 
+@dataclass(frozen=True, order=True)
+class FileEntry:
+    rel: str        # shown in messages and part of the fingerprint
+    full: str       # absolute path ("" for the builtin corpora)
+    size: int
+    mtime_ns: int
+
+
+_MISSING = object()
+
+
 class Source:
     """One named source of documents.
 
-    ``skipped`` (and ``skip_notes``) are filled while ``documents()`` runs.
+    ``skipped`` and ``filtered`` (Counters by reason) and ``notes`` (the first
+    few examples) are filled while :meth:`documents` runs; ``bytes_read`` tells
+    how far it has got through the input files (for progress).
     """
 
     def __init__(self, name: str, path: str, weight: float = 1.0, text_field: str = "text",
-                 base_dir: str | os.PathLike | None = None):
+                 base_dir: str | os.PathLike | None = None, filter: dict | None = None,
+                 dedupe: bool = False):
         self.name = name
         self.spec_path = path
         self.weight = weight
         self.text_field = text_field
-        self.skipped = 0
-        self.skip_notes: list[str] = []
+        self.filter = {k: v for k, v in (filter or {}).items() if v is not None}
+        self.dedupe = bool(dedupe)
+        problems = check_filter(self.filter)
+        if problems:
+            raise DataError(f"source '{name}': filter.{problems[0][0]}: {problems[0][1]}")
         self.builtin: str | None = None
+        self.glob: str | None = None
+        self.path: Path | None = None
+        self.reset_stats()
         if path.startswith("builtin:"):
             b = path[len("builtin:"):]
             if b not in BUILTINS:
@@ -168,7 +268,11 @@ class Source:
                     f"source '{name}': unknown builtin corpus '{path}'; "
                     f"available: {', '.join('builtin:' + x for x in BUILTINS)}")
             self.builtin = b
-            self.path = None
+        elif is_glob(path):
+            pattern = os.path.expanduser(path)
+            if not os.path.isabs(pattern):
+                pattern = os.path.join(os.path.abspath(base_dir or "."), pattern)
+            self.glob = os.path.normpath(pattern)
         else:
             p = Path(os.path.expanduser(path))
             if not p.is_absolute():
@@ -178,122 +282,340 @@ class Source:
                 raise DataError(
                     f"source '{name}': path '{path}' does not exist (looked for {self.path}); "
                     f"fix the path in data.sources (relative paths resolve against the recipe's folder)")
-            if self.path.is_file() and not self._kind_of(self.path):
-                raise DataError(
-                    f"source '{name}': unsupported file type '{self.path.name}'; "
-                    f"expected a .txt file (one document), a .jsonl file (one document per line) or a folder")
-        self._listing = None
+            if self.path.is_file():
+                problem = path_problem(self.path.name)
+                if problem:
+                    raise DataError(f"source '{name}': {problem}")
+        if self.filter.get("field") is not None and self.path is not None and self.path.is_file() \
+                and classify(self.path.name)[0] == "txt":
+            raise DataError(f"source '{name}': filter.field needs records with fields (.jsonl or .parquet); "
+                            f"{self.path.name} is plain text")
+        self._listing: list[FileEntry] | None = None
 
     def __repr__(self):
         return f"Source({self.name!r}, {self.spec_path!r})"
 
     def describe(self) -> str:
-        return self.spec_path if self.builtin else str(self.path)
+        if self.builtin:
+            return self.spec_path
+        return self.glob if self.glob else str(self.path)
 
-    @staticmethod
-    def _kind_of(p: Path) -> str | None:
-        name = p.name.lower()
-        if name.endswith(TEXT_SUFFIXES):
-            return "txt"
-        if name.endswith(JSONL_SUFFIXES):
-            return "jsonl"
-        return None
+    def reset_stats(self):
+        self.skipped: Counter = Counter()
+        self.filtered: Counter = Counter()
+        self.notes: list[str] = []
+        self.records = 0            # records seen (kept, skipped or filtered)
+        self.bytes_read = 0         # of the input files, for progress
 
-    def files(self) -> list[tuple[str, int, int]]:
-        """(path relative to the source root, size, mtime_ns), sorted; cached per object."""
+    @property
+    def skip_notes(self) -> list[str]:  # older name
+        return self.notes
+
+    # -- files -------------------------------------------------------------
+    def files(self) -> list[FileEntry]:
+        """The input files, sorted by path; cached per object."""
         if self._listing is not None:
             return self._listing
         if self.builtin:
-            self._listing = stdlib_files()
-        elif self.path.is_file():
-            st = self.path.stat()
-            self._listing = [("", st.st_size, st.st_mtime_ns)]
-        else:
-            out = []
-            for dirpath, dirnames, filenames in os.walk(self.path, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for fn in filenames:
-                    full = Path(dirpath) / fn
-                    if fn.startswith(".") or not self._kind_of(full):
-                        continue
+            self._listing = [FileEntry(rel, "", size, mt) for rel, size, mt in stdlib_files()]
+        elif self.glob:
+            root = _glob_root(self.glob)
+            found: dict[str, os.stat_result] = {}
+            for m in _glob.glob(self.glob, recursive=True):
+                if os.path.isdir(m):
+                    for full, st in _walk(Path(m)):
+                        found[full] = st
+                elif classify(os.path.basename(m)) and not os.path.basename(m).startswith("."):
                     try:
-                        st = full.stat()
+                        found[os.path.abspath(m)] = os.stat(m)
                     except OSError:
                         continue
-                    out.append((full.relative_to(self.path).as_posix(), st.st_size, st.st_mtime_ns))
-            out.sort()
-            self._listing = out
+            self._listing = sorted(FileEntry(os.path.relpath(f, root).replace(os.sep, "/"), f, st.st_size, st.st_mtime_ns)
+                                   for f, st in found.items())
+        elif self.path.is_file():
+            st = self.path.stat()
+            self._listing = [FileEntry(self.path.name, str(self.path), st.st_size, st.st_mtime_ns)]
+        else:
+            self._listing = sorted(
+                FileEntry(Path(full).relative_to(self.path).as_posix(), full, st.st_size, st.st_mtime_ns)
+                for full, st in _walk(self.path))
         return self._listing
+
+    def config(self) -> dict:
+        """What, besides the files, decides the documents (part of every cache key)."""
+        return {"text_field": self.text_field, "filter": dict(sorted(self.filter.items())), "dedupe": self.dedupe}
 
     def fingerprint(self) -> str:
         """Changes whenever the documents may have changed (cheap: stat only)."""
         if self.builtin:
             info = {"builtin": self.builtin, "python": sys.version, "stdlib": stdlib_dir(),
-                    "files": self.files()}
+                    "files": [(f.rel, f.size, f.mtime_ns) for f in self.files()]}
         else:
-            info = {"path": str(self.path), "text_field": self.text_field, "files": self.files()}
+            info = {"path": self.describe(), "files": [(f.rel, f.size, f.mtime_ns) for f in self.files()]}
+        info.update(self.config())
         return _digest(info)
 
-    def documents(self) -> Iterator[str]:
-        """Yield the non-empty documents in a deterministic order."""
-        self.skipped = 0
-        self.skip_notes = []
+    # -- documents -----------------------------------------------------------
+    def documents(self, files: list[FileEntry] | None = None, seen: set | None = None,
+                  hashes: list | None = None) -> Iterator[str]:
+        """Yield the documents that pass the filters, in a deterministic order.
+
+        ``files``: a subset of :meth:`files` (default: all). ``seen``: hashes of the
+        documents kept so far (``dedupe``); updated in place. ``hashes``: if given
+        (with ``dedupe``), the hash of each yielded document is appended to it.
+        """
+        if self.dedupe and seen is None:
+            seen = set()
+        lo = self.filter.get("min_chars")
+        hi = self.filter.get("max_chars")
+        field = self.filter.get("field")
+        fmin, fmax = self.filter.get("min"), self.filter.get("max")
+        for text, score in self._records(self.files() if files is None else files):
+            self.records += 1
+            if not text.strip():
+                self.filtered["empty"] += 1
+                continue
+            n = len(text)
+            if lo is not None and n < lo:
+                self.filtered["min_chars"] += 1
+                continue
+            if hi is not None and n > hi:
+                self.filtered["max_chars"] += 1
+                continue
+            if field is not None:
+                if score is _MISSING or isinstance(score, bool) or not isinstance(score, (int, float)) \
+                        or not math.isfinite(score):
+                    self.filtered["field_missing"] += 1
+                    continue
+                if (fmin is not None and score < fmin) or (fmax is not None and score > fmax):
+                    self.filtered["field"] += 1
+                    continue
+            if self.dedupe:
+                h = doc_hash(text)
+                if h in seen:
+                    self.filtered["duplicate"] += 1
+                    continue
+                seen.add(h)
+                if hashes is not None:
+                    hashes.append(h)
+            yield text
+
+    def _records(self, files: list[FileEntry]) -> Iterator[tuple[str, object]]:
+        """(text, value of the filter field or _MISSING) of every readable record."""
         if self.builtin:
             root = stdlib_dir()
             col = 1 if self.builtin == "python-code" else 2
-            for row in _stdlib_corpus(root, self.files()):
-                if row[col].strip():
-                    yield row[col]
+            wanted = {f.rel for f in files}
+            for row in _stdlib_corpus(root, [(f.rel, f.size, f.mtime_ns) for f in self.files()]):
+                if row[0] in wanted:
+                    self.bytes_read += len(row[1])
+                    yield row[col], _MISSING
             return
-        for rel, _, _ in self.files():
-            full = self.path / rel if rel else self.path
-            kind = self._kind_of(full)
-            if kind == "txt":
-                yield from self._read_txt(full)
-            elif kind == "jsonl":
-                yield from self._read_jsonl(full, rel or full.name)
+        for f in files:
+            start = self._raw_base = self.bytes_read
+            kind, comp = classify(f.full) or (None, None)
+            try:
+                if kind == "parquet":
+                    yield from self._read_parquet(f)
+                else:
+                    with open(f.full, "rb") as raw:
+                        self._raw = raw
+                        fh = _decompressed(raw, comp)
+                        if kind == "txt":
+                            yield from self._read_txt(fh, f)
+                        else:
+                            yield from self._read_jsonl(fh, f)
+            except OSError as e:
+                self._skip("unreadable", f"{f.rel}: unreadable ({e.strerror or e})")
+            except (EOFError, zlib.error) as e:
+                self._skip("unreadable", f"{f.rel}: corrupt or truncated {COMPRESSIONS.get(comp, 'compressed')} stream ({e}); "
+                                         f"the documents before the damage were kept")
+            except Exception as e:  # zstandard.ZstdError, pyarrow.ArrowException
+                if type(e).__module__.split(".")[0] not in ("zstandard", "pyarrow", "_zstd"):
+                    raise
+                self._skip("unreadable", f"{f.rel}: corrupt or unreadable file ({type(e).__name__}: {e}); "
+                                         f"the documents before the damage were kept")
+            finally:
+                self._raw = None
+            self.bytes_read = start + f.size
 
-    def _read_txt(self, full: Path) -> Iterator[str]:
-        try:
-            with open(full, "rb") as fh:
-                raw = fh.read()
-        except OSError as e:
-            self._skip(f"{full}: unreadable ({e.strerror or e})")
-            return
-        text = raw.decode("utf-8", errors="replace")
-        if text.strip():
-            yield text
+    _raw = None
+    _raw_base = 0
 
-    def _read_jsonl(self, full: Path, label: str) -> Iterator[str]:
+    def progress_bytes(self) -> int:
+        """Bytes of the input files consumed so far (approximate within a compressed file)."""
+        raw = self._raw
+        if raw is not None:
+            try:
+                return self._raw_base + raw.tell()
+            except (OSError, ValueError):
+                pass
+        return self.bytes_read
+
+    def _read_txt(self, fh, f: FileEntry) -> Iterator[tuple[str, object]]:
+        raw = fh.read()
         try:
-            fh = open(full, "rb")
-        except OSError as e:
-            self._skip(f"{full}: unreadable ({e.strerror or e})")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self._skip("bad_encoding", f"{f.rel}: invalid UTF-8 at byte {e.start}")
             return
+        yield text, _MISSING
+
+    def _read_jsonl(self, fh, f: FileEntry) -> Iterator[tuple[str, object]]:
         field = self.text_field
-        with fh:
-            for no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
+        score_field = self.filter.get("field")
+        for no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                s = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                self._skip("bad_encoding", f"{f.rel}:{no}: invalid UTF-8 at byte {e.start}")
+                continue
+            try:
+                rec = json.loads(s)
+            except ValueError:
+                self._skip("invalid_json", f"{f.rel}:{no}: invalid JSON")
+                continue
+            if not isinstance(rec, dict) or field not in rec:
+                self._skip("no_field", f"{f.rel}:{no}: no '{field}' field")
+                continue
+            text = rec[field]
+            if not isinstance(text, str):
+                self._skip("not_text", f"{f.rel}:{no}: '{field}' is {type(text).__name__}, not a string")
+                continue
+            if _SURROGATE_ESCAPE.search(line):  # "\ud800" escapes can make strings that are not UTF-8
                 try:
-                    rec = json.loads(line)
-                except ValueError:
-                    self._skip(f"{label}:{no}: invalid JSON")
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    self._skip("bad_encoding", f"{f.rel}:{no}: '{field}' holds an unpaired surrogate escape")
                     continue
-                if not isinstance(rec, dict) or field not in rec:
-                    self._skip(f"{label}:{no}: no '{field}' field")
-                    continue
-                text = rec[field]
-                if not isinstance(text, str):
-                    self._skip(f"{label}:{no}: '{field}' is {type(text).__name__}, not a string")
-                    continue
-                if text.strip():
-                    yield text
+            yield text, (rec.get(score_field, _MISSING) if score_field else _MISSING)
 
-    def _skip(self, note: str):
-        self.skipped += 1
-        if len(self.skip_notes) < 5:
-            self.skip_notes.append(note)
+    def _read_parquet(self, f: FileEntry) -> Iterator[tuple[str, object]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        field = self.text_field
+        score_field = self.filter.get("field")
+        pf = pq.ParquetFile(f.full)
+        names = pf.schema_arrow.names
+        total = pf.metadata.num_rows
+        if field not in names:
+            if total:
+                self._skip("no_field", f"{f.rel}: no column '{field}' (columns: {', '.join(names[:8])})", total)
+            return
+        ftype = pf.schema_arrow.field(field).type
+        is_str = pa.types.is_string(ftype) or pa.types.is_large_string(ftype)
+        is_bin = pa.types.is_binary(ftype) or pa.types.is_large_binary(ftype)
+        if not (is_str or is_bin):
+            if total:
+                self._skip("not_text", f"{f.rel}: column '{field}' is {ftype}, not text", total)
+            return
+        score_col = score_field if score_field and score_field in names and score_field != field else None
+        cols = [field] + ([score_col] if score_col else [])
+        done = 0
+        row = 0
+        for batch in pf.iter_batches(batch_size=4096, columns=cols):
+            texts = batch.column(0).to_pylist()
+            scores = batch.column(1).to_pylist() if score_col else None
+            for i, t in enumerate(texts):
+                row += 1
+                if t is None:
+                    self._skip("no_field", f"{f.rel}: row {row}: '{field}' is null")
+                    continue
+                if is_bin:
+                    try:
+                        t = t.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        self._skip("bad_encoding", f"{f.rel}: row {row}: invalid UTF-8 at byte {e.start}")
+                        continue
+                s = _MISSING if scores is None or scores[i] is None else scores[i]
+                yield t, s
+            done += batch.num_rows
+            self.bytes_read = self._raw_base + (f.size * done // max(total, 1))
+
+    def _skip(self, reason: str, note: str, n: int = 1):
+        self.skipped[reason] += n
+        self.records += n
+        if len(self.notes) < 5:
+            self.notes.append(note)
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard (paths are shown relative to it)."""
+    parts = Path(pattern).parts
+    fixed = []
+    for p in parts:
+        if is_glob(p):
+            break
+        fixed.append(p)
+    root = os.path.join(*fixed) if fixed else "."
+    return root if os.path.isdir(root) else os.path.dirname(root)
+
+
+def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(absolute path, stat) of every supported, non-hidden file below ``root``."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in filenames:
+            if fn.startswith(".") or not classify(fn):
+                continue
+            full = os.path.join(dirpath, fn)
+            try:
+                yield os.path.abspath(full), os.stat(full)
+            except OSError:
+                continue
+
+
+def _decompressed(raw, comp: str):
+    """A binary, line-iterable stream of the decompressed bytes of ``raw``."""
+    if comp == ".gz":
+        import gzip
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if comp == ".zst":
+        return io.BufferedReader(_ZstdReader(raw), buffer_size=1 << 20)
+    return raw
+
+
+class _ZstdReader(io.RawIOBase):
+    """Decompresses a zstandard file of one or more frames; a file cut inside a frame is an
+    EOFError (zstandard's own stream reader just stops there, silently)."""
+
+    def __init__(self, raw):
+        import zstandard
+        self._zstd = zstandard
+        self._raw = raw
+        self._obj = zstandard.ZstdDecompressor().decompressobj()
+        self._fed = False       # data given to the current frame's decompressor
+        self._buf = b""
+
+    def readable(self):
+        return True
+
+    _pos = 0
+
+    def readinto(self, b):
+        while self._pos >= len(self._buf):
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._fed and not self._obj.eof:
+                    raise EOFError("the file ends inside a zstandard frame (truncated?)")
+                return 0
+            out = []
+            while chunk:
+                self._fed = True
+                out.append(self._obj.decompress(chunk))
+                chunk = b""
+                if self._obj.eof:  # next frame
+                    chunk = self._obj.unused_data
+                    self._obj = self._zstd.ZstdDecompressor().decompressobj()
+                    self._fed = False
+            self._buf, self._pos = b"".join(out), 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return n
 
 
 def make_source(entry: dict, base_dir) -> Source:
@@ -306,4 +628,6 @@ def make_source(entry: dict, base_dir) -> Source:
         weight=float(entry.get("weight", 1.0)),
         text_field=str(entry.get("text_field") or "text"),
         base_dir=base_dir,
+        filter=entry.get("filter"),
+        dedupe=bool(entry.get("dedupe", False)),
     )

@@ -4,8 +4,16 @@ Kinds:
 
 - ``bpe``: byte-level BPE trained on the recipe's sources (special tokens
   first, so the first special token, the document separator, is id 0).
+- ``unigram``: a byte-level Unigram language model (SentencePiece's algorithm)
+  trained the same way; the 256 byte symbols are always in its vocabulary, so
+  any text encodes and decodes back exactly.
 - ``bytes``: 256 byte tokens (id = byte value) plus the special tokens.
 - ``file``: an existing ``tokenizer.json``.
+
+``add_special_tokens`` (ChatML markers, UL2 mode tokens, control tokens) are
+appended after the vocabulary of any kind, in the order given; a token the
+file already has keeps its id. No special token is ever read from document
+text: text that spells one is tokenized as ordinary text.
 
 Every tokenizer is saved as ``tokenizer.json`` in the cache and reused when the
 same tokenizer spec and the same training-text fingerprint are asked again.
@@ -25,7 +33,7 @@ from .sources import DataError, Source, _digest
 __all__ = ["KINDS", "build_tokenizer", "byte_tokenizer", "load_tokenizer", "tokenizer_hash",
            "bytes_to_unicode"]
 
-KINDS = ("bpe", "bytes", "file")
+KINDS = ("bpe", "unigram", "bytes", "file")
 DEFAULT_SPECIALS = ["<|endoftext|>"]
 
 
@@ -61,15 +69,27 @@ def byte_tokenizer(specials: list[str]):
 
 
 def _train(kind: str, texts: Iterable[str], vocab_size: int, specials: list[str]):
-    # (a byte-level Unigram trainer was tried: with the 256-byte initial alphabet,
-    # tokenizers 0.23 learns no pieces at all, so "unigram" is not offered)
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    assert kind == "bpe"
-    tok = _byte_level(Tokenizer(models.BPE()))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if kind == "bpe":
+        tok = _byte_level(Tokenizer(models.BPE()))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                      initial_alphabet=alphabet, show_progress=False)
+    else:
+        # Unigram over the byte-level alphabet: every byte symbol is a required piece, so no
+        # unknown token is needed. (On tiny repetitive corpora the trainer finds few pieces
+        # beyond the alphabet; on real text it fills the vocabulary.)
+        assert kind == "unigram"
+        tok = _byte_level(Tokenizer(models.Unigram()))
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                          initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    if kind == "unigram":
+        vocab = tok.get_vocab()
+        missing = [a for a in alphabet if a not in vocab]
+        if missing:  # never seen; without them some text would not encode
+            raise DataError(f"the unigram trainer dropped {len(missing)} byte symbols from the vocabulary; "
+                            f"use tokenizer.kind: bpe")
     return tok
 
 
@@ -134,11 +154,17 @@ def build_tokenizer(tspec: dict, sources: list[Source], cache_dir: Path, base_di
                         "(the first one separates documents), e.g. ['<|endoftext|>']")
     if len(set(specials)) != len(specials):
         raise DataError(f"tokenizer.special_tokens has duplicates: {specials}")
+    added = list(tspec.get("add_special_tokens") or [])
+    clash = sorted({t for t in added if added.count(t) > 1 or t in specials})
+    if clash:
+        raise DataError(f"tokenizer.add_special_tokens repeats {clash} (of itself or of special_tokens)")
 
     key: dict = {"kind": kind, "specials": specials}
+    if added:
+        key["add_special_tokens"] = added
     train_sources: list[Source] = []
     src_path = None
-    if kind == "bpe":
+    if kind in ("bpe", "unigram"):
         vocab_size = int(tspec.get("vocab_size") or 8192)
         if vocab_size < 256 + len(specials):
             raise DataError(f"tokenizer.vocab_size {vocab_size} is too small for a byte-level {kind} "
@@ -204,6 +230,12 @@ def build_tokenizer(tspec: dict, sources: list[Source], cache_dir: Path, base_di
         if tok.get_vocab_size() < key["vocab_size"]:
             log(f"data: note: the training text only supported {tok.get_vocab_size():,} of the "
                 f"{key['vocab_size']:,} requested tokens")
+    extra = [t for t in added if tok.token_to_id(t) is None]
+    if extra:
+        n0 = tok.get_vocab_size()
+        tok.add_special_tokens(extra)
+        log(f"data: added {len(extra)} special token(s) at ids {n0:,}-{tok.get_vocab_size() - 1:,}: "
+            + ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""))
     tdir.mkdir(parents=True, exist_ok=True)
     _save(tok, path)
     _atomic_write_bytes(tdir / "spec.json", json.dumps(key, indent=1, sort_keys=True).encode())

@@ -33,7 +33,7 @@ def run(spec, cache):
 
 
 def tokens_of(ds, i):
-    return np.load(ds.sources[i]["file"])
+    return ds.tokens(i).numpy()
 
 
 def write(path, text):
@@ -188,6 +188,11 @@ def test_file_tokenizer_adds_missing_specials(tmp_path):
 # --------------------------------------------------------------------------- cache
 
 
+def manifest_of(path):
+    """The manifest of the shard whose tokens file is ``path``."""
+    return json.loads(open(str(path).replace(".tokens.npy", ".json")).read())
+
+
 def test_cache_hit_and_only_changed_source_retokenized(corpus, tmp_path):
     spec = make_spec(corpus, [("a", "a.txt", 1), ("b", "b.jsonl", 1)])
     run(spec, tmp_path / "cache")
@@ -197,30 +202,125 @@ def test_cache_hit_and_only_changed_source_retokenized(corpus, tmp_path):
     ds, log = run(spec, tmp_path / "cache")
     assert "tokenizing a" in log and "cache hit b" in log and "tokenizing b" not in log
     assert ds.sources[0]["tokens"] == len("alpha changed, longer than before") + 1
-    manifest = json.loads(open(ds.sources[0]["file"][:-4] + ".json").read())
-    assert manifest["n_documents"] == 1 and manifest["dtype"] == "uint16" and len(manifest["sha256"]) == 64
+    m = manifest_of(ds.sources[0]["shards"][0])
+    assert m["n_documents"] == 1 and m["dtype"] == "uint16" and len(m["tokens_file"]["sha256"]) == 64
+    assert m["tokenizer_sha256"] and m["files"][0][0] == "a.txt" and m["index_file"]["n"] == 2
+    # a new tokenizer re-tokenizes everything
+    spec["tokenizer"]["add_special_tokens"] = ["<|x|>"]
+    _, log = run(spec, tmp_path / "cache")
+    assert "tokenizing a" in log and "tokenizing b" in log
 
 
-def test_truncated_or_corrupt_npy_is_detected(corpus, tmp_path):
+def test_shards_and_document_index(tmp_path, monkeypatch):
+    """Files are cut into shards; a changed file re-tokenizes its shard only (with dedupe, the later ones too)."""
+    import malt.runtime.data as data_mod
+    monkeypatch.setattr(data_mod, "SHARD_INPUT_BYTES", 100)
+    for k in range(4):
+        write(tmp_path / "d" / f"{k}.jsonl", "\n".join(json.dumps({"text": f"file {k} doc {i} " + "x" * 60})
+                                                    for i in range(3)) + "\n")
+    spec = make_spec(tmp_path, [("d", "d", 1)])
+    ds, _ = run(spec, tmp_path / "cache")
+    assert len(ds.sources[0]["shards"]) == 4 and ds.sources[0]["documents"] == 12
+    toks = ds.tokens(0).numpy()
+    offs = ds.document_offsets("d")
+    assert len(offs) == 13 and offs[0] == 0 and offs[-1] == len(toks)
+    docs = [bytes(toks[a:b - 1].tolist()).decode() for a, b in zip(offs[:-1], offs[1:])]
+    assert docs[4].startswith("file 1 doc 1 ") and all(toks[b - 1] == ds.eos_id for b in offs[1:])
+    # windows across shard boundaries read the concatenation
+    t = ds.tokens(0)
+    for p in (0, 60, len(t) // 2, len(t) - 90):
+        assert t.window(p, 90).tolist() == toks[p:p + 90].tolist()
+    mtimes = {sh: os.stat(sh).st_mtime_ns for sh in ds.sources[0]["shards"]}
+    write(tmp_path / "d" / "1.jsonl", json.dumps({"text": "file 1 changed " + "y" * 60}) + "\n")
+    ds2, log = run(spec, tmp_path / "cache")
+    assert "shard 2 of 4 on" in log and "(1 of 4 shards)" in log
+    kept = [sh for sh in ds2.sources[0]["shards"] if sh in mtimes and os.stat(sh).st_mtime_ns == mtimes[sh]]
+    assert len(kept) == 3 and ds2.sources[0]["documents"] == 10
+    # with dedupe, a shard is deduplicated against the ones before it: a change re-does the later shards
+    write(tmp_path / "d" / "3.jsonl", json.dumps({"text": "file 0 doc 0 " + "x" * 60}) + "\n" +
+          json.dumps({"text": "new"}) + "\n")
+    spec["sources"][0]["dedupe"] = True
+    ds3, _ = run(spec, tmp_path / "cache")
+    assert ds3.sources[0]["filtered_by"] == {"duplicate": 1} and ds3.sources[0]["documents"] == 8
+    write(tmp_path / "d" / "2.jsonl", json.dumps({"text": "file 2 changed " + "y" * 60}) + "\n")
+    ds4, log = run(spec, tmp_path / "cache")
+    assert "(2 of 4 shards)" in log and ds4.sources[0]["filtered_by"] == {"duplicate": 1}
+
+
+def test_truncated_or_corrupt_shard_is_detected(corpus, tmp_path):
     spec = make_spec(corpus, [("a", "a.txt", 1), ("b", "b.jsonl", 1)])
     ds, _ = run(spec, tmp_path / "cache")
-    npy = ds.sources[1]["file"]
+    npy = ds.sources[1]["shards"][0]
     size = os.path.getsize(npy)
     with open(npy, "r+b") as fh:
         fh.truncate(size - 3)
     with pytest.raises(DataError, match="truncated.*" + os.path.basename(npy)):
         run(spec, tmp_path / "cache")
+    with open(npy, "r+b") as fh:  # right size again, wrong bytes at the end: the cheap checksum sees it
+        fh.seek(0, os.SEEK_END)
+        fh.write(b"\0\0\0")
+    with pytest.raises(DataError, match=f"{os.path.basename(npy)} is corrupt: checksum mismatch"):
+        run(spec, tmp_path / "cache")
     os.remove(npy)
-    ds, _ = run(make_spec(corpus, [("b", "b.jsonl", 1)]), tmp_path / "other")
-    npy = ds.sources[0]["file"]
-    with open(npy, "r+b") as fh:  # same size, flipped payload byte
-        fh.seek(-2, os.SEEK_END)
+    with pytest.raises(DataError, match=f"{os.path.basename(npy)} is missing.*delete its manifest") as e:
+        run(spec, tmp_path / "cache")
+    os.remove(npy.replace(".tokens.npy", ".json"))  # as the message says: the shard is tokenized again
+    assert npy.replace(".tokens.npy", ".json") in str(e.value)
+    _, log = run(spec, tmp_path / "cache")
+    assert "tokenizing b" in log and "cache hit a" in log
+    # a flipped byte in the middle of a large shard: only the full check (verify) sees it
+    write(corpus / "big.txt", "0123456789" * 30_000)
+    spec = make_spec(corpus, [("big", "big.txt", 1)])
+    ds, _ = run(spec, tmp_path / "other")
+    npy = ds.sources[0]["shards"][0]
+    with open(npy, "r+b") as fh:
+        fh.seek(300_000)
         fh.write(b"\xff")
-    run(make_spec(corpus, [("b", "b.jsonl", 1)]), tmp_path / "other")  # cheap check passes
-    spec = make_spec(corpus, [("b", "b.jsonl", 1)])
+    run(spec, tmp_path / "other")  # cheap checks pass
     spec["verify_cache"] = True
     with pytest.raises(DataError, match="sha256 mismatch"):
         run(spec, tmp_path / "other")
+    # a corrupt document index
+    spec["verify_cache"] = False
+    idx = ds.sources[0]["index_files"][0]
+    with open(idx, "r+b") as fh:
+        fh.seek(-8, os.SEEK_END)
+        fh.write(np.uint64(5).tobytes())
+    with pytest.raises(DataError, match=os.path.basename(idx) + " is corrupt"):
+        run(spec, tmp_path / "other")
+
+
+def test_workers_give_identical_shards(tmp_path, monkeypatch):
+    """Tokenizing with 2 worker processes gives the same bytes as in-process."""
+    import malt.runtime.data as data_mod
+    monkeypatch.setattr(data_mod, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(data_mod, "_BATCH_DOCS", 7)  # many batches, several in flight
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "héllo", "wörld", "✓", "def", "return", "x"]
+    write(tmp_path / "c.jsonl", "\n".join(json.dumps({"text": " ".join(rng.choice(words, 40))}) for _ in range(300)))
+    spec = make_spec(tmp_path, [("c", "c.jsonl", 1)], kind="bpe", vocab_size=300)
+    started = []
+    real = data_mod._Encoder._start_pool
+    monkeypatch.setattr(data_mod._Encoder, "_start_pool", lambda self: started.append(self.workers) or real(self))
+    one = data_mod.prepare(spec, tmp_path / "c1", log=lambda m: None, workers=1)
+    assert started == []
+    two = data_mod.prepare(spec, tmp_path / "c2", log=lambda m: None, workers=2)
+    assert started == [2]
+    a, b = one.tokens(0).numpy(), two.tokens(0).numpy()
+    assert len(a) > 1000 and np.array_equal(a, b)
+    assert np.array_equal(one.document_offsets(0), two.document_offsets(0))
+    m1, m2 = manifest_of(one.sources[0]["shards"][0]), manifest_of(two.sources[0]["shards"][0])
+    assert m1["tokens_file"]["sha256"] == m2["tokens_file"]["sha256"]
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path, monkeypatch):
+    import malt.runtime.data as data_mod
+    write(tmp_path / "c.jsonl", "\n".join(json.dumps({"text": f"doc {i}"}) for i in range(50)))
+    clock = iter(range(0, 10_000, 20))
+    monkeypatch.setattr(data_mod.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(data_mod, "_BATCH_DOCS", 10)
+    _, log = run(make_spec(tmp_path, [("c", "c.jsonl", 1)]), tmp_path / "cache")
+    assert "data: tokenizing c: " in log and "documents" in log and "/s" in log
 
 
 # --------------------------------------------------------------------------- batches
@@ -251,7 +351,7 @@ def test_batch_shapes_shift_and_determinism(mixed):
     # windows are what the plan says
     src, pos = mixed.sample_plan("train", 3, 0, 8, 32)
     for j in range(8):
-        arr = np.load(mixed.sources[src[j]]["file"])
+        arr = mixed.tokens(int(src[j])).numpy()
         assert x[j].tolist() == arr[pos[j]: pos[j] + 32].tolist()
 
 

@@ -79,6 +79,33 @@ def test_device_precision_compile_on_this_cpu(recipe):
     assert (p.device, p.chip, p.precision, p.compile) == ("cpu", "cpu", "fp32", False)
 
 
+def test_cpu_with_native_bf16_gets_bf16_autocast(recipe):
+    auto = ["target.accelerator=auto", "target.precision=auto"]
+    p = choose_precision.run(choose_device.run(start(recipe, auto, host=replace(CPU, cpu_bf16=True))))
+    assert p.precision == "bf16" and "avx512_bf16" in decision(p, "precision").reason
+    p = choose_precision.run(choose_device.run(start(recipe, auto, host=CPU)))
+    assert p.precision == "fp32" and "no native bf16" in decision(p, "precision").reason
+
+
+def test_cpu_compile_auto_only_where_it_pays_off(recipe):
+    def compiled(host, steps):
+        sets = ["target.accelerator=cpu", "target.precision=fp32", "target.compile=auto", f"train.steps={steps}"]
+        p = choose_compile.run(choose_precision.run(choose_device.run(run_length.run(pad_vocab.run(resolve_shape.run(
+            start(recipe, sets, host=host)))))))
+        return p.compile, decision(p, "compile").reason
+
+    with_cxx = replace(CPU, cxx_compiler=True)
+    short, why = compiled(with_cxx, 100)
+    assert not short and "does not pay off" in why
+    steps = int(choose_compile.CPU_COMPILE_SECONDS / choose_compile.CPU_COMPILE_GAIN * 2 * 80e9 * 0.5
+                / (flops_per_token(param_counts(64, 2, 4, 2, 16, 128, 320, True, False)["matmul_params"], 2, 4, 16, 32) * 8 * 32)) + 1
+    long_, why = compiled(with_cxx, steps)
+    assert long_ and "pays off" in why
+    assert compiled(with_cxx, steps - 2)[0] is False          # the threshold is where the estimate says
+    no_cxx, why = compiled(CPU, steps)
+    assert not no_cxx and "C++ compiler" in why
+
+
 def test_explicit_target_wins(recipe):
     p = start(recipe, ["target.accelerator=cuda", "target.chip=a100-40gb", "target.precision=fp32", "target.compile=off"], host=CPU)
     p = choose_compile.run(choose_precision.run(choose_device.run(p)))
@@ -135,5 +162,5 @@ def test_plan_is_deterministic(recipe):
     a, _ = make_plan(recipe, [], host=CPU)
     b, _ = make_plan(recipe, [], host=CPU)
     assert a.to_json() == b.to_json()
-    assert list(a.passes) == ["resolve_shape", "pad_vocab", "run_length", "choose_device", "choose_precision", "choose_compile",
-                              "choose_attention", "choose_optimizer", "batch_split", "estimate"]
+    assert list(a.passes) == ["resolve_shape", "pad_vocab", "run_length", "choose_device", "choose_precision", "choose_parallelism",
+                              "choose_compile", "choose_attention", "choose_optimizer", "batch_split", "estimate"]

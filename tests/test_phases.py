@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import torch
 import shutil
 
 import pytest
@@ -136,7 +138,7 @@ phases:
     assert "'weights': {'corpus': 1.0, 'extra': 3.0}" in src.replace("\n", " ").replace("  ", " ") or "'extra': 3.0" in src
 
 
-def test_phase_growth_and_metadata_are_not_built_yet(tmp_path):
+def test_phase_model_changes_and_metadata_are_not_built_yet(tmp_path):
     extra = """
 phases:
   - {name: small, share: 50%}
@@ -145,6 +147,69 @@ phases:
     with pytest.raises(RecipeError) as err:
         make_plan(phased_recipe(tmp_path, extra), host=Host())
     text = str(err.value)
-    assert "phases.1.model.n_layers: a phase that changes model.n_layers (model growth) is not built yet" in text
+    assert "phases.1.model.n_layers: a phase that changes model.n_layers is not built yet" in text
+    assert "growth: {method: stack, factor: 2}" in text
     assert "phases.1.data.metadata: metadata conditioning is not built yet" in text
     assert "unknown key" not in text
+
+
+GROWTH = """
+phases:
+  - {name: small, share: 40%}
+  - {name: grown, share: 60%, growth: {method: stack, factor: 2}}
+"""
+
+
+def test_growth_plan_counts_parameters_and_flops_per_phase(tmp_path):
+    p, _ = make_plan(phased_recipe(tmp_path, GROWTH), host=Host())
+    small, grown = p.phases
+    assert (small.n_layers, grown.n_layers, p.n_layers) == (2, 4, 4)
+    j = p.to_json()
+    per_layer = p.estimates["params"] - j["phases"][0]["params"]
+    assert j["phases"][1]["params"] == p.estimates["params"] and per_layer > 0
+    assert j["model"]["n_layers"] == 4
+    fl = p.estimates["phase_flops"]
+    assert fl["grown"] / grown.steps > fl["small"] / small.steps  # a deeper model costs more per step
+
+
+@pytest.mark.slow
+def test_growth_by_stacking_preserves_weights_and_resumes_across_it(tmp_path):
+    recipe = phased_recipe(tmp_path, GROWTH)
+    recipe.write_text(recipe.read_text().replace("eval_batches: 2,", "eval_batches: 2, keep_checkpoints: 20,"))
+    cache = tmp_path / "cache"
+    full = tmp_path / "full"
+    compile_to(recipe, full, host=Host())
+    out = run_program(full, cache)
+    assert "growth: stacked to 4 layers" in out.stdout
+    ref = losses(full)
+    assert sorted(ref) == list(range(1, 21))
+
+    # the grown model's layers are the small model's, tiled: load the checkpoint taken just before growth
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grown_model", full / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from safetensors.torch import load_model
+    small = mod.Transformer(n_layers=2)
+    load_model(small, str(full / "checkpoints" / "step_00000008" / "model.safetensors"))
+    big = mod.grow_by_stacking(small, 2)
+    assert len(big.layers) == 4
+    sd_small, sd_big = small.state_dict(), big.state_dict()
+    for i in range(4):
+        for k, v in small.layers[i % 2].state_dict().items():
+            assert torch.equal(sd_big[f"layers.{i}.{k}"], v)
+    for k in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
+        assert torch.equal(sd_big[k], sd_small[k])
+    with torch.no_grad():
+        tokens = torch.randint(0, 257, (1, 16))
+        assert big(tokens).shape == small(tokens).shape
+
+    # resume from the last checkpoint before growth (step 8: small model) and from one after it (step 10)
+    for at in (8, 10):
+        resumed = tmp_path / f"resumed{at}"
+        compile_to(recipe, resumed, host=Host())
+        shutil.copytree(full / "checkpoints" / f"step_{at:08d}", resumed / "checkpoints" / f"step_{at:08d}")
+        (resumed / "checkpoints" / "latest").write_text(f"step_{at:08d}\n")
+        run_program(resumed, cache, "--resume")
+        assert losses(resumed) == {s: v for s, v in ref.items() if s > at}

@@ -13,21 +13,24 @@ BUDGET_SHARE = 0.8
 
 
 def split(plan: Plan, global_batch: int, seq_len: int, micro_batch) -> tuple[int, str]:
-    """(micro_batch, reason) for one batch shape."""
-    gb = global_batch
+    """(micro_batch, reason) for one batch shape; the micro-batch is per device, and each device
+    takes global_batch / devices sequences of every step."""
+    world = plan.world or 1
+    gb = global_batch // world
+    per = f"{global_batch} / {world} devices = {gb} per device; " if world > 1 else ""
     if micro_batch != "auto":
-        return micro_batch, f"train.micro_batch {micro_batch}: {gb} / {micro_batch} = {gb // micro_batch} accumulation steps"
+        return micro_batch, f"train.micro_batch {micro_batch}: {per}{gb} / {micro_batch} = {gb // micro_batch} accumulation steps"
     r = plan.recipe
     chip = chip_of(plan)
     budget = int(chip.memory_bytes * BUDGET_SHARE)
     fixed = sum(states(plan).values())
     for mb in (d for d in range(gb, 0, -1) if gb % d == 0):
-        act = activation_bytes(mb, seq_len, r.model.d_model, r.model.n_layers, plan.n_kv_heads * plan.head_dim,
+        act = activation_bytes(mb, seq_len, r.model.d_model, plan.n_layers or r.model.n_layers, plan.n_kv_heads * plan.head_dim,
                                plan.d_ff, plan.padded_vocab, plan.precision)
         if fixed + act <= budget:
             if mb == gb:
-                return mb, f"auto: the whole global batch ({gb}) fits in {BUDGET_SHARE:.0%} of {chip.name} memory"
-            return mb, (f"auto: largest divisor of global_batch {gb} whose activations fit in {BUDGET_SHARE:.0%} of {chip.name} memory; "
+                return mb, f"auto: {per}the whole {'device' if world > 1 else 'global'} batch ({gb}) fits in {BUDGET_SHARE:.0%} of {chip.name} memory"
+            return mb, (f"auto: {per}largest divisor of {gb} whose activations fit in {BUDGET_SHARE:.0%} of {chip.name} memory; "
                         f"{gb} / {mb} = {gb // mb} accumulation steps")
     return 1, f"auto: even micro_batch 1 exceeds the memory budget of {chip.name}; see memory estimate"
 
@@ -38,7 +41,8 @@ def run(plan: Plan) -> Plan:
     phases = []
     for ph in plan.phases:
         pmb, preason = split(plan, ph.global_batch, ph.seq_len, ph.micro_batch)
-        phases.append(replace(ph, micro_batch=pmb, grad_accum=ph.global_batch // pmb))
+        phases.append(replace(ph, micro_batch=pmb, grad_accum=ph.global_batch // (plan.world or 1) // pmb))
         if plan.recipe.phases and (ph.global_batch, ph.seq_len, ph.micro_batch) != (tr.global_batch, tr.seq_len, tr.micro_batch):
             plan = plan.decide(f"micro_batch[{ph.name}]", pmb, preason)
-    return plan.decide("micro_batch", mb, reason, micro_batch=mb, grad_accum=tr.global_batch // mb, phases=tuple(phases))
+    return plan.decide("micro_batch", mb, reason, micro_batch=mb, grad_accum=tr.global_batch // (plan.world or 1) // mb,
+                       phases=tuple(phases))

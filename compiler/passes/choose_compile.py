@@ -1,8 +1,30 @@
-"""Resolve target.compile: whether the generated program wraps the model in torch.compile."""
+"""Resolve target.compile: whether the generated program wraps the model in torch.compile.
+
+On a GPU compiling always pays. On a CPU it pays only for long runs: inductor's C++ compile of
+the forward and backward graphs costs tens of seconds before the first step, and saves a share
+of every step. `auto` compiles when the run's estimated eager time times that share exceeds the
+compile time (both measured by bench/, docs/performance.md), and a C++ compiler is on PATH.
+"""
 
 from __future__ import annotations
 
+from ..estimates import CPU_MFU, cpu_chip, flops_per_token, param_counts
 from ..plan import Plan
+
+# bench/ablate.py and bench/compare_hf.py --shape tiny, 2-core AMD EPYC (Zen 4), torch 2.13, cold inductor cache
+CPU_COMPILE_SECONDS = 60.0    # time to first step added by torch.compile(model)
+CPU_COMPILE_GAIN = 0.10       # share of an eager step's time that compile(model) saves
+
+
+def estimated_eager_seconds(plan: Plan) -> float:
+    """The run's time on this CPU at the plan's nominal peak and MFU (as `malt plan` estimates it)."""
+    m = plan.recipe.model
+    n_layers = plan.n_layers or m.n_layers
+    counts = param_counts(m.d_model, n_layers, m.n_heads, plan.n_kv_heads, plan.head_dim, plan.d_ff, plan.padded_vocab,
+                          m.tie_embeddings, m.qkv_bias)
+    fpt = flops_per_token(counts["matmul_params"], n_layers, m.n_heads, plan.head_dim, plan.recipe.train.seq_len)
+    chip = cpu_chip(plan.host.cpu_cores, plan.host.memory_bytes)
+    return fpt * plan.tokens / (chip.peak_flops[plan.precision] * CPU_MFU)
 
 
 def run(plan: Plan) -> Plan:
@@ -11,4 +33,12 @@ def run(plan: Plan) -> Plan:
         return plan.decide("compile", c == "on", f"target.compile {c}", compile=c == "on")
     if plan.device == "cuda":
         return plan.decide("compile", True, "auto on cuda: torch.compile fuses the elementwise work between matmuls", compile=True)
-    return plan.decide("compile", False, "auto on cpu: compile time outweighs its gain for short CPU runs", compile=False)
+    if not plan.host.cxx_compiler:
+        return plan.decide("compile", False, "auto on cpu: no C++ compiler on PATH (torch.compile's CPU backend needs one)", compile=False)
+    eager = estimated_eager_seconds(plan)
+    worth = CPU_COMPILE_SECONDS / CPU_COMPILE_GAIN
+    on = eager >= worth
+    return plan.decide("compile", on,
+                       f"auto on cpu: the run's estimated {eager:,.0f} s eager is {'at least' if on else 'under'} {worth:,.0f} s, where compiling "
+                       f"(about {CPU_COMPILE_SECONDS:.0f} s before the first step, {CPU_COMPILE_GAIN:.0%} of each step saved, "
+                       f"bench/) {'pays off' if on else 'does not pay off'}", compile=on)

@@ -14,29 +14,36 @@ def chip_of(plan: Plan):
     return CHIPS[plan.chip]
 
 
-def model_counts(plan: Plan) -> dict:
+def model_counts(plan: Plan, n_layers: int | None = None) -> dict:
+    """Parameter counts of the model with ``n_layers`` layers (default: the final model's depth)."""
     m = plan.recipe.model
-    return param_counts(m.d_model, m.n_layers, m.n_heads, plan.n_kv_heads, plan.head_dim, plan.d_ff,
+    return param_counts(m.d_model, n_layers or plan.n_layers or m.n_layers, m.n_heads, plan.n_kv_heads, plan.head_dim, plan.d_ff,
                         plan.padded_vocab, m.tie_embeddings, m.qkv_bias)
 
 
 def states(plan: Plan) -> dict:
-    return state_bytes(model_counts(plan)["params"], plan.precision)
+    """Bytes per device of weights, gradients and optimizer state; FSDP shards all three over the devices."""
+    full = state_bytes(model_counts(plan)["params"], plan.precision)
+    if plan.parallelism == "fsdp":
+        return {k: -(-v // plan.world) for k, v in full.items()}
+    return full
 
 
 def run(plan: Plan) -> Plan:
     r = plan.recipe
     m, tr = r.model, r.train
     counts = model_counts(plan)
-    fpt = flops_per_token(counts["matmul_params"], m.n_layers, m.n_heads, plan.head_dim, tr.seq_len)
-    # each phase at its own sequence length (attention FLOPs grow with it); the peak memory is the largest phase's
-    phase_flops = {ph.name: flops_per_token(counts["matmul_params"], m.n_layers, m.n_heads, plan.head_dim, ph.seq_len)
+    n_layers = plan.n_layers or m.n_layers
+    fpt = flops_per_token(counts["matmul_params"], n_layers, m.n_heads, plan.head_dim, tr.seq_len)
+    # each phase at its own depth and sequence length (attention FLOPs grow with it); the peak memory is the largest phase's
+    phase_counts = {ph.name: model_counts(plan, ph.n_layers) for ph in plan.phases}
+    phase_flops = {ph.name: flops_per_token(phase_counts[ph.name]["matmul_params"], ph.n_layers, m.n_heads, plan.head_dim, ph.seq_len)
                    * ph.steps * ph.tokens_per_step for ph in plan.phases}
     total = sum(phase_flops.values()) if plan.phases else fpt * plan.tokens
     mem = dict(states(plan))
     kv_dim = plan.n_kv_heads * plan.head_dim
     shapes = [(ph.micro_batch, ph.seq_len) for ph in plan.phases] or [(plan.micro_batch, tr.seq_len)]
-    mem["activations"] = max(activation_bytes(mb, seq, m.d_model, m.n_layers, kv_dim, plan.d_ff, plan.padded_vocab, plan.precision)
+    mem["activations"] = max(activation_bytes(mb, seq, m.d_model, n_layers, kv_dim, plan.d_ff, plan.padded_vocab, plan.precision)
                              for mb, seq in shapes)
     mem["total"] = sum(mem.values())
     chip = chip_of(plan)
@@ -47,14 +54,16 @@ def run(plan: Plan) -> Plan:
         **{k: counts[k] for k in ("params", "params_non_embedding", "params_embedding", "params_head", "matmul_params")},
         "flops_per_token": fpt,
         "total_flops": total,
-        **({"phase_flops": phase_flops} if len(plan.phases) > 1 else {}),
+        **({"phase_flops": phase_flops, "phase_params": {k: c["params"] for k, c in phase_counts.items()}}
+           if len(plan.phases) > 1 else {}),
         "memory_per_device_bytes": mem,
         "memory_budget_bytes": chip.memory_bytes,
         "estimated_seconds": float(f"{seconds:.6g}"),
         "basis": {
             "chip": chip.name, "peak_flops": peak, "peak_source": chip.note, "mfu": mfu, "devices": r.target.devices,
             "flops": "6 × matmul params + 12 × n_layers × n_heads × head_dim × seq_len per token (PaLM, appendix B)",
-            "memory": "fp32 weights, gradients and AdamW moments; activations saved for backward of one micro-batch",
+            "memory": "fp32 weights, gradients and AdamW moments (sharded over the devices with FSDP); activations saved for "
+                      "backward of one micro-batch",
         },
     }
     return replace(plan, estimates=est)

@@ -29,4 +29,4 @@ def run(plan: Plan) -> Plan:
     schedule = resolve_schedule(r.schedule, r.optimizer.lr, steps)
     return plan.decide("steps", steps, reason, steps=steps, tokens_per_step=per_step, tokens=tokens,
                        warmup_steps=schedule.warmup, decay_start=schedule.decay_start, schedule=schedule,
-                       phases=tuple(phases), sources=tuple(res.sources))
+                       phases=tuple(phases), sources=tuple(res.sources), n_layers=phases[-1].n_layers)

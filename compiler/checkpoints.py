@@ -1,0 +1,53 @@
+"""Reading what a checkpoint directory holds, without torch: for init_from checks.
+
+Two kinds: a malt run directory (plan.json and checkpoints/step_*/model.safetensors)
+and a Hugging Face model directory (config.json and *.safetensors) of the Llama,
+Mistral or Qwen2 architectures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def describe(path: Path) -> tuple[dict | None, str | None]:
+    """({kind, shape}, None) for a usable checkpoint directory, else (None, what is wrong)."""
+    if not path.is_dir():
+        return None, f"no directory {path}"
+    if (path / "plan.json").is_file():
+        try:
+            plan = json.loads((path / "plan.json").read_text())
+            m = plan["model"]
+        except (ValueError, KeyError) as e:
+            return None, f"{path / 'plan.json'} is not a readable malt plan ({e})"
+        ck = path / "checkpoints"
+        if not ck.is_dir() or not any((d / "model.safetensors").is_file() for d in ck.glob("step_*")):
+            return None, f"{path} is a malt run directory without a checkpoint yet"
+        return {"kind": "malt", "shape": {
+            "d_model": m["d_model"], "n_layers": m["n_layers"], "n_heads": m["n_heads"], "n_kv_heads": m["n_kv_heads"],
+            "d_ff": m["d_ff"], "vocab": m["padded_vocab"], "tie_embeddings": m["tie_embeddings"], "qkv_bias": m["qkv_bias"]}}, None
+    if (path / "config.json").is_file():
+        try:
+            c = json.loads((path / "config.json").read_text())
+        except ValueError as e:
+            return None, f"{path / 'config.json'} is not valid JSON ({e})"
+        arch = (c.get("architectures") or ["?"])[0]
+        if arch not in HF_ARCHITECTURES:
+            return None, f"{path} holds a {arch}; init_from reads {', '.join(HF_ARCHITECTURES)}"
+        if not list(path.glob("*.safetensors")):
+            return None, f"{path} has no .safetensors weights (pickled .bin checkpoints are not read)"
+        if c.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and c.get("attention_bias")):
+            return None, f"{path}: bias on the output or MLP projections has no counterpart in malt's model"
+        if arch != "Qwen2ForCausalLM" and c.get("sliding_window") not in (None, 0) and arch == "MistralForCausalLM":
+            return None, f"{path} uses sliding-window attention ({c['sliding_window']}), which malt's model does not"
+        heads = c["num_attention_heads"]
+        if c.get("head_dim") not in (None, c["hidden_size"] // heads):
+            return None, f"{path} has head_dim {c['head_dim']} ≠ hidden_size / heads; malt's model derives it"
+        return {"kind": "hf", "architecture": arch, "shape": {
+            "d_model": c["hidden_size"], "n_layers": c["num_hidden_layers"], "n_heads": heads,
+            "n_kv_heads": c.get("num_key_value_heads") or heads, "d_ff": c["intermediate_size"], "vocab": c["vocab_size"],
+            "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "qkv_bias": arch == "Qwen2ForCausalLM"}}, None
+    return None, f"{path} is neither a malt run directory (plan.json) nor a Hugging Face model directory (config.json)"

@@ -1,0 +1,104 @@
+"""Several processes with torch.distributed (gloo on this CPU): DDP and FSDP2 against one process."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from malt.compiler.api import compile_to, plan as make_plan
+from malt.compiler.plan import Host
+from malt.compiler.render import launch_command
+
+from .helpers import run_env, run_program, write_tiny_recipe
+from .test_run import losses, val_losses
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(run_dir, cache, *args, world=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+           str(run_dir / "train.py"), "--quiet", *args]
+    proc = subprocess.run(cmd, env=run_env(cache), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    recipe = write_tiny_recipe(tmp / "r", steps=8, eval_every=4, checkpoint_every=4)
+    cache = tmp / "cache"
+    out = {}
+    for name, sets in {"single": [], "ddp": ["target.devices=2", "target.parallelism=ddp"],
+                       "fsdp": ["target.devices=2", "target.parallelism=fsdp"]}.items():
+        out[name] = tmp / name
+        compile_to(recipe, out[name], sets=sets, host=Host())
+    run_program(out["single"], cache, "--quiet")
+    torchrun(out["ddp"], cache)
+    torchrun(out["fsdp"], cache)
+    return tmp, recipe, cache, out
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_processes_follow_the_single_process_loss_curve(runs, kind):
+    _, _, _, out = runs
+    ref, got = losses(out["single"]), losses(out[kind])
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), step
+    for step, v in val_losses(out["single"]).items():
+        assert val_losses(out[kind])[step] == pytest.approx(v, rel=2e-5, abs=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_checkpoint_of_two_processes_resumes(runs, tmp_path, kind):
+    tmp, recipe, cache, out = runs
+    resumed = tmp_path / kind
+    compile_to(recipe, resumed, sets=["target.devices=2", f"target.parallelism={kind}"], host=Host())
+    shutil.copytree(out[kind] / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000004\n")
+    torchrun(resumed, cache, "--resume")
+    full = losses(out[kind])
+    assert losses(resumed) == {s: v for s, v in full.items() if s > 4}
+
+
+def test_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
+    """Checkpoints hold full tensors by name: an FSDP run continues on another number of processes."""
+    tmp, recipe, cache, out = runs
+    one = tmp_path / "one"
+    compile_to(recipe, one, host=Host())  # same recipe, target.devices 1: the same recipe hash
+    shutil.copytree(out["fsdp"] / "checkpoints" / "step_00000004", one / "checkpoints" / "step_00000004")
+    (one / "checkpoints" / "latest").write_text("step_00000004\n")
+    run_program(one, cache, "--resume", "--quiet")
+    ref = losses(out["single"])
+    for step, v in losses(one).items():
+        assert v == pytest.approx(ref[step], rel=2e-5, abs=2e-5)
+
+
+def test_parallelism_and_memory_plan(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r")
+    small, _ = make_plan(recipe, ["target.devices=4", "train.global_batch=16"], host=Host())
+    assert (small.parallelism, small.world, small.micro_batch * small.grad_accum) == ("ddp", 4, 4)
+    big_sets = ["model.d_model=4096", "model.n_layers=32", "model.n_heads=32", "model.n_kv_heads=8", "model.d_ff=11008",
+                "train.seq_len=2048", "train.global_batch=64", "target.accelerator=cuda", "target.chip=h100", "target.precision=bf16"]
+    one, _ = make_plan(recipe, big_sets, host=Host())
+    eight, _ = make_plan(recipe, big_sets + ["target.devices=8"], host=Host())
+    assert eight.parallelism == "fsdp" and "FSDP2" in next(d.reason for d in eight.decisions if d.name == "parallelism")
+    m1, m8 = one.estimates["memory_per_device_bytes"], eight.estimates["memory_per_device_bytes"]
+    assert m8["optimizer"] == -(-m1["optimizer"] // 8) and m8["weights"] == -(-m1["weights"] // 8)
+    assert eight.estimates["estimated_seconds"] == pytest.approx(one.estimates["estimated_seconds"] / 8, rel=1e-3)
+    assert launch_command(eight, "train.py")[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8"]
+
+
+def test_devices_must_split_the_batch(tmp_path):
+    from malt.compiler.api import check
+    from malt.compiler.diagnostics import RecipeError
+
+    recipe = write_tiny_recipe(tmp_path / "r")
+    with pytest.raises(RecipeError, match="does not split evenly over 3 devices"):
+        check(recipe, ["target.devices=3"])
+    with pytest.raises(RecipeError, match="ddp needs more than one device"):
+        check(recipe, ["target.parallelism=ddp"])

@@ -1,0 +1,103 @@
+"""init_from: continual pre-training from a malt run or a Hugging Face directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from malt.compiler.api import check, compile_to
+from malt.compiler.diagnostics import RecipeError
+from malt.compiler.plan import Host
+from malt.runtime.checkpoint import init_from
+from malt.runtime.export import export_hf
+
+from .helpers import run_program, write_tiny_recipe
+from .test_run import val_losses
+
+pytestmark = pytest.mark.slow
+
+
+def with_init(recipe, init: str):
+    recipe.write_text(recipe.read_text() + init)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run and its Hugging Face export."""
+    tmp = tmp_path_factory.mktemp("base")
+    recipe = write_tiny_recipe(tmp / "r", steps=6, eval_every=6, checkpoint_every=6)
+    run = tmp / "run"
+    compile_to(recipe, run, host=Host())
+    run_program(run, tmp / "cache", "--quiet")
+    export_hf(run, tmp / "hf")
+    return tmp, run
+
+
+@pytest.mark.parametrize("source, carry", [("hf", False), ("run", False), ("run", True)])
+def test_continual_run_starts_at_the_source_models_loss(trained, tmp_path, source, carry):
+    tmp, run = trained
+    init = f"init_from: {{path: {tmp / source}, optimizer: {'carry' if carry else 'fresh'}}}\n"
+    recipe = with_init(write_tiny_recipe(tmp_path / "r", steps=3, eval_every=3, checkpoint_every=3), init)
+    child = tmp_path / "child"
+    compile_to(recipe, child, host=Host())
+    out = run_program(child, tmp / "cache")
+    assert "init_from: " in out.stdout and ("with its optimizer state" in out.stdout) == carry
+    # the same weights on the same validation batches: the new run's first evaluation is the source's last
+    assert val_losses(child)[0] == val_losses(run)[6]
+    assert val_losses(child)[3] < val_losses(child)[0] + 0.5
+
+
+def test_shape_mismatch_is_reported_field_by_field(trained, tmp_path):
+    tmp, _ = trained
+    recipe = with_init(write_tiny_recipe(tmp_path / "r"), f"init_from: {tmp / 'hf'}\n")
+    recipe.write_text(recipe.read_text().replace("d_model: 64", "d_model: 128").replace("n_kv_heads: 2", "n_kv_heads: 4"))
+    with pytest.raises(RecipeError) as err:
+        check(recipe)
+    text = str(err.value)
+    assert "model.d_model: d_model is 128 here but 64 in" in text
+    assert "model.n_kv_heads: n_kv_heads is 4 here but 2 in" in text
+    assert "recipe.yaml:3:" in text  # the model line of the recipe
+
+
+def test_carrying_optimizer_state_needs_a_malt_run(trained, tmp_path):
+    tmp, _ = trained
+    recipe = with_init(write_tiny_recipe(tmp_path / "r"), f"init_from: {{path: {tmp / 'hf'}, optimizer: carry}}\n")
+    with pytest.raises(RecipeError, match="only be carried over from a malt run directory"):
+        check(recipe)
+    recipe = with_init(write_tiny_recipe(tmp_path / "q"), f"init_from: {tmp_path / 'nothing'}\n")
+    with pytest.raises(RecipeError, match="init_from.path: no directory"):
+        check(recipe)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_hugging_face_layouts_load_with_identical_logits(tmp_path, arch):
+    """A directory written by transformers' own save_pretrained (not malt's export) loads into malt's model."""
+    import transformers
+
+    qkv = arch == "qwen2"
+    cls, cfg = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+                "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig),
+                "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config)}[arch]
+    config = cfg(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 rope_theta=10000.0, **({"sliding_window": None} if arch == "mistral" else {}))
+    torch.manual_seed(0)
+    hf = cls(config).eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+
+    sets = ["model.tie_embeddings=false", f"model.qkv_bias={'true' if qkv else 'false'}"]
+    recipe = with_init(write_tiny_recipe(tmp_path / "r"), f"init_from: {tmp_path / 'hf'}\n")
+    compile_to(recipe, tmp_path / "run", sets=sets, host=Host())
+    spec = importlib.util.spec_from_file_location(f"m_{arch}", tmp_path / "run" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.Transformer().eval()
+    init_from(tmp_path / "hf", "hf", model, log=lambda *_: None)
+    tokens = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
+    sys.modules.pop(f"m_{arch}", None)
