@@ -114,3 +114,15 @@ def test_malt_run_cli_refuses_existing_run_and_changed_recipe(tmp_path):
     # resuming a finished run is a no-op that succeeds
     done = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir), "--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_bf16_autocast_program_trains(tmp_path):
+    """precision: bf16 renders autocast (fp32 master weights) and trains on this CPU."""
+    recipe = write_tiny_recipe(tmp_path / "r", steps=6, eval_every=6, checkpoint_every=0)
+    run = tmp_path / "run"
+    compile_to(recipe, run, sets=["target.precision=bf16"], host=Host())
+    assert "torch.autocast(DEVICE, dtype=torch.bfloat16)" in (run / "train.py").read_text()
+    run_program(run, tmp_path / "cache", "--quiet")
+    got = losses(run)
+    assert sorted(got) == list(range(1, 7)) and all(v == v for v in got.values())
+    assert got[6] < got[1]
