@@ -151,7 +151,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
                  else "schedule.warmup (steps)")
     min_lr = tidy(o.lr * sch.min_lr_ratio)
     phased = bool(r.phases)
-    distributed = plan.world > 1
+    distributed = plan.world > 1 or plan.parallelism == "fsdp"
     max_seq = max([ph.seq_len for ph in plan.phases] or [tr.seq_len])
     model_constants = [
         const("VOCAB_SIZE", plan.padded_vocab, f"tokenizer's {_num(plan.vocab_size)} tokens padded to a multiple of {m.pad_vocab_multiple}"
@@ -324,7 +324,7 @@ def _phase_table(plan: Plan) -> tuple[list[str], list[str]]:
             "name": ph.name, "start": ph.start, "end": ph.end,
             "n_layers": ph.n_layers, "seq_len": ph.seq_len, "micro_batch": ph.micro_batch, "grad_accum": ph.grad_accum,
             "tokens_per_step": ph.tokens_per_step, "tokens_before": tokens_before,
-            **({"device_batch": ph.global_batch // plan.world} if plan.world > 1 else {}),
+            **({"device_batch": ph.global_batch // plan.world} if plan.world > 1 or plan.parallelism == "fsdp" else {}),
             "weights": dict(zip(names, ph.weights)), "rope_theta": ph.rope_theta,
             "betas": tuple(ph.betas), "eps": ph.eps, "weight_decay": ph.weight_decay, "grad_clip": ph.grad_clip or 0.0,
         }
@@ -385,7 +385,7 @@ exec "${{PYTHON:-python3}}" -m torch.distributed.run --standalone --nproc_per_no
 
 
 def launch_script(plan: Plan) -> str:
-    if plan.world > 1:
+    if plan.world > 1 or plan.parallelism == "fsdp":
         return LAUNCH_TORCHRUN_SH.format(version=MALT_VERSION, world=plan.world, device=plan.device, parallelism=plan.parallelism)
     return LAUNCH_SH.format(version=MALT_VERSION)
 
@@ -394,7 +394,7 @@ def launch_command(plan: Plan, train_py: str) -> list[str]:
     """The command `malt run` starts: the program itself, or torchrun with one process per device."""
     import sys
 
-    if plan.world > 1:
+    if plan.world > 1 or plan.parallelism == "fsdp":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(plan.world), train_py]
     return [sys.executable, train_py]
 

@@ -477,8 +477,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
         elif n > 1 and tr.micro_batch != "auto" and (tr.global_batch // n) % tr.micro_batch:
             add(("train", "micro_batch"), f"each of the {n} devices gets {tr.global_batch // n} sequences per step, not divisible by micro_batch ({tr.micro_batch})",
                 f"choose micro_batch from {[d for d in range(1, tr.global_batch // n + 1) if (tr.global_batch // n) % d == 0]} or use auto")
-        if n == 1 and tg.parallelism in ("ddp", "fsdp"):
-            add(("target", "parallelism"), f"{tg.parallelism} needs more than one device", "set target.devices, or parallelism: single (or auto)")
+        if n == 1 and tg.parallelism == "ddp":
+            add(("target", "parallelism"), "ddp needs more than one device", "set target.devices, or parallelism: single (or auto)")
         if n > 1 and tg.parallelism == "single":
             add(("target", "parallelism"), f"parallelism single runs one process, but target.devices is {n}", "use auto, ddp or fsdp")
         phases = getattr(r, "phases", None) or []

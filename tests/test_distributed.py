@@ -102,3 +102,4 @@ def test_devices_must_split_the_batch(tmp_path):
         check(recipe, ["target.devices=3"])
     with pytest.raises(RecipeError, match="ddp needs more than one device"):
         check(recipe, ["target.parallelism=ddp"])
+    check(recipe, ["target.parallelism=fsdp"])  # FSDP2 on one device: the sharded code path (the GPU check runs it)

@@ -12,6 +12,9 @@ REPLICA_SHARE = 0.5
 def run(plan: Plan) -> Plan:
     t = plan.recipe.target
     n = t.devices
+    if n == 1 and t.parallelism == "fsdp":
+        return plan.decide("parallelism", "fsdp", "target.parallelism fsdp on one device: the sharded code path, nothing saved",
+                           parallelism="fsdp", world=1)
     if n == 1:
         return plan.decide("parallelism", "single", "one device", parallelism="single", world=1)
     if t.parallelism != "auto":
