@@ -119,8 +119,9 @@ def tune_allocator() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-                    and libc.mallopt(M_TOP_PAD, 64 << 20))
+        # glibc before 2.35 caps the mmap threshold at 32 MiB (64-bit): take that where 1 GiB is refused
+        mmap = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        return bool(mmap and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_TOP_PAD, 64 << 20))
     except (OSError, AttributeError):
         return False
 

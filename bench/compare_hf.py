@@ -195,7 +195,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for key, s in summary.items():
         print(f"| {key}: {s['description']} | {s['tokens_per_s']:,.0f} | {s['tokens_per_s'] / base:.2f}× | "
-              f"{s['mfu']:.1%} ({s['precision']}) | {s['first_step_s']:.1f} s | {s['final_loss']:.3f} |")
+              f"{s['mfu']:.1%} ({s['precision']}) | {s['first_step_s']:.1f} s | {s['final_loss']:.4f} |")
     out = OUT / f"compare-{args.shape}.json"
     out.write_text(json.dumps({"machine": machine(), "shape": args.shape, "plan": {k: plan[k] for k in ("params", "flops_per_token")},
                                "batch": plan["batch"], "peaks": peaks, "data_ready_s": data_s, "rounds": args.rounds,

@@ -249,6 +249,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "tie_embeddings": m.tie_embeddings,
         "gqa": plan.n_kv_heads != m.n_heads,
         "schedules": schedules,
+        "uses_math": any(s["decay"] in ("cosine", "inverse_sqrt", "infinite") for s in schedules),
         "lr_dispatch": lr_dispatch,
         "phased": phased,
         "phase_comments": phase_comments,

@@ -11,19 +11,20 @@ from __future__ import annotations
 from ..estimates import CPU_MFU, cpu_chip, flops_per_token, param_counts
 from ..plan import Plan
 
-# bench/ablate.py and bench/compare_hf.py --shape tiny, 2-core AMD EPYC (Zen 4), torch 2.13, cold inductor cache
-CPU_COMPILE_SECONDS = 60.0    # time to first step added by torch.compile(model)
-CPU_COMPILE_GAIN = 0.10       # share of an eager step's time that compile(model) saves
+# bench/compare_hf.py on a 2-core AMD EPYC (Zen 4), torch 2.13, bf16, cold inductor cache (docs/performance.md):
+# compile(model) added 25 s (5.3M params) and 40 s (29.5M) before the first step, and saved 9% and 2% of each step
+CPU_COMPILE_SECONDS = 40.0    # time to first step added by torch.compile(model)
+CPU_COMPILE_GAIN = 0.10       # share of an eager step's time that compile(model + loss) saves
 
 
 def estimated_eager_seconds(plan: Plan) -> float:
-    """The run's time on this CPU at the plan's nominal peak and MFU (as `malt plan` estimates it)."""
+    """The run's time on this CPU, eager, at the nominal CPU peak (twice in bf16 where native) and MFU."""
     m = plan.recipe.model
     n_layers = plan.n_layers or m.n_layers
     counts = param_counts(m.d_model, n_layers, m.n_heads, plan.n_kv_heads, plan.head_dim, plan.d_ff, plan.padded_vocab,
                           m.tie_embeddings, m.qkv_bias)
     fpt = flops_per_token(counts["matmul_params"], n_layers, m.n_heads, plan.head_dim, plan.recipe.train.seq_len)
-    chip = cpu_chip(plan.host.cpu_cores, plan.host.memory_bytes)
+    chip = cpu_chip(plan.host.cpu_cores, plan.host.memory_bytes, plan.host.cpu_bf16)
     return fpt * plan.tokens / (chip.peak_flops[plan.precision] * CPU_MFU)
 
 

@@ -7,4 +7,9 @@ from ..plan import Plan
 
 def run(plan: Plan) -> Plan:
     # torch >= 2.4 has fused AdamW for CPU and CUDA tensors
-    return plan.decide("fused_adamw", True, f"torch has a fused AdamW for {plan.device}", fused_adamw=True)
+    # bench/ablate.py, 5.3M params on a 2-core CPU: fused 1.01×, foreach 1.00× the step of the default for-loop AdamW
+    # (the optimizer is about 2% of a step there); on GPUs the for-loop launches kernels per parameter
+    why = (f"torch has a fused AdamW for {plan.device}: one kernel over all parameters"
+           + (" (on a 2-core CPU 1.01× the tokens/s of the default for-loop AdamW at 5.3M parameters, bench/ablate.py)"
+              if plan.device == "cpu" else ""))
+    return plan.decide("fused_adamw", True, why, fused_adamw=True)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from ..plan import Plan
 
-# bench/ablate.py --shape tiny, 2-core AMD EPYC (Zen 4, avx512_bf16), torch 2.13: tokens/s of bf16 autocast over fp32
-CPU_BF16_SPEEDUP = 1.38
+# tokens/s of bf16 autocast over fp32 on a 2-core AMD EPYC (Zen 4, avx512_bf16), torch 2.13 (docs/performance.md):
+# 1.38× at 5.3M parameters (bench/ablate.py --shape tiny), 1.67× at 29.5M (bench/compare_hf.py --shape small)
+CPU_BF16_SPEEDUP = (1.38, 1.67)
 
 
 def run(plan: Plan) -> Plan:
@@ -22,6 +23,6 @@ def run(plan: Plan) -> Plan:
     if plan.host.cpu_bf16:
         return plan.decide("precision", "bf16",
                            f"auto on cpu: this CPU multiplies bf16 natively (avx512_bf16/amx_bf16): bf16 autocast, fp32 master weights "
-                           f"and optimizer state ({CPU_BF16_SPEEDUP:.2f}× the fp32 tokens/s measured by bench/ablate.py)", precision="bf16")
+                           f"and optimizer state ({CPU_BF16_SPEEDUP[0]:.2f}-{CPU_BF16_SPEEDUP[1]:.2f}× the fp32 tokens/s measured by bench/)", precision="bf16")
     return plan.decide("precision", "fp32", "auto on cpu: no native bf16 on this CPU (avx512_bf16/amx_bf16): fp32, since autocast "
                        "would emulate bf16 matmuls; set target.precision: bf16 to force it", precision="fp32")

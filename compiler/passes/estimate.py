@@ -10,7 +10,7 @@ from ..plan import Plan
 
 def chip_of(plan: Plan):
     if plan.chip == "cpu":
-        return cpu_chip(plan.host.cpu_cores, plan.host.memory_bytes)
+        return cpu_chip(plan.host.cpu_cores, plan.host.memory_bytes, plan.host.cpu_bf16)
     return CHIPS[plan.chip]
 
 

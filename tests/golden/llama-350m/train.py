@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from malt.runtime import checkpoint, data, sample
 from malt.runtime.run import entry, start_run
@@ -83,11 +82,6 @@ def lr_at(step: int) -> float:
     return MIN_LR + (LR - MIN_LR) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def loss_fn(logits, targets):
-    """Next-token cross-entropy, in fp32, averaged over every position."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-
-
 def main(argv=None):
     run = start_run(Path(__file__).resolve().parent, NAME, RECIPE_HASH, argv)
     run.check_device(DEVICE, PRECISION)
@@ -117,7 +111,7 @@ def main(argv=None):
         with torch.no_grad(), autocast:
             for i in range(EVAL_BATCHES):
                 x, y = dataset.batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
-                total += loss_fn(forward(x.to(DEVICE)), y.to(DEVICE)).item()
+                total += forward(x.to(DEVICE), y.to(DEVICE)).item()  # the model returns the mean cross-entropy
         model.train()
         return total / EVAL_BATCHES
 
@@ -134,7 +128,7 @@ def main(argv=None):
         for micro in range(GRAD_ACCUM):
             x, y = dataset.batch("train", step, micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
             with autocast:
-                loss = loss_fn(forward(x.to(DEVICE, non_blocking=True)), y.to(DEVICE, non_blocking=True))
+                loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True))  # next-token loss, fp32
             (loss / GRAD_ACCUM).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

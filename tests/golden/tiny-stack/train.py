@@ -14,7 +14,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from malt.runtime import checkpoint, data, sample
 from malt.runtime.run import entry, start_run
@@ -119,11 +118,6 @@ def lr_at(step: int) -> float:
     return MIN_LR + (LR - MIN_LR) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def loss_fn(logits, targets):
-    """Next-token cross-entropy, in fp32, averaged over every position."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-
-
 def main(argv=None):
     run = start_run(Path(__file__).resolve().parent, NAME, RECIPE_HASH, argv)
     run.check_device(DEVICE, PRECISION)
@@ -161,7 +155,7 @@ def main(argv=None):
         with torch.no_grad(), autocast:
             for i in range(EVAL_BATCHES):
                 x, y = dataset.batch("val", 0, i * phase["micro_batch"], phase["micro_batch"], phase["seq_len"])
-                total += loss_fn(forward(x.to(DEVICE)), y.to(DEVICE)).item()
+                total += forward(x.to(DEVICE), y.to(DEVICE)).item()  # the model returns the mean cross-entropy
         model.train()
         return total / EVAL_BATCHES
 
@@ -188,7 +182,7 @@ def main(argv=None):
         for micro in range(phase["grad_accum"]):
             x, y = dataset.batch("train", step, micro * phase["micro_batch"], phase["micro_batch"], phase["seq_len"], weights=phase["weights"])
             with autocast:
-                loss = loss_fn(forward(x.to(DEVICE, non_blocking=True)), y.to(DEVICE, non_blocking=True))
+                loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True))  # next-token loss, fp32
             (loss / phase["grad_accum"]).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), phase["grad_clip"]) if phase["grad_clip"] else None

@@ -1,0 +1,49 @@
+"""The generated model's training loss, `model(tokens, targets)`: chunked, with gradients computed in
+the forward pass (ChunkedCrossEntropy in model.py). It must equal F.cross_entropy on the whole
+logits, in value and in every parameter's gradient, including under gradient accumulation's
+scaling; without gradients (evaluation) it takes the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from malt.compiler.api import compile_to
+
+
+@pytest.mark.parametrize("overrides", [
+    # tied embeddings, bytes vocabulary 257 padded to 320; 4 × 32 = 128 positions = chunks of 100 and 28
+    {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128, "tie_embeddings": True}},
+    # untied head, grouped-query attention
+    {"model": {"d_model": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "d_ff": 96, "tie_embeddings": False}},
+])
+def test_chunked_loss_equals_full_cross_entropy(make_recipe, load_model_module, host, tmp_path, overrides):
+    compile_to(make_recipe(overrides), tmp_path / "build", host=host)
+    module = load_model_module(tmp_path / "build")
+    module.LOSS_CHUNK = 100                      # several chunks, the last one partial
+    torch.manual_seed(0)
+    a, b = module.Transformer(), module.Transformer()
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 257, (4, 32), generator=g)
+    y = torch.randint(0, 257, (4, 32), generator=g)
+
+    logits = a(x)
+    full = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+    (full * 0.5).backward()                      # as with GRAD_ACCUM 2
+    chunked = b(x, y)
+    (chunked * 0.5).backward()
+    assert chunked.dtype == torch.float32 and chunked.shape == ()
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+    with torch.no_grad():                        # evaluation: the plain path, same value
+        torch.testing.assert_close(b(x, y), full.detach(), rtol=1e-5, atol=1e-6)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # bf16 autocast: close to the unchunked bf16 loss
+        ref_logits = a(x).float()
+        ref = F.cross_entropy(ref_logits.view(-1, ref_logits.size(-1)), y.view(-1))
+        got = b(x, y)
+    assert abs(got.item() - ref.item()) < 2e-2
