@@ -103,3 +103,19 @@ def test_devices_must_split_the_batch(tmp_path):
     with pytest.raises(RecipeError, match="ddp needs more than one device"):
         check(recipe, ["target.parallelism=ddp"])
     check(recipe, ["target.parallelism=fsdp"])  # FSDP2 on one device: the sharded code path (the GPU check runs it)
+
+
+def test_phased_run_on_two_processes_follows_one_process(tmp_path):
+    from .test_phases import phased_recipe
+
+    recipe = phased_recipe(tmp_path)  # two phases: the second changes seq_len, batch, rope_theta, lr and schedule
+    cache = tmp_path / "cache"
+    one, two = tmp_path / "one", tmp_path / "two"
+    compile_to(recipe, one, host=Host())
+    compile_to(recipe, two, sets=["target.devices=2", "target.parallelism=fsdp"], host=Host())
+    run_program(one, cache, "--quiet")
+    torchrun(two, cache)
+    ref, got = losses(one), losses(two)
+    assert sorted(got) == sorted(ref) == list(range(1, 21))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), step
