@@ -60,6 +60,7 @@ class Schedule:
 
 
 def tidy(x: float) -> float:
+    """A derived float without binary noise: 3e-3 × 0.1 is 0.0003, not 0.00030000000000000003."""
     return float(f"{x:.12g}")
 
 
@@ -133,7 +134,6 @@ def schedule_field_problems(spec, decay: str, path: tuple) -> list[tuple]:
 def resolve(r: Recipe) -> Resolved:
     out = Resolved()
     tr, opt = r.train, r.optimizer
-    base_names = [s.name for s in r.data.sources]
     out.sources = list(r.data.sources)
     specs: list[PhaseSpec] = list(r.phases) or [PhaseSpec(name="main", share=1.0)]
     problems = out.problems

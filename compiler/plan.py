@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 from .schema import Recipe
 
@@ -191,7 +191,3 @@ def run_passes(plan: Plan) -> Plan:
         plan = fn(plan)
         plan = replace(plan, passes=plan.passes + (name,))
     return plan
-
-
-def as_dict(obj):
-    return asdict(obj)

@@ -18,6 +18,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from .phases import tidy
 from .plan import MALT_VERSION, Plan, resolved_recipe
 from .units import human_count
 
@@ -60,11 +61,6 @@ def comment(text) -> str:
         else:
             out.append(ch)
     return "".join(out)
-
-
-def tidy(x: float) -> float:
-    """A derived float without binary noise: 3e-3 × 0.1 is 0.0003, not 0.00030000000000000003."""
-    return float(f"{x:.12g}")
 
 
 @dataclass
