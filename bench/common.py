@@ -106,24 +106,10 @@ def matmul_peak(dtype_name: str = "fp32", n: int = 2048, reps: int = 8) -> float
 
 
 def tune_allocator() -> bool:
-    """glibc malloc: keep freed memory instead of returning it to the OS (no mmap per large tensor, no trim).
+    """The runtime's allocator setting (malt.runtime.host), for the baselines and children that measure it."""
+    from malt.runtime.host import tune_allocator as tune
 
-    Without it every large activation is a fresh mmap that the kernel zero-fills page by page
-    (about 70k minor page faults per step of the tiny shape). Linux/glibc only; elsewhere a no-op.
-    """
-    import ctypes
-    import ctypes.util
-
-    if sys.platform != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-        # glibc before 2.35 caps the mmap threshold at 32 MiB (64-bit): take that where 1 GiB is refused
-        mmap = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        return bool(mmap and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_TOP_PAD, 64 << 20))
-    except (OSError, AttributeError):
-        return False
+    return tune()
 
 
 def others_busy(interval: float = 0.3) -> float:

@@ -78,8 +78,17 @@ class Run:
         self._metrics.flush()
 
     def check_device(self, device: str, precision: str) -> None:
-        """Fail early, with the fix, when the program was compiled for hardware this machine lacks."""
+        """Fail early, with the fix, when the program was compiled for hardware this machine lacks.
+
+        On a CPU it also makes glibc keep freed memory (runtime.host.tune_allocator: no page faults on
+        every large activation), before the model and the data take any.
+        """
         import torch
+
+        if device == "cpu":
+            from .host import tune_allocator
+
+            tune_allocator()
 
         if device == "cuda" and not torch.cuda.is_available():
             raise RunError("this program was compiled for cuda, but no CUDA device is visible here",
