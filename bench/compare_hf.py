@@ -148,7 +148,6 @@ def main():
 
     print(machine())
     # data ready once, so that every row's time to first step finds it cached
-    import torch
 
     from malt.runtime import data
 

@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         tokens = args.global_batch * args.seq_len
         print(f"one step's batches: {args.global_batch} × {args.seq_len} = {tokens:,} tokens "
               f"in {args.global_batch // args.micro_batch} micro-batches; median of {args.steps} steps")
-        print(f"| packing | batch build (ms) | loader tokens/s | " + " | ".join(f"share of a step, {k}" for k in GPU_STEPS) + " |")
+        print("| packing | batch build (ms) | loader tokens/s | " + " | ".join(f"share of a step, {k}" for k in GPU_STEPS) + " |")
         for packing, med in rows:
             shares = " | ".join(f"{med / (med + t):.1%}" for t in GPU_STEPS.values())
             print(f"| {packing} | {med * 1e3:.1f} | {tokens / med:,.0f} | {shares} |")

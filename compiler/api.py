@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .loader import Loaded, load
+from .objectives import teacher_spec
 from .plan import Host, Plan, lower, run_passes
 from .validate import tokenizer_vocab, validate
 
@@ -15,11 +16,20 @@ def check(recipe_path: str | Path, sets: list[str] | None = None):
     return validate(loaded), loaded
 
 
-def plan(recipe_path: str | Path, sets: list[str] | None = None, host: Host | None = None) -> tuple[Plan, Loaded]:
+def plan(recipe_path: str | Path, sets: list[str] | None = None, host: Host | None = None,
+         check_fit: bool = True) -> tuple[Plan, Loaded]:
+    """Validate and plan; with ``check_fit``, a run that does not fit its devices' memory is a RecipeError."""
     recipe, loaded = check(recipe_path, sets)
     vocab = tokenizer_vocab(recipe, loaded.base_dir)
-    p = lower(recipe, loaded.file, vocab, host or Host.detect())
-    return run_passes(p), loaded
+    p = run_passes(lower(recipe, loaded.file, vocab, host or Host.detect(), teacher=teacher_spec(recipe, loaded.base_dir)))
+    if check_fit:
+        from .diagnostics import RecipeError
+        from .fit import problems
+
+        found = problems(p, loaded)
+        if found:
+            raise RecipeError(found)
+    return p, loaded
 
 
 def compile_files(recipe_path: str | Path, out_dir: str | Path, sets: list[str] | None = None,

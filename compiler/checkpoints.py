@@ -1,6 +1,6 @@
 """Reading what a checkpoint directory holds, without torch: for init_from checks.
 
-Two kinds: a malt run directory (plan.json and checkpoints/step_*/model.safetensors)
+Two kinds: a malt run directory (plan.json and checkpoints/step_*/model.safetensors, or step_*/dcp/ when sharded)
 and a Hugging Face model directory (config.json and *.safetensors) of the Llama,
 Mistral or Qwen2 architectures.
 """
@@ -24,7 +24,8 @@ def describe(path: Path) -> tuple[dict | None, str | None]:
         except (ValueError, KeyError) as e:
             return None, f"{path / 'plan.json'} is not a readable malt plan ({e})"
         ck = path / "checkpoints"
-        if not ck.is_dir() or not any((d / "model.safetensors").is_file() for d in ck.glob("step_*")):
+        if not ck.is_dir() or not any((d / "model.safetensors").is_file() or (d / "dcp" / ".metadata").is_file()
+                                      for d in ck.glob("step_*")):  # full (format 2) or sharded (format 3) checkpoints
             return None, f"{path} is a malt run directory without a checkpoint yet"
         return {"kind": "malt", "shape": {
             "d_model": m["d_model"], "n_layers": m["n_layers"], "n_heads": m["n_heads"], "n_kv_heads": m["n_kv_heads"],

@@ -61,12 +61,12 @@ def slug(name: str) -> str:
 @app.command()
 def check(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
           set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
-    """Validate a recipe and report every problem with its file:line:col."""
-    from .api import check as do_check
+    """Validate a recipe and report every problem with its file:line:col (also: whether the run fits its devices' memory)."""
+    from .api import plan as do_plan
 
     def go():
-        r, loaded = do_check(recipe, set_)
-        typer.echo(f"{loaded.file}: ok ({r.name})")
+        p, loaded = do_plan(recipe, set_)
+        typer.echo(f"{loaded.file}: ok ({p.recipe.name})")
     _guard(go)
 
 
@@ -80,19 +80,30 @@ def _plan_text(p) -> str:
     lines = [
         f"{p.recipe.name}  ({p.recipe_file})",
         "",
-        f"model      llama: {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads ({m['n_kv_heads']} kv), "
-        f"head_dim {m['head_dim']}, d_ff {m['d_ff']}, vocab {m['vocab_size']:,} → {m['padded_vocab']:,}",
+        (f"model      llama: {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads ({m['n_kv_heads']} kv), "
+         if m["family"] == "llama" else
+         f"model      {m['family']} encoder ({m['position']} positions, {m['activation']}, {m['norm_position']}-norm"
+         f"{', unpadded' if m['unpad'] else ''}): {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads, ")
+        + f"head_dim {m['head_dim']}, d_ff {m['d_ff']}, vocab {m['vocab_size']:,} → {m['padded_vocab']:,}",
         f"params     {est['params']:,} ({human_count(est['params'])}; {human_count(est['params_non_embedding'])} non-embedding)",
         f"run        {j['steps']:,} steps × {b['tokens_per_step']:,} tokens = {j['tokens']:,} tokens ({human_count(j['tokens'])})",
         f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation"
         + (f" × {ex['devices']} devices" if ex['devices'] > 1 else ""),
-        f"compute    {human_count(est['flops_per_token'])}FLOPs/token × {human_count(j['tokens'])} tokens = {est['total_flops']:.3g} FLOPs",
+        f"compute    {human_count(est['flops_per_token'])}FLOPs/token × {human_count(j['tokens'])} tokens"
+        + (f" + the teacher's forward passes ({human_count(est['teacher_flops_per_token'])}FLOPs/token distilled)"
+           if "teacher_flops_per_token" in est else "") + f" = {est['total_flops']:.3g} FLOPs",
         f"memory     {human_bytes(mem['total'])} per device: weights {human_bytes(mem['weights'])}, gradients {human_bytes(mem['gradients'])}, "
-        f"optimizer {human_bytes(mem['optimizer'])}, activations {human_bytes(mem['activations'])} (of {human_bytes(est['memory_budget_bytes'])})",
+        f"optimizer {human_bytes(mem['optimizer'])}, "
+        + (f"gathered {human_bytes(mem['gathered'])}, " if "gathered" in mem else "")
+        + (f"teacher {human_bytes(mem['teacher_weights'])}, distillation logits {human_bytes(mem['distill_logits'])}, "
+           if "teacher_weights" in mem else "")
+        + f"activations {human_bytes(mem['activations'])} (of {human_bytes(est['memory_budget_bytes'])})",
         f"time       ≈ {human_seconds(est['estimated_seconds'])} on {basis['chip']} at {basis['mfu']:.0%} MFU of {basis['peak_flops'] / 1e12:g} TFLOP/s "
         f"({ex['precision']}; {basis['peak_source']})",
         f"execution  {ex['device'] if ex['devices'] == 1 else str(ex['devices']) + ' × ' + ex['device'] + ' (' + ex['parallelism'] + ')'}, {ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
-        f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW",
+        f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW"
+        + (f", activation checkpointing {ex['activation_checkpointing']}" if ex.get("activation_checkpointing", "none") != "none" else "")
+        + (f", {ex['checkpoint_format']} checkpoints" if ex.get("checkpoint_format") == "sharded" else ""),
     ]
     if p.recipe.phases:
         lines += ["", "phases"]
@@ -161,8 +172,8 @@ def compile_(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         if target is None:
             r, _ = do_check(recipe, set_)
             target = Path("build") / slug(r.name)
-        compile_to(recipe, target, set_)
-        typer.echo(f"wrote {target}/: train.py model.py launch.sh plan.json recipe.lock.yaml")
+        p = compile_to(recipe, target, set_)
+        typer.echo(f"wrote {target}/: train.py model.py launch.sh {'slurm.sbatch ' if p.nodes > 1 else ''}plan.json recipe.lock.yaml")
     _guard(go)
 
 
@@ -200,6 +211,10 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         write(files, directory)
         where = p.device if p.world == 1 else f"{p.world} × {p.device}, {p.parallelism}"
         typer.echo(f"compiled {p.recipe_file} → {directory}/ ({p.estimates['params']:,} params, {p.steps:,} steps, {where}, {p.precision})")
+        if p.nodes > 1:  # one machine cannot start the other nodes' processes: say how to start them
+            from .launch import instructions
+
+            raise UserError(instructions(p, str(directory)), "or set target.nodes: 1 to run on this machine")
         if p.world > 1:
             # data first, in this process: a data problem is then one message, not one per process from torchrun
             from malt.runtime.data import prepare
@@ -230,7 +245,8 @@ def export(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)
         from malt.runtime.export import export_hf
 
         arch = export_hf(run_dir, out, force=force)
-        typer.echo(f"wrote {out}/ ({arch}): load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        auto = {"BertForMaskedLM": "AutoModelForMaskedLM", "ElectraForPreTraining": "AutoModelForPreTraining"}.get(arch, "AutoModelForCausalLM")
+        typer.echo(f"wrote {out}/ ({arch}): load it with transformers.{auto}.from_pretrained({str(out)!r})")
     _guard(go)
 
 
@@ -246,7 +262,12 @@ def sample(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)
         from malt.runtime.export import load_run_model
         from malt.runtime.sample import generate
 
-        model, tokenizer, _ = load_run_model(run_dir)
+        model, tokenizer, plan = load_run_model(run_dir)
+        if plan.get("model", {}).get("family") == "bert":
+            from malt.runtime.run import RunError
+
+            raise RunError(f"{run_dir} holds an encoder (model.family bert): it predicts masked tokens and does not continue text",
+                           "export it (malt export) and use transformers' fill-mask pipeline")
         typer.echo(generate(model, tokenizer, prompt, tokens, seed=seed, temperature=temperature, top_k=top_k))
     _guard(go)
 
@@ -256,7 +277,7 @@ def _data_spec(recipe: Path, set_):
     from .api import plan as do_plan
     from .render import data_spec
 
-    p, loaded = do_plan(recipe, set_)
+    p, loaded = do_plan(recipe, set_, check_fit=False)  # the data does not depend on whether the run fits its devices
     base = Path(loaded.base_dir)
     spec = data_spec(p, base, base)
     spec["base_dir"] = str(base)
@@ -316,6 +337,12 @@ def data(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         drawn = drawn_tokens(p, ds.names)
         typer.echo(f"run: {p.steps:,} steps, {p.tokens:,} training tokens")
         typer.echo(ds.summary(drawn=drawn))
+        if ds.packing != "concat":  # one line per sequence length and mixture the run uses
+            names = [s.name for s in (p.sources or p.recipe.data.sources)]
+            shapes = dict.fromkeys((ph.seq_len, tuple(ph.weights)) for ph in p.phases) if p.phases else \
+                {(p.recipe.train.seq_len, None): None}
+            for seq_len, weights in shapes:
+                typer.echo(ds.packing_summary(seq_len, dict(zip(names, weights)) if weights else None))
         over = [f"{n} ({d / s['train_tokens']:.1f})" for n, d, s in zip(ds.names, drawn, ds.sources)
                 if s["train_tokens"] and d / s["train_tokens"] > 4]
         if over:

@@ -31,6 +31,10 @@ CHIPS = {
     "a100-80gb": Chip("NVIDIA A100 80GB", {"bf16": 312e12, "fp32": 156e12}, 80 * GiB, 0.40, "data sheet, dense"),
     "h100": Chip("NVIDIA H100 SXM", {"bf16": 989e12, "fp32": 494e12}, 80 * GiB, 0.40, "data sheet, dense"),
     "h200": Chip("NVIDIA H200", {"bf16": 989e12, "fp32": 494e12}, 141 * 10**9, 0.40, "data sheet, dense"),
+    # TPU chips (one chip = one device): HBM per chip; XLA runs fp32 matmuls as one bf16 pass by default
+    "tpu-v4": Chip("TPU v4", {"bf16": 275e12, "fp32": 275e12}, 32 * GiB, 0.40, "Cloud TPU docs, per chip"),
+    "tpu-v5e": Chip("TPU v5e", {"bf16": 197e12, "fp32": 197e12}, 16 * GiB, 0.40, "Cloud TPU docs, per chip"),
+    "tpu-v5p": Chip("TPU v5p", {"bf16": 459e12, "fp32": 459e12}, 95 * 10**9, 0.40, "Cloud TPU docs, per chip"),
 }
 # A CPU core is taken as 2 FMA units × 8 fp32 lanes × 2 FLOPs × 2.5 GHz = 80 GFLOP/s
 # (AVX2); it is a nominal figure, bench/ measures the real one.
@@ -77,20 +81,46 @@ def flops_per_token(matmul_params: int, n_layers: int, n_heads: int, head_dim: i
     return 6 * matmul_params + 12 * n_layers * n_heads * head_dim * seq_len
 
 
+# positions per chunk of the generated model's training loss (LOSS_CHUNK in model.py, rendered from here)
+LOSS_CHUNK = 512
+
+
 def activation_bytes(micro_batch: int, seq_len: int, d_model: int, n_layers: int, kv_dim: int, d_ff: int,
-                     vocab: int, precision: str) -> int:
-    """Tensors saved for the backward pass of one micro-batch (no activation checkpointing).
+                     vocab: int, precision: str, checkpointing: str = "none", loss_chunk: int | None = LOSS_CHUNK) -> int:
+    """Tensors saved for the backward pass of one micro-batch, at their peak.
 
     Per layer and token: the two residual inputs, two norm outputs, q and k before
     and after rotation, v, the attention output (7·d + 3·kv_dim elements) and the
-    SwiGLU gate, up, activation and product (4·d_ff). The loss keeps the logits
-    and their gradient in fp32 (2·vocab per token).
+    SwiGLU gate, up, activation and product (4·d_ff).
+
+    Activation checkpointing (target.activation_checkpointing) keeps less and
+    recomputes the rest in backward, one layer at a time:
+    - selective: each block's MLP is recomputed, so a layer keeps 7·d + 3·kv_dim
+      and one MLP's 4·d_ff is live again while its layer runs backward;
+    - full: each block keeps only its input (d), and one whole block's
+      activations are live again during its recomputation.
+
+    The loss: the generated model's chunked cross-entropy (``loss_chunk``
+    positions at a time) keeps the final norm's input and the gradient of its
+    output (2·d per token), the head's weight gradient (vocab·d, fp32) and one
+    chunk of fp32 logits with their gradient; a compiled model (``loss_chunk``
+    None) keeps the whole logits and their gradient in fp32 (2·vocab per token).
     """
     tokens = micro_batch * seq_len
     width = 2 if precision == "bf16" else 4
-    per_layer = (7 * d_model + 3 * kv_dim + 4 * d_ff) * width
-    head = d_model * width + 2 * vocab * 4
-    return tokens * (n_layers * per_layer + head)
+    attn = (7 * d_model + 3 * kv_dim) * width
+    mlp = 4 * d_ff * width
+    if checkpointing == "full":
+        layers = tokens * (n_layers * d_model * width + attn + mlp)
+    elif checkpointing == "selective":
+        layers = tokens * (n_layers * attn + mlp)
+    else:
+        layers = tokens * n_layers * (attn + mlp)
+    if loss_chunk is None:
+        head = tokens * (d_model * width + 2 * vocab * 4)
+    else:
+        head = tokens * (d_model * width + d_model * 4) + vocab * d_model * 4 + min(loss_chunk, tokens) * vocab * (4 + width)
+    return layers + head
 
 
 def state_bytes(params: int, precision: str) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .conditioning import phase_metadata
 from .schema import SCHEDULE_FIELD_USERS, PhaseSpec, Recipe, ScheduleSpec, SourceSpec, steps_of
 
 
@@ -100,6 +101,7 @@ class PhaseRange:
     grow_factor: int = 0           # > 0: the phase starts by stacking the layers this many times
     grad_accum: int = 0            # set by the batch_split pass, with micro_batch
     schedule: Schedule | None = None   # own_schedule resolved over the phase's steps (run_length pass)
+    metadata: bool = True          # data.metadata: the sources with their metadata prefixes (off: without)
 
     @property
     def steps(self) -> int:
@@ -144,8 +146,8 @@ def resolve(r: Recipe) -> Resolved:
             known = next((k for k in out.sources if k.name == s.name), None)
             if known is None:
                 out.sources.append(s)
-            elif (known.path, known.text_field) != (s.path, s.text_field):
-                problems.append((("phases", i, "data", "sources", j), f"source {s.name!r} names another path or text_field than before",
+            elif (known.path, known.text_field, known.metadata, known.control) != (s.path, s.text_field, s.metadata, s.control):
+                problems.append((("phases", i, "data", "sources", j), f"source {s.name!r} names another path, text_field, metadata or control than before",
                                  "give a different source a different name"))
     names = [s.name for s in out.sources]
 
@@ -251,6 +253,11 @@ def resolve(r: Recipe) -> Resolved:
             problems.append((where + ("train", "micro_batch") if ph.train and ph.train.micro_batch else where + ("train",),
                              f"global_batch ({gb}) of phase {ph.name!r} is not divisible by micro_batch ({mb})",
                              f"choose micro_batch from {[d for d in range(1, gb + 1) if gb % d == 0]} or use auto"))
+        if getattr(ph, "objective", None) is not None:
+            changes.append(f"objective ({ph.objective.kind})")
+        metadata = phase_metadata(ph)  # data.metadata off: the sources without their metadata prefixes
+        if not metadata:
+            changes.append("data.metadata off")
         if ph.train:
             changes += [f"train.{k}" for k in ("seq_len", "global_batch", "micro_batch") if getattr(ph.train, k) is not None]
         rope = (ph.model.rope_theta if ph.model and ph.model.rope_theta is not None else None) or r.model.rope_theta
@@ -273,7 +280,7 @@ def resolve(r: Recipe) -> Resolved:
                                  "use a share such as 5%"))
         out.phases.append(PhaseRange(i, ph.name, start, start + n, seq, gb, mb, tuple(weights[k] for k in names), rope,
                                      pick("lr"), tuple(pick("betas")), pick("eps"), pick("weight_decay"), pick("grad_clip"),
-                                     own, tuple(changes), n_layers, grow))
+                                     own, tuple(changes), n_layers, grow, metadata=metadata))
         start += n
     return out
 

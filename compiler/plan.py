@@ -24,6 +24,7 @@ class Host:
 
     cuda: bool = False
     cuda_name: str = ""
+    cuda_memory: int = 0             # bytes of the first CUDA device (0: unknown)
     cpu_cores: int = 2
     memory_bytes: int = 24 * 2**30
     cpu_bf16: bool = False           # the CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo)
@@ -31,7 +32,7 @@ class Host:
 
     @staticmethod
     def detect() -> "Host":
-        cuda, name = False, ""
+        cuda, name, cuda_memory = False, "", 0
         # cheap detection first: importing torch costs about a second
         if os.environ.get("MALT_HOST_CUDA") in ("0", "1"):
             cuda = os.environ["MALT_HOST_CUDA"] == "1"
@@ -40,6 +41,7 @@ class Host:
 
             cuda = torch.cuda.is_available()
             name = torch.cuda.get_device_name(0) if cuda else ""
+            cuda_memory = torch.cuda.get_device_properties(0).total_memory if cuda else 0
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         try:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -53,7 +55,7 @@ class Host:
         import shutil
 
         cxx = any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++"))
-        return Host(cuda=cuda, cuda_name=name, cpu_cores=cores, memory_bytes=memory,
+        return Host(cuda=cuda, cuda_name=name, cuda_memory=cuda_memory, cpu_cores=cores, memory_bytes=memory,
                     cpu_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}), cxx_compiler=cxx)
 
 
@@ -88,16 +90,22 @@ class Plan:
     micro_batch: int = 0
     grad_accum: int = 0
     device: str = ""
-    parallelism: str = "single"      # single | ddp | fsdp
-    world: int = 1                   # processes (devices)
+    parallelism: str = "single"      # single | ddp | fsdp | hsdp
+    world: int = 1                   # processes (devices), over all nodes
+    nodes: int = 1                   # machines (target.nodes); world / nodes processes on each
+    activation_checkpointing: str = "none"  # none | selective | full
+    checkpoint_format: str = "full"  # full: safetensors of whole tensors; sharded: torch.distributed.checkpoint
     chip: str = ""
     precision: str = ""
     compile: bool = False
     attention: str = ""
+    masked_targets: bool = False     # some targets are -100 (no loss): the loss counts the others (choose_loss)
     fused_adamw: bool = False
     schedule: object = None          # the recipe's schedule resolved over the whole run (phases.Schedule)
     phases: tuple = ()               # phases.PhaseRange, one per phase (one named main without phases:)
     sources: tuple = ()              # every data source any phase uses (SourceSpec), base sources first
+    objective: dict = field(default_factory=dict)   # the objective and its derived numbers (resolve_objective pass)
+    teacher: dict | None = None      # distillation: the teacher's shape, read from its directory when lowering
     estimates: dict = field(default_factory=dict)
     decisions: tuple = ()
     passes: tuple = ()
@@ -121,6 +129,8 @@ class Plan:
             "tokens": self.tokens,
             "steps": self.steps,
             "total_flops": est.get("total_flops"),
+            **({"teacher_params": est["teacher_params"], "teacher_flops_per_token": est["teacher_flops_per_token"]}
+               if "teacher_params" in est else {}),  # distillation: total_flops includes the teacher's forward passes
             "memory_per_device_bytes": est.get("memory_per_device_bytes"),
             "estimated_seconds": est.get("estimated_seconds"),
             "estimate_basis": est.get("basis"),
@@ -131,6 +141,8 @@ class Plan:
                 "tie_embeddings": r.model.tie_embeddings, "qkv_bias": r.model.qkv_bias,
                 "norm_eps": r.model.norm_eps, "rope_theta": r.model.rope_theta, "init_std": r.model.init_std,
                 "pad_vocab_multiple": r.model.pad_vocab_multiple,
+                "activation": r.model.activation, "norm": r.model.norm, "norm_position": r.model.norm_position,
+                "position": r.model.position, "unpad": r.model.unpad,
             },
             "batch": {
                 "seq_len": r.train.seq_len, "global_batch": r.train.global_batch, "micro_batch": self.micro_batch,
@@ -141,7 +153,10 @@ class Plan:
                 "device": self.device, "devices": self.world, "parallelism": self.parallelism,
                 "chip": self.chip, "precision": self.precision, "compile": self.compile,
                 "attention": self.attention, "fused_adamw": self.fused_adamw,
+                "nodes": self.nodes, "activation_checkpointing": self.activation_checkpointing,
+                "checkpoint_format": self.checkpoint_format,
             },
+            "objective": self.objective,
             "phases": [self._phase_json(ph) for ph in self.phases] if self.recipe.phases else [],
             "decisions": [{"name": d.name, "value": d.value, "reason": d.reason} for d in self.decisions],
             "passes": list(self.passes),
@@ -170,18 +185,19 @@ def resolved_recipe(recipe: Recipe) -> dict:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """sha256 of the resolved recipe without its target: the same training on any hardware has the same hash,
-    so a run can resume on another machine, number of devices or precision."""
+    """sha256 of the resolved recipe without its target (nor train.checkpoint_format): the same training on any hardware
+    has the same hash, so a run can resume on another machine, number of devices or precision."""
     data = resolved_recipe(recipe)
     data.pop("target", None)
+    data.get("train", {}).pop("checkpoint_format", None)  # how checkpoints are written, not what is trained: both formats resume
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def lower(recipe: Recipe, recipe_file: str, tokenizer_vocab: int, host: Host) -> Plan:
-    """The starting Plan: the recipe and its provenance, nothing decided yet."""
+def lower(recipe: Recipe, recipe_file: str, tokenizer_vocab: int, host: Host, teacher: dict | None = None) -> Plan:
+    """The starting Plan: the recipe and its provenance (and a distillation teacher's shape), nothing decided yet."""
     return Plan(recipe=recipe, recipe_file=recipe_file, recipe_hash=recipe_hash(recipe), host=host,
-                tokenizer_vocab=tokenizer_vocab)
+                tokenizer_vocab=tokenizer_vocab, teacher=teacher)
 
 
 def run_passes(plan: Plan) -> Plan:

@@ -18,8 +18,13 @@ from pathlib import Path
 import jinja2
 import yaml
 
+from .objectives import added_tokens, objectives_of, phase_objective as ph_objective, render_context as objective_context
+from .conditioning import masked_target_reasons, metadata_off, source_entry
 from .phases import tidy
+from .estimates import LOSS_CHUNK
+from . import render_xla
 from .plan import MALT_VERSION, Plan, resolved_recipe
+from .render_encoder import context as encoder_context
 from .units import human_count
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -97,6 +102,7 @@ def data_spec(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
     return {
         "seed": r.seed,
         "validation": r.data.validation,
+        **({"packing": r.data.packing} if r.data.packing != "concat" else {}),  # concat is the runtime's default
         "tokenizer": {
             "kind": t.kind,
             "vocab_size": t.vocab_size,
@@ -104,12 +110,14 @@ def data_spec(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
             "max_chars": t.max_chars,
             "path": _source_path(t.path, base_dir, out_dir) if t.path else None,
             "special_tokens": list(t.special_tokens),
-            **({"add_special_tokens": list(t.add_special_tokens)} if t.add_special_tokens else {}),
+            **({"add_special_tokens": added_tokens(r)} if added_tokens(r) else {}),  # with the objective's ([MASK], sentinels, ...)
         },
         "model_vocab": plan.padded_vocab,  # the runtime refuses a tokenizer larger than the model's vocabulary
+        **({"metadata_off": True} if metadata_off(plan) else {}),  # a phase reads the sources without their metadata
         "sources": [
             {"name": s.name, "path": _source_path(s.path, base_dir, out_dir), "weight": base_weights.get(s.name, 0.0),
-             "text_field": s.text_field, **_source_options(s)}
+             "text_field": s.text_field, **_source_options(s), **source_entry(s),
+             **({"validation_path": _source_path(s.validation_path, base_dir, out_dir)} if s.validation_path else {})}
             for s in (plan.sources or r.data.sources)
         ],
     }
@@ -147,7 +155,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
                  else "schedule.warmup (steps)")
     min_lr = tidy(o.lr * sch.min_lr_ratio)
     phased = bool(r.phases)
-    distributed = plan.world > 1 or plan.parallelism == "fsdp"
+    distributed = (plan.world > 1 or plan.parallelism == "fsdp") and not render_xla.is_xla(plan)  # TPU: one SPMD process
     max_seq = max([ph.seq_len for ph in plan.phases] or [tr.seq_len])
     model_constants = [
         const("VOCAB_SIZE", plan.padded_vocab, f"tokenizer's {_num(plan.vocab_size)} tokens padded to a multiple of {m.pad_vocab_multiple}"
@@ -178,8 +186,9 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
             const("MICRO_BATCH", plan.micro_batch, f"train.micro_batch {_decision(plan, 'micro_batch')}" if tr.micro_batch == "auto" else "train.micro_batch"),
             *([const("DEVICE_BATCH", tr.global_batch // plan.world, f"global_batch {tr.global_batch} / {plan.world} devices: sequences per device per step")]
               if distributed else []),
-            const("GRAD_ACCUM", plan.grad_accum, f"global_batch {tr.global_batch} / micro_batch {plan.micro_batch}" if not distributed
-                  else f"DEVICE_BATCH {tr.global_batch // plan.world} / micro_batch {plan.micro_batch}"),
+            const("GRAD_ACCUM", plan.grad_accum, render_xla.grad_accum_note(plan) or
+                  (f"global_batch {tr.global_batch} / micro_batch {plan.micro_batch}" if not distributed
+                   else f"DEVICE_BATCH {tr.global_batch // plan.world} / micro_batch {plan.micro_batch}")),
             const("TOKENS_PER_STEP", plan.tokens_per_step, f"global_batch {tr.global_batch} × seq_len {tr.seq_len} = {_num(plan.tokens_per_step)}"),
         ]
     constants += [
@@ -207,23 +216,34 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         _blank(),
         const("LOG_EVERY", tr.log_every, "train.log_every (steps)"),
         const("EVAL_EVERY", tr.eval_every, "train.eval_every (steps; 0 = never)"),
-        const("EVAL_BATCHES", tr.eval_batches, f"train.eval_batches: {tr.eval_batches} × {plan.micro_batch} validation sequences"
+        const("EVAL_BATCHES", tr.eval_batches, f"train.eval_batches: {tr.eval_batches} × {render_xla.eval_batch_note(plan)} validation sequences"
               if not phased else "train.eval_batches, micro-batches of the current phase"),
         const("CHECKPOINT_EVERY", tr.checkpoint_every, "train.checkpoint_every (steps; the last step is always saved)"),
         const("KEEP_CHECKPOINTS", tr.keep_checkpoints, "train.keep_checkpoints, newest kept"),
-        const("SAMPLE_TOKENS", tr.sample_tokens, "train.sample_tokens, printed at the end"),
-        const("SAMPLE_PROMPT", tr.sample_prompt, "train.sample_prompt"),
+        *([const("SAMPLE_TOKENS", tr.sample_tokens, "train.sample_tokens, printed at the end"),
+           const("SAMPLE_PROMPT", tr.sample_prompt, "train.sample_prompt")] if m.family != "bert" else []),  # encoders do not generate
         _blank(),
         const("DEVICE", plan.device, _decision(plan, "device")),
         const("PRECISION", plan.precision, _decision(plan, "precision")),
-        *([const("WORLD", plan.world, "target.devices: processes, one per device"),
-           const("PARALLELISM", plan.parallelism, _decision(plan, "parallelism"))] if distributed else []),
+        *render_xla.constants(plan, const, _decision),
+        *([const("WORLD", plan.world, "target.devices: processes, one per device" if plan.nodes == 1 else
+                 f"target.nodes {plan.nodes} × target.devices {r.target.devices}: processes, one per device")] if distributed else []),
+        *([const("NODES", plan.nodes, "target.nodes: HSDP replicates across nodes, shards within each")] if plan.parallelism == "hsdp" else []),
+        *([const("PARALLELISM", plan.parallelism, _decision(plan, "parallelism"))] if distributed else []),
+        *([const("CHECKPOINT_FORMAT", "sharded", _decision(plan, "checkpoint_format"))] if plan.checkpoint_format == "sharded" else []),
         _blank(),
         *([Const("# init_from: the weights this run starts from (continual pre-training); path relative to this file"),
            Const("INIT_FROM = " + lit(init_from_spec(plan, base_dir, out_dir))), _blank()] if r.init_from else []),
         Const("# data and tokenizer (data, tokenizer sections); paths are relative to this file"),
         Const("DATA = " + _pretty_literal(data_spec(plan, base_dir, out_dir))),
     ]
+    objective = objective_context(plan, base_dir, out_dir)  # the objective's constants, flags and call sites
+    objective.update(encoder_context(plan))  # encoders (model.family bert, objectives mlm and rtd): their model and batches
+    constants += objective.pop("objective_constants")
+    if r.data.packing != "concat":  # dataset.batch returns each position's document id too
+        objective["batch_out"] += ", doc_ids"
+    objective["prefix_arg"] = (f", prefix_len=prefix_len.to({'device' if distributed else 'DEVICE'}, non_blocking=True)"
+                               if objective["prefix_lm"] else objective.get("generator_arg", ""))
     schedules, lr_dispatch = _schedules(plan)
     phase_comments, phase_rows = _phase_table(plan) if phased else ([], [])
     e = ({"micro_batch": 'phase["micro_batch"]', "seq_len": 'phase["seq_len"]', "grad_accum": 'phase["grad_accum"]',
@@ -231,6 +251,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
          {"micro_batch": "MICRO_BATCH", "seq_len": "SEQ_LEN", "grad_accum": "GRAD_ACCUM", "weights": "",
           "device_start": "dist.rank * DEVICE_BATCH"})
     e["loss"] = (f"distributed.mean(loss_sum / {e['grad_accum']})" if distributed else f"(loss_sum / {e['grad_accum']}).item()")
+    e["metadata"] = ', metadata=phase["metadata"]' if metadata_off(plan) else ""  # data.metadata off in a phase
     return {
         "version": MALT_VERSION,
         "recipe_file": plan.recipe_file,
@@ -254,13 +275,29 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "distributed": distributed,
         "dev": "device" if distributed else "DEVICE",
         "parallelism_note": {"ddp": "DDP: a replica per device, gradients all-reduced",
-                             "fsdp": "FSDP2: weights, gradients and AdamW state sharded per block"}.get(plan.parallelism, ""),
+                             "fsdp": "FSDP2: weights, gradients and AdamW state sharded per block",
+                             "hsdp": "HSDP: FSDP2 on a (nodes, devices) mesh, sharded within a node, replicated across nodes",
+                             }.get(plan.parallelism, ""),
         "rope_changes": any(ph.rope_theta != m.rope_theta for ph in plan.phases),
         "e": e,
         "compile": plan.compile,
         "precision": plan.precision,
         "grad_clip": bool(o.grad_clip),
         "adamw_impl": "fused" if plan.fused_adamw else "foreach",
+        "checkpointing": plan.activation_checkpointing,
+        "parallelism": plan.parallelism,
+        "sharded_checkpoints": plan.checkpoint_format == "sharded",
+        "attention": plan.attention,
+        "doc_masks": r.data.packing != "concat",   # document ids ride with every batch (choose_attention)
+        "packing": r.data.packing,
+        "doc_arg": (f", doc_ids=doc_ids.to({'device' if distributed else 'DEVICE'}, non_blocking=True)"
+                    if r.data.packing != "concat" else ""),
+        "loss_chunk": LOSS_CHUNK,
+        "masked_loss": plan.masked_targets,                  # choose_loss: targets of -100 carry no loss
+        "masked_loss_why": ", ".join(masked_target_reasons(plan)),
+        "all_positions_why": f"{r.data.packing} packing, no metadata or control tokens without loss: no target is -100",
+        **objective,
+        **render_xla.context(plan),
     }
 
 
@@ -310,6 +347,7 @@ def _schedules(plan: Plan) -> tuple[list, list]:
 
 def _phase_table(plan: Plan) -> tuple[list[str], list[str]]:
     names = [s.name for s in plan.sources]
+    distill_phases = any(o.kind == "distill" for o in objectives_of(plan.recipe))
     comments, rows = [], []
     tokens_before = 0
     width = max(len(ph.name) for ph in plan.phases)
@@ -324,7 +362,11 @@ def _phase_table(plan: Plan) -> tuple[list[str], list[str]]:
             **({"device_batch": ph.global_batch // plan.world} if plan.world > 1 or plan.parallelism == "fsdp" else {}),
             "weights": dict(zip(names, ph.weights)), "rope_theta": ph.rope_theta,
             "betas": tuple(ph.betas), "eps": ph.eps, "weight_decay": ph.weight_decay, "grad_clip": ph.grad_clip or 0.0,
+            **({"metadata": ph.metadata} if metadata_off(plan) else {}),  # data.metadata: the sources with their metadata prefixes
         }
+        if distill_phases:  # the phase's objective: distillation (weight, temperature) or plain next-token loss (None)
+            obj = ph_objective(plan.recipe, ph.index)
+            row["distill"] = {"weight": obj.weight, "temperature": obj.temperature} if obj.kind == "distill" else None
         rows.append(_pretty_literal(row, 1))
         tokens_before += tokens
     return comments, rows
@@ -382,16 +424,25 @@ exec "${{PYTHON:-python3}}" -m torch.distributed.run --standalone --nproc_per_no
 
 
 def launch_script(plan: Plan) -> str:
+    if render_xla.is_xla(plan):
+        return render_xla.launch_sh(plan)
+    if plan.nodes > 1:
+        from .launch import multinode_launch_sh
+
+        return multinode_launch_sh(plan)
     if plan.world > 1 or plan.parallelism == "fsdp":
         return LAUNCH_TORCHRUN_SH.format(version=MALT_VERSION, world=plan.world, device=plan.device, parallelism=plan.parallelism)
     return LAUNCH_SH.format(version=MALT_VERSION)
 
 
 def launch_command(plan: Plan, train_py: str) -> list[str]:
-    """The command `malt run` starts: the program itself, or torchrun with one process per device."""
+    """The command `malt run` starts: the program itself, or torchrun with one process per device (one node only)."""
     import sys
 
-    if plan.world > 1 or plan.parallelism == "fsdp":
+    if plan.nodes > 1:
+        raise ValueError("a target of several nodes is launched on each node (launch.sh, slurm.sbatch), not from here")
+
+    if (plan.world > 1 or plan.parallelism == "fsdp") and not render_xla.is_xla(plan):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(plan.world), train_py]
     return [sys.executable, train_py]
 
@@ -402,12 +453,16 @@ def render(plan: Plan, base_dir: Path, out_dir: Path) -> dict[str, str]:
     ctx = context(plan, base_dir, out_dir)
     files = {
         "train.py": env.get_template("train.py.j2").render(ctx),
-        "model.py": env.get_template("model.py.j2").render(ctx),
+        "model.py": env.get_template("encoder.py.j2" if ctx["encoder"] else "model.py.j2").render(ctx),
         "launch.sh": launch_script(plan),
         "plan.json": json.dumps(plan.to_json(), indent=2) + "\n",
         "recipe.lock.yaml": f"# recipe.lock.yaml: {comment(plan.recipe_file)} with every default written out (malt {MALT_VERSION})\n"
                             + yaml.safe_dump(resolved_recipe(plan.recipe), sort_keys=False, allow_unicode=False, width=100),
     }
+    if plan.nodes > 1:
+        from .launch import slurm_sbatch
+
+        files["slurm.sbatch"] = slurm_sbatch(plan)
     return files
 
 

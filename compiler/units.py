@@ -82,6 +82,22 @@ def parse_float(value) -> float:
     return number
 
 
+_BYTES = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value) -> int:
+    """``80GB`` -> 80 × 10^9, ``40GiB`` -> 40 × 2^30, ``1073741824B`` -> that many bytes. The unit is required."""
+    if isinstance(value, bool):
+        raise ValueError("expected a memory size such as 80GB or 40GiB, got a boolean")
+    if isinstance(value, str):
+        m = _BYTES.match(value)
+        if m and float(m.group(1)) > 0:
+            return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+    raise ValueError(f"expected a memory size such as 80GB or 40GiB, got {value!r}")
+
+
 def human_count(n: float) -> str:
     """1_048_576 -> '1.05M' (for summaries)."""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):

@@ -14,10 +14,14 @@ from types import SimpleNamespace
 
 from pydantic import BaseModel, ValidationError
 
+from . import encoder
 from .diagnostics import Diagnostic, RecipeError, did_you_mean
 from .loader import Loaded
+from .conditioning import problems as conditioning_problems
+from .objectives import added_tokens, problems as objective_problems
 from .phases import resolve as resolve_phases, schedule_field_problems
 from .schema import SCHEDULE_FIELD_USERS, ModelSpec, Recipe, steps_of
+from .tpu import problems as tpu_problems
 
 BUILTIN_SOURCES = {
     "builtin:python-docs": "docstrings and comments of this Python's standard library",
@@ -28,20 +32,12 @@ SUPPORTED_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".js
 # Keys and values that name capabilities malt does not have yet. They are rejected
 # with a message that says so, rather than reported as typos or silently ignored.
 NOT_BUILT_KEYS = {
-    ("data", "metadata"): "metadata conditioning is not built yet",
     ("model", "sliding_window"): "sliding-window attention is not built yet",
-    ("target", "nodes"): "multi-node targets are not built yet",
-    ("target", "activation_checkpointing"): "activation checkpointing is not built yet",
 }
 NOT_BUILT_VALUES = {
-    ("model", "family"): ({"bert", "t5", "gpt2"}, "only the llama family (decoder-only) is built so far"),
-    ("model", "activation"): ({"geglu", "gelu", "relu2", "relu"}, "only swiglu is built so far"),
-    ("model", "norm"): ({"layernorm"}, "only rmsnorm is built so far"),
-    ("model", "position"): ({"alibi", "learned"}, "only rope is built so far"),
-    ("objective", "kind"): ({"mlm", "prefix_lm", "span_corruption", "ul2", "rtd", "distill", "fim"},
-                            "only causal_lm is built so far"),
-    ("data", "packing"): ({"document", "best_fit"}, "only concat packing is built so far"),
-    ("target", "accelerator"): ({"tpu", "xla"}, "accelerators built so far: cpu, cuda, auto"),
+    ("model", "family"): ({"t5", "gpt2"}, "families built so far: llama (decoder-only) and bert (encoder)"),
+    ("model", "activation"): ({"relu2", "relu"}, "activations built so far: swiglu (llama), gelu and geglu (bert)"),
+    ("target", "accelerator"): ({"xla"}, "XLA is built for TPUs only: use accelerator: tpu (torch-xla); accelerators built so far: cpu, cuda, tpu, auto"),
     ("optimizer", "kind"): ({"galore", "adam", "sgd", "lion", "muon", "adafactor"}, "only adamw is built so far"),
 }
 
@@ -67,10 +63,6 @@ def _not_built(loaded: Loaded) -> list[Diagnostic]:
         if isinstance(node, dict) and isinstance(node.get(path[-1]), str) and node[path[-1]] in values:
             out.append(Diagnostic(_dotted(path), f"{node[path[-1]]!r} is not built yet: {message}", loaded.origin(path),
                                   hint="see docs/recipes.md for the values malt supports today"))
-    target = tree.get("target") if isinstance(tree.get("target"), dict) else {}
-    if target.get("parallelism") == "hsdp":
-        out.append(Diagnostic("target.parallelism", "'hsdp' is not built yet: parallelisms built so far: auto, single, ddp, fsdp",
-                              loaded.origin(("target", "parallelism")), hint="use fsdp"))
     phases = tree.get("phases")
     for i, ph in enumerate(phases if isinstance(phases, list) else []):
         if not isinstance(ph, dict):
@@ -82,11 +74,6 @@ def _not_built(loaded: Loaded) -> list[Diagnostic]:
                 hint = ("grow the depth with `growth: {method: stack, factor: 2}` in the phase" if key == "n_layers"
                         else "a phase may change model.rope_theta, or grow the depth with growth:")
                 out.append(Diagnostic(_dotted(path), f"a phase that changes model.{key} is not built yet", loaded.origin(path), hint=hint))
-        data = ph.get("data")
-        if isinstance(data, dict) and "metadata" in data:
-            path = ("phases", i, "data", "metadata")
-            out.append(Diagnostic(_dotted(path), "metadata conditioning is not built yet", loaded.origin(path),
-                                  hint="remove `metadata:` from the phase"))
     return out
 
 
@@ -96,13 +83,11 @@ def _drop_not_built_phase_keys(tree: dict) -> None:
         if isinstance(ph, dict) and isinstance(ph.get("model"), dict):
             for key in [k for k in ph["model"] if k != "rope_theta" and k in ModelSpec.model_fields]:
                 del ph["model"][key]
-        if isinstance(ph, dict) and isinstance(ph.get("data"), dict):
-            ph["data"].pop("metadata", None)
 
 
-def _model_at(loc) -> type[BaseModel] | None:
-    """The schema model reached by following ``loc`` (skipping list indices)."""
-    model: type[BaseModel] | None = Recipe
+def _model_at(loc, start: type[BaseModel] = Recipe) -> type[BaseModel] | None:
+    """The schema model reached by following ``loc`` from ``start`` (skipping list indices)."""
+    model: type[BaseModel] | None = start
     for part in loc:
         if isinstance(part, int) or model is None:
             continue
@@ -120,8 +105,24 @@ def _model_at(loc) -> type[BaseModel] | None:
     return model
 
 
+def _untagged(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """``loc`` without the tag pydantic inserts after a discriminated section (``objective.ul2.rate`` is
+    ``objective.rate`` in the recipe), and the section's model chosen by that tag."""
+    from typing import get_args
+
+    from . import schema
+
+    for i in range(1, len(loc)):
+        if loc[i - 1] == "objective" and loc[i] in schema.OBJECTIVE_KINDS:
+            models = {m.model_fields["kind"].annotation.__args__[0]: m for m in get_args(get_args(schema.ObjectiveSpec)[0])}
+            return loc[:i] + loc[i + 1:], models.get(loc[i])
+    return loc, None
+
+
 def _value_hint(msg: str) -> str:
     """A hint for a value the unit parsers (or a validator) rejected, from what the message says was expected."""
+    if "memory size" in msg:
+        return "write a size with its unit: 80GB, 40GiB or 512MiB"
     if "auto" in msg:
         return "write auto or a positive whole number such as 8"
     if "fraction" in msg or "%" in msg:
@@ -136,15 +137,26 @@ def _value_hint(msg: str) -> str:
 def _schema_problems(loaded: Loaded, err: ValidationError) -> list[Diagnostic]:
     out = []
     for e in err.errors():
-        loc = tuple(e["loc"])
+        loc, tagged = _untagged(tuple(e["loc"]))
         kind = e["type"]
         msg = e["msg"]
         ctx = e.get("ctx", {})
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
+        if kind == "union_tag_invalid":  # objective.kind names no objective
+            expected = ctx.get("expected_tags", "")
+            loc = loc + ("kind",)
+            guess = did_you_mean(str(ctx.get("tag")), re.findall(r"'([^']*)'", expected))
+            out.append(Diagnostic(_dotted(loc), f"got {ctx.get('tag')!r}, expected one of {expected}", loaded.origin(loc),
+                                  hint=f"did you mean {guess!r}?" if guess else f"use one of {expected}"))
+            continue
         hint = "see docs/recipes.md for this setting"
         if kind == "extra_forbidden":
-            parent = _model_at(loc[:-1])
+            if tagged is not None:  # inside an objective section: follow the path from the model its kind chose
+                at = max(i for i, p in enumerate(loc[:-1]) if p == "objective")
+                parent = _model_at(loc[at + 1:-1], start=tagged)
+            else:
+                parent = _model_at(loc[:-1])
             fields = list(parent.model_fields) if parent else []
             later = [k[-1] for k in NOT_BUILT_KEYS if k[:-1] == tuple(p for p in loc[:-1] if not isinstance(p, int))]
             guess = did_you_mean(str(loc[-1]), fields + later)
@@ -221,7 +233,7 @@ def tokenizer_file_tokens(path: Path) -> set[str]:
 def tokenizer_vocab(recipe: Recipe, base_dir: Path) -> int | None:
     """Entries of the tokenizer the runtime builds (for bpe and unigram: at most this many)."""
     tok = recipe.tokenizer
-    added = len(getattr(tok, "add_special_tokens", None) or [])
+    added = len(added_tokens(recipe))  # add_special_tokens and the objective's tokens (sentinels, mode tokens)
     if tok.kind == "bytes":
         return 256 + len(tok.special_tokens) + added
     if tok.kind in ("bpe", "unigram"):
@@ -232,7 +244,7 @@ def tokenizer_vocab(recipe: Recipe, base_dir: Path) -> int | None:
             have = tokenizer_file_tokens(base_dir / tok.path)
         except (ValueError, KeyError, TypeError, OSError, AttributeError):
             return None
-        return n + len([t for t in dict.fromkeys([*tok.special_tokens, *(tok.add_special_tokens or [])]) if t not in have])
+        return n + len([t for t in dict.fromkeys([*tok.special_tokens, *added_tokens(recipe)]) if t not in have])
     return None
 
 
@@ -328,7 +340,7 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 else f"change d_model to a multiple of 2 × n_heads = {2 * m.n_heads}")
         else:
             head_dim = m.d_model // m.n_heads
-            if head_dim % 2:
+            if head_dim % 2 and m.position == "rope":
                 add(("model", "n_heads"), f"head dimension d_model/n_heads = {head_dim} is odd; rotary embeddings need an even head dimension",
                     "choose n_heads so that d_model / n_heads is even")
         kv = m.n_kv_heads or m.n_heads
@@ -338,6 +350,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
         for name in ("norm_eps", "rope_theta", "init_std"):
             if getattr(m, name) <= 0:
                 add(("model", name), f"must be positive, got {getattr(m, name)}", f"remove model.{name} to use the default")
+    for path, message, hint in encoder.problems(r, loaded.origins):  # encoders (model.family bert) and mlm/rtd
+        add(path, message, hint)
 
     # tokenizer
     t = r.tokenizer
@@ -394,6 +408,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
 
     # data
     if r.data is not None:
+        for path, message, hint in conditioning_problems(r, base):  # metadata and control tokens
+            add(path, message, hint)
         seen = set()
         for i, s in enumerate(r.data.sources):
             if s.name in seen:
@@ -403,6 +419,21 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 add(("data", "sources", i, "weight"), f"weight must be positive, got {s.weight}", "remove the source or give it a positive weight")
             for sub, message, hint in source_problems(s, base):
                 add(("data", "sources", i, *sub), message, hint)
+            if s.validation_path is not None:  # checked as a path of its own
+                for sub, message, hint in source_problems(s.model_copy(update={"path": s.validation_path, "validation_path": None}), base):
+                    if sub == ("path",):  # its filter problems are the source's, reported above
+                        add(("data", "sources", i, "validation_path"), message, hint)
+        if r.data.packing != "concat":  # document masks (choose_attention) are built for the causal decoder
+            kinds = [getattr(r.objective, "kind", "causal_lm"), *(ph.objective.kind for ph in r.phases if getattr(ph, "objective", None) is not None)]
+            # objectives that build their rows from concat windows report this themselves (objectives.problems)
+            other = next((k for k in kinds if k not in ("causal_lm", "prefix_lm", "span_corruption", "ul2", "fim", "mlm", "rtd")), None)
+            if other is not None or (m is not None and m.family not in ("llama", "bert")):  # bert: mlm, rtd (encoder.py.j2)
+                what = f"objective {other}" if other is not None else f"model.family {m.family}"
+                add(("data", "packing"), f"packing {r.data.packing} with {what} is not built yet: document masks are built for "
+                    "the llama family with objective causal_lm", "use packing: concat with this objective and model")
+            elif getattr(r.target, "accelerator", None) == "tpu":
+                add(("data", "packing"), f"packing {r.data.packing} on accelerator tpu is not built yet: the torch-xla "
+                    "program does not pass document ids", "use packing: concat on tpu, or accelerator cpu or cuda")
         if r.data.validation >= 0.5:
             add(("data", "validation"), f"{r.data.validation:.0%} of the data held out for validation leaves too little to train on", "use a few percent, such as 1%")
 
@@ -470,9 +501,10 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
 
     tg = r.target
     if tg is not None and tr is not None:
-        n = tg.devices
+        n = tg.devices * tg.nodes  # processes over all nodes
         if n > 1 and tr.global_batch % n:
-            add(("train", "global_batch"), f"global_batch ({tr.global_batch}) does not split evenly over {n} devices",
+            add(("train", "global_batch"), f"global_batch ({tr.global_batch}) does not split evenly over {n} devices"
+                + (f" ({tg.nodes} nodes × {tg.devices})" if tg.nodes > 1 else ""),
                 f"use a multiple of {n}, such as {tr.global_batch + n - tr.global_batch % n}")
         elif n > 1 and tr.micro_batch != "auto" and (tr.global_batch // n) % tr.micro_batch:
             add(("train", "micro_batch"), f"each of the {n} devices gets {tr.global_batch // n} sequences per step, not divisible by micro_batch ({tr.micro_batch})",
@@ -480,7 +512,11 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
         if n == 1 and tg.parallelism == "ddp":
             add(("target", "parallelism"), "ddp needs more than one device", "set target.devices, or parallelism: single (or auto)")
         if n > 1 and tg.parallelism == "single":
-            add(("target", "parallelism"), f"parallelism single runs one process, but target.devices is {n}", "use auto, ddp or fsdp")
+            add(("target", "parallelism"), f"parallelism single runs one process, but target.devices is {n}"
+                if tg.nodes == 1 else f"parallelism single runs one process, but the target has {n} devices", "use auto, ddp or fsdp")
+        if tg.parallelism == "hsdp" and (tg.nodes < 2 or tg.devices < 2):
+            add(("target", "parallelism"), f"hsdp shards within a node and replicates across nodes: it needs several nodes of several "
+                f"devices, not {tg.nodes} node(s) × {tg.devices} device(s)", "use fsdp (or auto)")
         phases = getattr(r, "phases", None) or []
         if n > 1 and any(ph.growth is not None for ph in phases):
             add(("target", "devices"), "growth by stacking on several devices is not built yet", "grow on one device (target.devices: 1)")
@@ -492,9 +528,21 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                         f"use a multiple of {n}")
     if tg is not None:
         if tg.accelerator == "cpu" and tg.chip not in ("auto", "cpu"):
-            add(("target", "chip"), f"chip {tg.chip!r} is a GPU but accelerator is cpu", "set target.chip: cpu (or auto), or accelerator: cuda")
+            add(("target", "chip"), f"chip {tg.chip!r} is an accelerator but accelerator is cpu", "set target.chip: cpu (or auto), or accelerator: cuda")
+        elif tg.accelerator == "cuda" and tg.chip.startswith("tpu"):
+            add(("target", "chip"), f"chip {tg.chip!r} is a TPU but accelerator is cuda", "set target.chip to your GPU (or auto)")
         if tg.accelerator == "cuda" and tg.chip == "cpu":
             add(("target", "chip"), "chip cpu with accelerator cuda", "set target.chip to your GPU (or auto)")
+        m = getattr(r, "model", None)
+        if tg.activation_checkpointing in ("selective", "full") and m is not None and m.family != "llama":
+            add(("target", "activation_checkpointing"), f"activation checkpointing is not built for model.family {m.family} yet",
+                "use activation_checkpointing: none (or auto)")
+        if tg.accelerator == "tpu":  # what the torch-xla program covers (compiler/tpu.py)
+            for path, message, hint in tpu_problems(r):
+                add(path, message, hint)
+    if getattr(r, "objective", None) is not None and r.train is not None:
+        for path, message, hint in objective_problems(r, base):
+            add(path, message, hint)
     return out
 
 
@@ -507,20 +555,26 @@ def _valid_sections(tree: dict, err: ValidationError) -> SimpleNamespace:
     for e in err.errors():
         if e["type"] == "extra_forbidden":
             node = tree
-            for p in e["loc"][:-1]:
+            for p in _untagged(tuple(e["loc"]))[0][:-1]:
                 node = node[p] if isinstance(node, (dict, list)) else None
             if isinstance(node, dict):
                 node.pop(e["loc"][-1], None)
+    from pydantic import TypeAdapter
+
+    from .schema import ObjectiveSpec
+
     sections = {}
     for name, f in Recipe.model_fields.items():
         spec = f.annotation
-        if not (isinstance(spec, type) and issubclass(spec, BaseModel)):
+        if name == "objective":  # a union chosen by kind: validated through a TypeAdapter
+            spec = TypeAdapter(ObjectiveSpec)
+        elif not (isinstance(spec, type) and issubclass(spec, BaseModel)):
             continue
         if name not in tree:
             sections[name] = None if f.is_required() else f.get_default()
             continue
         try:
-            sections[name] = spec.model_validate(tree[name])
+            sections[name] = spec.validate_python(tree[name]) if name == "objective" else spec.model_validate(tree[name])
         except ValidationError:
             sections[name] = None
     return SimpleNamespace(**sections)
@@ -556,8 +610,6 @@ def validate(loaded: Loaded) -> Recipe:
                 node = node.get(p) if isinstance(node, dict) else None
             if isinstance(node, dict) and path[-1] in node and path in {k for k in NOT_BUILT_VALUES}:
                 node.pop(path[-1])
-            if path == ("target", "parallelism") and isinstance(node, dict):
-                node.pop("parallelism", None)
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as err:
@@ -577,6 +629,22 @@ def validate(loaded: Loaded) -> Recipe:
 def _phase_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
     """Problems in the phases: coverage of the run, mixtures, batch shapes, schedules, phase-only sources."""
     out = [Diagnostic(_dotted(path), message, loaded.origin(path), hint=hint) for path, message, hint in resolve_phases(r).problems]
+    switchable = ("causal_lm", "distill")  # objectives a phase may switch between: the same batches, another loss
+    teachers = {o.teacher for o in [r.objective, *(ph.objective for ph in r.phases if ph.objective is not None)] if o.kind == "distill"}
+    for i, ph in enumerate(r.phases):
+        if ph.objective is None:
+            continue
+        where = ("phases", i, "objective")
+        if ph.objective.kind not in switchable or r.objective.kind not in switchable:
+            out.append(Diagnostic(_dotted(where + ("kind",)), f"a phase that switches the objective from {r.objective.kind} to "
+                                  f"{ph.objective.kind} is not built yet: phases switch between causal_lm and distill only",
+                                  loaded.origin(where + ("kind",)), hint="set the objective for the whole run in the objective section"))
+            continue
+        if ph.objective.kind == "distill" and len(teachers) > 1:
+            out.append(Diagnostic(_dotted(where + ("teacher",)), "phases distill from different teachers, which is not built yet",
+                                  loaded.origin(where + ("teacher",)), hint="use one teacher for every distillation phase"))
+        for path, message, hint in objective_problems(r, loaded.base_dir, where, ph.objective):
+            out.append(Diagnostic(_dotted(path), message, loaded.origin(path), hint=hint))
     for i, ph in enumerate(r.phases):
         for j, s in enumerate(ph.data.sources if ph.data and ph.data.sources else []):
             if not s.path.startswith("builtin:") and not (loaded.base_dir / s.path).exists():

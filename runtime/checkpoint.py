@@ -5,6 +5,14 @@ state.json}`` and ``RUN/checkpoints/latest`` naming the newest complete one. A
 checkpoint is written into a temporary directory, synced, then renamed into
 place, so a kill at any moment leaves either the old or the new checkpoint,
 never half of one.
+
+Sharded checkpoints (format 3, for FSDP2/HSDP runs) hold ``dcp/`` instead of the
+two safetensors files: every process writes its own shards of the model and
+AdamW state with torch.distributed.checkpoint (DCP), keyed by parameter name
+with each tensor's global shape, so they load onto another number of processes
+(DCP reshards) or into one unsharded model (``malt export``, ``malt sample``).
+They are written the same way: into a temporary directory, renamed by the main
+process once every process has finished, and ``state.json`` is written last.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +31,7 @@ from safetensors.torch import load_file, load_model, save_file
 from .run import Run, RunError
 
 FORMAT = 2  # 2: tensors keyed by parameter name (full, unsharded), optimizer state by parameter name
+FORMAT_SHARDED = 3  # 3: model and optimizer state written by every process with torch.distributed.checkpoint (dcp/)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -115,11 +126,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 2, extra: dict | None = None) -> Path:
+def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 2, extra: dict | None = None,
+         fmt: str = "full") -> Path:
     """Write a checkpoint of ``model`` (the unwrapped module; sharded or not) and ``optimizer``.
 
-    Every process must call it (gathering a sharded model is collective); the main process writes.
+    Every process must call it (gathering a sharded model is collective). ``fmt`` "full": the main
+    process writes whole tensors; "sharded": every process writes its shards (torch.distributed.checkpoint).
     """
+    if fmt == "sharded":
+        return _save_sharded(run, step, model, optimizer, keep, extra)
     tensors = _model_tensors(model)
     opt_tensors, meta = _optimizer_tensors(model, optimizer)
     final = run.checkpoints / f"step_{step:08d}"
@@ -127,6 +142,37 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
         _write(run, step, tensors, opt_tensors, meta, keep, extra)
     _barrier()
     return final
+
+
+@contextmanager
+def _one_process_is_fine():
+    """DCP warns when it runs without a process group (one process, as intended here): silence that warning only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _save_sharded(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int, extra: dict | None) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = f"step_{step:08d}"
+    tmp = run.checkpoints / f".tmp-{name}-sharded"  # one name every process (on every node) agrees on
+    main = getattr(run, "is_main", True)
+    if main:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # this process's shards, keyed by parameter name
+    with _one_process_is_fine():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))  # every file synced; .metadata last
+    _barrier()
+    if main:
+        _finish(run, step, tmp, {"optimizer": {"layout": "dcp"}}, keep, extra, FORMAT_SHARDED)
+    _barrier()
+    return run.checkpoints / name
 
 
 def _write(run: Run, step: int, tensors: dict, opt_tensors: dict, meta: dict, keep: int, extra: dict | None) -> None:
@@ -139,24 +185,34 @@ def _write(run: Run, step: int, tensors: dict, opt_tensors: dict, meta: dict, ke
     tmp.mkdir()
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    _finish(run, step, tmp, {"optimizer": meta}, keep, extra, FORMAT)
+
+
+def _finish(run: Run, step: int, tmp: Path, fields: dict, keep: int, extra: dict | None, fmt: int) -> None:
+    """Add the RNG state and state.json to the checkpoint in ``tmp``, sync it, rename it into place, point latest at it."""
+    ck = run.checkpoints
+    name = f"step_{step:08d}"
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
     state = {
-        "format": FORMAT,
+        "format": fmt,
         "step": step,
         "name": run.name,
         "recipe_hash": run.recipe_hash,
         "world_size": getattr(run, "world_size", 1),
         "data": {"sampler": "stateless", "next_step": step},  # batches are a pure function of (seed, step, index)
-        "optimizer": meta,
+        **fields,
         "recipe": _read_text(run.dir / "recipe.lock.yaml"),  # the resolved recipe that produced this checkpoint
         **(extra or {}),
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     for f in tmp.iterdir():
-        _fsync_file(f)
+        if f.is_file():
+            _fsync_file(f)
+    if (tmp / "dcp").is_dir():
+        _fsync_dir(tmp / "dcp")
     _fsync_dir(tmp)
     final = ck / name
     if final.exists():  # the same step written again (a resumed run repeating its last save)
@@ -200,13 +256,18 @@ def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         state = json.loads((path / "state.json").read_text())
     except ValueError as e:
         raise RunError(f"checkpoint {path / 'state.json'} is corrupt: {e}", "remove that checkpoint directory to resume from an older one")
-    if state.get("format") != FORMAT:
-        raise RunError(f"checkpoint {path} has format {state.get('format')}, this malt reads format {FORMAT}",
+    if state.get("format") not in (FORMAT, FORMAT_SHARDED):
+        raise RunError(f"checkpoint {path} has format {state.get('format')}, this malt reads formats {FORMAT} and {FORMAT_SHARDED}",
                        "resume it with the malt version that wrote it")
     if state.get("recipe_hash") != run.recipe_hash:
         raise RunError(f"checkpoint {path} was written by a different version of the recipe "
                        f"(hash {str(state.get('recipe_hash'))[:12]}, now {run.recipe_hash[:12]})",
                        "resume with the recipe that started the run, or start a new run in another directory")
+    if state["format"] == FORMAT_SHARDED:
+        _load_sharded(path, model, optimizer)
+        if optimizer is not None:
+            _load_rng(path)
+        return step
     try:
         tensors = load_file(str(path / "model.safetensors"))
         if optimizer is not None:
@@ -221,6 +282,51 @@ def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return step
+
+
+def _load_rng(path: Path) -> None:
+    try:
+        rng = load_file(str(path / "rng.safetensors"))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise RunError(f"checkpoint {path} cannot be read: {e}", "remove that checkpoint directory to resume from an older one")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint directory ``path`` is a sharded (DCP) one."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text()).get("format") == FORMAT_SHARDED
+    except (OSError, ValueError):
+        return False
+
+
+def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a sharded (DCP) checkpoint into ``model`` (sharded or not, on any number of processes) and ``optimizer``.
+
+    DCP reads, for each tensor this process holds, the slice of the saved global tensor it covers,
+    whatever number of processes wrote it.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+
+    try:
+        if optimizer is None:
+            state = {"model": get_model_state_dict(model)}
+            with _one_process_is_fine():
+                dcp.load(state, checkpoint_id=str(path / "dcp"))
+            set_model_state_dict(model, state["model"])
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)  # this process's layout, filled in place by dcp.load
+            state = {"model": model_sd, "optimizer": optim_sd}
+            with _one_process_is_fine():
+                dcp.load(state, checkpoint_id=str(path / "dcp"))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    except (RuntimeError, KeyError, ValueError, OSError, CheckpointException) as e:  # DCP wraps each process's failure
+        raise RunError(f"sharded checkpoint {path} cannot be loaded into this model: {str(e).strip().splitlines()[0][:300]}",
+                       "resume with the recipe that wrote it (same model shape), or remove that checkpoint to use an older one")
 
 
 def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, tensors: dict) -> None:
@@ -254,6 +360,12 @@ def init_from(path: Path, kind: str, model: torch.nn.Module, optimizer: torch.op
         if found is None:
             raise RunError(f"init_from: no checkpoint in {path}")
         step, ck = found
+        if is_sharded(ck):  # DCP loads it into this model (sharded or not) by parameter name
+            _load_sharded(ck, model, optimizer)
+            n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+            log(f"init_from: {n:,} parameters from {path} (step {step:,}, sharded)"
+                + (" with its optimizer state" if optimizer is not None else ""))
+            return
         state_dict = load_file(str(ck / "model.safetensors"))
         source = f"{path} (step {step:,})"
     else:
@@ -305,6 +417,9 @@ def load_weights(run_dir: Path, model: torch.nn.Module) -> int:
     if found is None:
         raise RunError(f"no checkpoint in {run_dir}", "train it first with `malt run RECIPE`")
     step, path = found
+    if is_sharded(path):  # consolidated into this one unsharded model
+        _load_sharded(path, model, None)
+        return step
     try:
         load_model(model, str(path / "model.safetensors"))
     except (SafetensorError, OSError, RuntimeError) as e:

@@ -14,13 +14,15 @@ Cache layout (``cache_dir``)::
     tokens/<source>/<key>.index.npy             uint64 document offsets: document i is
                                                 tokens[index[i]:index[i+1]] (its EOS included)
     tokens/<source>/<key>.hashes.npy            dedupe only: the kept documents' 64-bit hashes
+    tokens/<source>/<key>.prefix.npy            metadata only: uint32 metadata tokens at the start of each
+                                                document (malt.runtime.conditioning)
     tokens/<source>/<key>.json                  the shard's manifest: files, tokenizer sha256,
                                                 counts, skipped and filtered records, checksums
 
 A source's files (sorted by path) are cut into shards of about
 ``SHARD_INPUT_BYTES`` of input (see :func:`plan_shards`); a shard's key hashes its files' paths, sizes
 and modification times, the tokenizer, the source's ``text_field``, filters
-and ``dedupe`` (and, with ``dedupe``, the key of the shard before it, whose
+and ``dedupe``, its ``metadata`` and ``control`` (and, with ``dedupe``, the key of the shard before it, whose
 kept documents it is deduplicated against). So a changed file re-tokenizes its
 shard only (and, with ``dedupe``, the shards after it); a new tokenizer
 re-tokenizes everything. The manifest is written last: a shard without one
@@ -49,6 +51,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import packing as _packing
 from . import sources as _sources
 from .sources import DataError, Source, _digest, make_source
 from .tokenizer import build_tokenizer
@@ -193,8 +196,22 @@ def _counts(c: dict) -> str:
 # tokenizing: batches of documents, in this process or in worker processes
 # --------------------------------------------------------------------------
 
-def _encode(tok, docs: list[str], eos_id: int, dtype, fast_bytes: bool):
-    """(tokens of the documents, each followed by EOS; token count of each document)."""
+def _encode(tok, docs: list, eos_id: int, dtype, fast_bytes: bool):
+    """(tokens of the documents, each followed by EOS; token count of each document).
+
+    Conditioned documents (``(prefix, segments)`` pairs, see malt.runtime.conditioning) also
+    give the metadata token count of each document, as a third value.
+    """
+    if docs and not isinstance(docs[0], str):
+        from .conditioning import encode_conditioned
+
+        if fast_bytes:
+            def texts(ts):
+                return [list(t.encode("utf-8")) for t in ts]
+        else:
+            def texts(ts):
+                return [e.ids for e in tok.encode_batch(ts, add_special_tokens=False)] if ts else []
+        return encode_conditioned(texts, docs, eos_id, dtype)
     if fast_bytes:  # byte tokenizer: id == byte value, identical to tok.encode
         parts, lens = [], np.empty(len(docs), dtype=np.int64)
         eos = np.array([eos_id], dtype=dtype)
@@ -369,6 +386,7 @@ class _Shard:
         self.tokens = directory / f"{stem}.tokens.npy"
         self.index = directory / f"{stem}.index.npy"
         self.hashes = directory / f"{stem}.hashes.npy"
+        self.prefix = directory / f"{stem}.prefix.npy"     # metadata conditioning: metadata tokens per document
         self.manifest_path = directory / f"{stem}.json"
         self.manifest: dict | None = None
 
@@ -388,9 +406,10 @@ class _Shard:
         return sum(f.size for f in self.files)
 
 
-def _shard_keys(source: Source, base: dict) -> list[_Shard]:
+def _shard_keys(source: Source, base: dict, prev: str | None = None) -> list[_Shard]:
+    """The source's shards; with dedupe each key chains the previous shard's (``prev``: the one before the first)."""
     directory = Path(base["dir"]) / _safe(source.name)
-    out, prev = [], None
+    out = []
     for files in plan_shards(source):
         info = {"format": FORMAT, "tokenizer": base["tokenizer_sha256"], "eos": base["eos_id"],
                 "dtype": base["dtype"], "source": source.config(),
@@ -408,11 +427,16 @@ def _tokenize_shard(source: Source, shard: _Shard, seen: set | None, enc: _Encod
     shard.tokens.parent.mkdir(parents=True, exist_ok=True)
     tag = f".{os.getpid()}.tmp"
     tmp = {k: p.with_name(p.name + tag) for k, p in
-           (("tokens", shard.tokens), ("index", shard.index), ("hashes", shard.hashes))}
+           (("tokens", shard.tokens), ("index", shard.index), ("hashes", shard.hashes), ("prefix", shard.prefix))}
     wt = _NpyWriter(tmp["tokens"], base["dtype"])
     wi = _NpyWriter(tmp["index"], np.uint64)
     wh = _NpyWriter(tmp["hashes"], np.uint64) if source.dedupe else None
-    writers = [w for w in (wt, wi, wh) if w is not None]
+    wp = _NpyWriter(tmp["prefix"], np.uint32) if source.metadata else None
+    writers = {k: w for k, w in (("tokens", wt), ("index", wi), ("hashes", wh), ("prefix", wp)) if w is not None}
+    cond = None
+    if source.metadata or source.control:  # metadata prefixes and control tokens (malt.runtime.conditioning)
+        from .conditioning import Conditioner
+        cond = Conditioner(source.metadata, source.control, token_id=base["token_id"])
     source.reset_stats()
     offset = 0
     n_docs = n_chars = 0
@@ -422,7 +446,9 @@ def _tokenize_shard(source: Source, shard: _Shard, seen: set | None, enc: _Encod
     def drain(limit: int):
         nonlocal offset
         while len(pending) > limit:
-            arr, lens = pending.popleft().get()
+            arr, lens, *prefix = pending.popleft().get()
+            if wp is not None:
+                wp.write(prefix[0])
             wt.write(arr)
             wi.write(offset + np.cumsum(lens))
             offset += int(lens.sum())
@@ -430,11 +456,21 @@ def _tokenize_shard(source: Source, shard: _Shard, seen: set | None, enc: _Encod
 
     try:
         wi.write(np.zeros(1, dtype=np.uint64))
-        batch: list[str] = []
+        batch: list = []
         chars = 0
-        for doc in source.documents(shard.files, seen, hashes):
+        for doc in source.documents(shard.files, seen, hashes, with_fields=cond is not None):
+            if cond is not None:
+                text, fields = doc
+                doc = cond.apply(text, fields)
+                if doc is None:  # metadata missing: drop
+                    source.filtered["metadata_missing"] += 1
+                    if hashes:
+                        hashes.pop()
+                    continue
+                chars += len(text)
+            else:
+                chars += len(doc)
             batch.append(doc)
-            chars += len(doc)
             if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
                 n_docs += len(batch)
                 n_chars += chars
@@ -451,9 +487,9 @@ def _tokenize_shard(source: Source, shard: _Shard, seen: set | None, enc: _Encod
         if wh is not None and hashes:
             wh.write(np.array(hashes, dtype=np.uint64))
         drain(0)
-        infos = {k: w.finish() for k, w in zip(("tokens", "index", "hashes"), writers)}
+        infos = {k: w.finish() for k, w in writers.items()}
     except BaseException:
-        for w in writers:
+        for w in writers.values():
             w.abort()
         raise
     for k in infos:
@@ -467,6 +503,7 @@ def _tokenize_shard(source: Source, shard: _Shard, seen: set | None, enc: _Encod
         "config": source.config(),
         "n_tokens": offset, "n_documents": n_docs, "n_chars": n_chars, "n_records": source.records,
         "skipped": dict(source.skipped), "filtered": dict(source.filtered), "notes": list(source.notes),
+        **({"conditioning": dict(cond.stats)} if cond is not None else {}),
         **{f"{k}_file": {"name": getattr(shard, k).name, **v} for k, v in infos.items()},
     }
     _atomic_write_json(shard.manifest_path, manifest)
@@ -507,6 +544,19 @@ def _open_shard(shard: _Shard, verify: bool) -> tuple[np.ndarray, np.ndarray]:
     if verify and len(index) > 1 and not bool((np.diff(index.astype(np.int64)) > 0).all()):
         raise DataError(f"token cache file {shard.index} is corrupt: offsets are not increasing; {fix}")
     return toks, index
+
+
+def _open_prefix(shard: _Shard, verify: bool) -> np.ndarray | None:
+    """The metadata token count of every document of a shard (metadata conditioning), or None."""
+    m = shard.manifest
+    if "prefix_file" not in m:
+        return None
+    fix = f"delete its manifest {shard.manifest_path} and that shard is tokenized again on the next start"
+    pre = _open_npy(shard.prefix, m["prefix_file"], verify, fix, np.uint32)
+    if len(pre) != m["n_documents"]:
+        raise DataError(f"token cache file {shard.prefix} is corrupt: {len(pre):,} documents, "
+                        f"the manifest says {m['n_documents']:,}; {fix}")
+    return pre
 
 
 class Tokens:
@@ -557,6 +607,31 @@ class Tokens:
         return self.window(0, len(self))
 
 
+def _concat_offsets(indexes) -> np.ndarray:
+    """Document offsets of shards read one after another (each index starts at 0): n_documents + 1 values."""
+    out, base = [np.zeros(1, dtype=np.int64)], 0
+    for idx in indexes:
+        idx = np.asarray(idx).astype(np.int64)
+        out.append(idx[1:] + base)
+        base += int(idx[-1])
+    return np.concatenate(out)
+
+
+def _validation_tokens(offsets: np.ndarray, validation: float) -> int:
+    """Tokens of the validation split: from the document boundary nearest to the last ``validation`` share
+    of the tokens to the end, so that no document is in both splits. A source of one document is cut
+    inside it (the only way to hold anything out)."""
+    n = int(offsets[-1])
+    want = int(n * validation)
+    if want <= 0:
+        return 0
+    inner = offsets[1:-1]
+    if not len(inner):
+        return want
+    cut = int(inner[np.argmin(np.abs(inner - (n - want)))])
+    return n - cut
+
+
 def default_workers() -> int:
     env = os.environ.get("MALT_DATA_WORKERS", "").strip()
     if env:
@@ -590,7 +665,15 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
     validation = float(spec.get("validation", 0.0) or 0.0)
     if not 0.0 <= validation < 1.0:
         raise DataError(f"data.validation must be in [0, 1), got {validation}")
-    srcs = [make_source(e, base_dir) for e in entries]
+    srcs = [make_source({k: v for k, v in e.items() if k != "validation_path"} if isinstance(e, dict) else e, base_dir)
+            for e in entries]
+    packing = str(spec.get("packing") or "concat")
+    if packing not in _packing.PACKINGS:
+        raise DataError(f"data.packing must be one of {', '.join(_packing.PACKINGS)}, got {packing!r}")
+    # a source's own validation file (validation_path): tokenized as a source of its own, its validation split
+    val_srcs = {s.name: make_source({**{k: v for k, v in e.items() if k != "validation_path"},
+                                     "name": f"{s.name} (validation)", "path": e["validation_path"]}, base_dir)
+                for s, e in zip(srcs, entries) if isinstance(e, dict) and e.get("validation_path")}
     names = [s.name for s in srcs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -620,8 +703,12 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
             dtype = np.dtype(np.uint16 if vocab <= 65536 else np.uint32)
             fast_bytes = (spec.get("tokenizer") or {}).get("kind") == "bytes"
             base = {"dir": str(cache / "tokens"), "tokenizer_sha256": tok_hash, "eos_id": eos_id,
-                    "dtype": dtype.name}
+                    "dtype": dtype.name, "token_id": tok.token_to_id}
             plans = [(s, _shard_keys(s, base)) for s in srcs]
+            built_of = {s.name: shards for s, shards in plans}
+            # a validation file with dedupe drops the documents its source's training files already hold
+            plans += [(v, _shard_keys(v, base, built_of[name][-1].key if v.dedupe and built_of[name] else None))
+                      for name, v in val_srcs.items()]
             todo_bytes = sum(sh.input_bytes() for _, shards in plans for sh in shards if sh.load_manifest() is None)
             n_workers = workers if todo_bytes >= POOL_MIN_BYTES else 1
             tok.encode_special_tokens = True  # text that spells "<|endoftext|>" stays text
@@ -630,9 +717,14 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                 bar = _Progress(todo_bytes, log, progress)
             done_bytes = 0
             token_views, infos = [], []
+            prefix_masks: dict = {}  # source name -> PrefixMask (metadata conditioning)
+            val_views: dict = {}  # source name -> (tokens, index files) of its validation file
             for s, shards in plans:
                 seen: set | None = set() if s.dedupe else None
                 pending_hashes: list[_Shard] = []  # cached shards whose hashes a later shard may need
+                parent = next((name for name, v in val_srcs.items() if v is s), None)
+                if parent is not None and s.dedupe:
+                    pending_hashes = list(built_of[parent])
                 built = 0
                 t0 = time.time()
                 for sh in shards:
@@ -653,13 +745,17 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                     _tokenize_shard(s, sh, seen, enc, base, bar, done_bytes)
                     done_bytes += sh.input_bytes()
                     built += 1
-                arrays = []
+                arrays, indexes = [], []
+                prefixes, conditioning = [], collections.Counter()  # metadata token counts, conditioning stats
                 totals = collections.Counter()
                 skipped, filtered, notes = collections.Counter(), collections.Counter(), []
                 for sh in shards:
                     m = sh.manifest
-                    toks, _ = _open_shard(sh, verify)
+                    toks, index = _open_shard(sh, verify)
                     arrays.append(toks)
+                    indexes.append(index)
+                    prefixes.append(_open_prefix(sh, verify))
+                    conditioning.update(m.get("conditioning", {}))
                     totals.update(tokens=m["n_tokens"], documents=m["n_documents"], chars=m["n_chars"],
                                   records=m["n_records"])
                     skipped.update(m["skipped"])
@@ -692,7 +788,18 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                     log(f"data: {s.name}: filtered out {sum(filtered.values()):,} document(s): {_counts(filtered)}")
                 view = Tokens(arrays)
                 n = len(view)
-                n_val = int(n * validation)
+                if s.metadata:
+                    from .conditioning import PrefixMask
+                    prefix_masks[s.name] = PrefixMask(indexes, prefixes)
+                if parent is not None:
+                    val_views[parent] = (view, [str(sh.index) for sh in shards])
+                    continue
+                # the validation split: the source's last documents, cut at the document boundary nearest to the
+                # share (a source of one document is cut inside it); a validation file replaces it
+                n_val = 0 if s.name in val_srcs else _validation_tokens(_concat_offsets(indexes), validation)
+                if s.name in (spec.get("val_documents") or {}) and s.name not in val_srcs:
+                    # the variant without metadata: the same documents as the variant with it are held out
+                    n_val = n - int(_concat_offsets(indexes)[spec["val_documents"][s.name]])
                 token_views.append(view)
                 infos.append({"name": s.name, "path": s.describe(), "weight": s.weight,
                               "tokens": n, "train_tokens": n - n_val, "val_tokens": n_val,
@@ -700,7 +807,9 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                               "skipped": sum(skipped.values()), "skipped_by": dict(skipped),
                               "filtered": sum(filtered.values()), "filtered_by": dict(filtered), "notes": notes,
                               "shards": [str(sh.tokens) for sh in shards],
-                              "index_files": [str(sh.index) for sh in shards]})
+                              "index_files": [str(sh.index) for sh in shards],
+                              **({"conditioning": dict(conditioning), "metadata": s.metadata, "control": s.control}
+                                 if s.metadata or s.control else {})})
     finally:
         if bar is not None:
             bar.close()
@@ -709,12 +818,55 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
         if tok is not None:
             tok.encode_special_tokens = False  # Dataset.encode (prompts) reads special tokens again
         _sources._BUILTIN_MEMO.clear()
-    ds = Dataset(tok, tok_path, eos_id, int(spec.get("seed", 0)), validation, infos, token_views)
+    for info in infos:
+        if info["name"] in val_views:
+            view, files = val_views[info["name"]]
+            info.update(val_tokens=len(view), val_index_files=files, val_path=val_srcs[info["name"]].describe())
+    ds = Dataset(tok, tok_path, eos_id, int(spec.get("seed", 0)), validation, infos, token_views, packing=packing,
+                 val_arrays=[val_views[i["name"]][0] if i["name"] in val_views else None for i in infos], log=log)
+    _attach_conditioning(ds, spec, prefix_masks, lambda sp: prepare(
+        sp, cache_dir, lambda m: log(m.replace("data: ", "data (without metadata): ", 1)), workers, verify, progress))
     if spec.get("seq_len"):
         ds.check(int(spec["seq_len"]), "train")
         if validation > 0:
             ds.check(int(spec["seq_len"]), "val")
     return ds
+
+
+def _attach_conditioning(ds: Dataset, spec: dict, prefix_masks: dict, prepare_again) -> None:
+    """Give a dataset what its batches need for conditioned sources (malt.runtime.conditioning): where
+    the metadata tokens are, which control tokens carry no loss and, when a phase turns metadata off
+    (``spec["metadata_off"]``), the same sources tokenized without metadata (their own cache entries)."""
+    ds._no_loss_ids = {}
+    ds._prefix_masks = {}
+    for i, info in enumerate(ds.sources):
+        ctl = info.get("control")
+        if ctl and not ctl.get("loss", False):  # control tokens are inputs only: targets that predict them are -100
+            ds._no_loss_ids[i] = np.array([ds.tokenizer.token_to_id(ctl.get("good", "<|good|>")),
+                                           ds.tokenizer.token_to_id(ctl.get("bad", "<|bad|>"))], dtype=np.int64)
+        mask = prefix_masks.get(info["name"])
+        if mask is not None:
+            val = ((prefix_masks.get(f"{info['name']} (validation)"), 0) if info.get("val_index_files")
+                   else (mask, info["train_tokens"]))
+            ds._prefix_masks[i] = {"train": (mask, 0), "val": val}
+    if not spec.get("metadata_off") or not ds._prefix_masks:
+        return
+    keep = {}  # hold out the same documents in both variants
+    for i in ds._prefix_masks:
+        info = ds.sources[i]
+        offsets = ds.document_offsets(i)
+        k = int(np.searchsorted(offsets, info["train_tokens"]))
+        if k < len(offsets) and int(offsets[k]) == info["train_tokens"] and not info.get("val_index_files"):
+            keep[info["name"]] = k
+    plain = [{k: v for k, v in e.items() if k != "metadata"} for e in spec["sources"]]
+    off = prepare_again({**spec, "sources": plain, "metadata_off": False, "val_documents": keep})
+    for i, (m, _) in ((i, v["train"]) for i, v in ds._prefix_masks.items()):
+        want = len(ds.tokens(i)) - m.total
+        if len(off.tokens(i)) != want:
+            raise DataError(f"source '{ds.names[i]}': its tokens without metadata ({len(off.tokens(i)):,}) are not its tokens "
+                            f"with metadata less the metadata tokens ({want:,}); delete the cache folder "
+                            f"{Path(ds.sources[i]['shards'][0]).parent} and prepare again")
+    ds._without_metadata = off
 
 
 def _check_weights(weights, names) -> np.ndarray:
@@ -735,6 +887,7 @@ def _check_weights(weights, names) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 _U = np.uint64
+_IGNORE = -100   # a target without loss (F.cross_entropy's ignore_index)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -759,7 +912,8 @@ class Dataset:
     SPLITS = {"train": 0, "val": 1}
 
     def __init__(self, tokenizer, tokenizer_path: str, eos_id: int, seed: int, validation: float,
-                 sources: list[dict], arrays: list["Tokens"]):
+                 sources: list[dict], arrays: list["Tokens"], packing: str = "concat",
+                 val_arrays: list | None = None, log: Callable[[str], None] | None = None):
         self.tokenizer = tokenizer
         self.tokenizer_path = tokenizer_path
         self.eos_id = eos_id
@@ -769,12 +923,21 @@ class Dataset:
         self.sources = sources
         self.names = [s["name"] for s in sources]
         self._tokens = list(arrays)
+        val_arrays = val_arrays or [None] * len(arrays)
         self._parts = {
             "train": [a.slice(0, s["train_tokens"]) for a, s in zip(arrays, sources)],
-            "val": [a.slice(s["train_tokens"], len(a)) for a, s in zip(arrays, sources)],
+            "val": [a.slice(s["train_tokens"], len(a)) if v is None else v for a, v, s in zip(arrays, val_arrays, sources)],
         }
+        self.packing = packing
+        self._log = log or (lambda message: None)
+        self._packed: dict = {}  # (split, source index, seq_len) -> packing.BestFit
         self._weights = _check_weights([s["weight"] for s in sources], self.names)
         self._checked: set = set()
+        # conditioning (set by prepare, see _attach_conditioning): source index -> control token ids without loss,
+        # source index -> {split: (PrefixMask, offset of the split in the stream)}, the variant without metadata
+        self._no_loss_ids: dict = {}
+        self._prefix_masks: dict = {}
+        self._without_metadata: Dataset | None = None
 
     # -- helpers -----------------------------------------------------------
     def tokens(self, source) -> "Tokens":
@@ -785,12 +948,54 @@ class Dataset:
     def document_offsets(self, source) -> np.ndarray:
         """Start of every document of a source in :meth:`tokens`, plus its end (n_documents + 1 values)."""
         i = self.names.index(source) if isinstance(source, str) else int(source)
-        out, base = [np.zeros(1, dtype=np.int64)], 0
-        for path in self.sources[i]["index_files"]:
-            idx = np.load(path, mmap_mode="r").astype(np.int64)
-            out.append(idx[1:] + base)
-            base += int(idx[-1])
-        return np.concatenate(out)
+        return _concat_offsets(np.load(path, mmap_mode="r") for path in self.sources[i]["index_files"])
+
+    def split_offsets(self, split: str, source) -> np.ndarray:
+        """Document boundaries within one split of a source: offsets into that split's tokens, from 0 to its length
+        (a document cut by the end of the split ends there)."""
+        i = self.names.index(source) if isinstance(source, str) else int(source)
+        s = self.sources[i]
+        if split == "val" and s.get("val_index_files"):
+            return _concat_offsets(np.load(path, mmap_mode="r") for path in s["val_index_files"])
+        offs, cut = self.document_offsets(i), s["train_tokens"]
+        if split == "train":
+            return np.concatenate([[0], offs[(offs > 0) & (offs < cut)], [cut]]).astype(np.int64)
+        end = len(self._tokens[i])
+        return np.concatenate([[0], offs[(offs > cut) & (offs < end)] - cut, [end - cut]]).astype(np.int64)
+
+    def best_fit(self, split: str, source, seq_len: int) -> _packing.BestFit:
+        """The source's split packed into sequences of seq_len + 1 tokens (built once, then kept)."""
+        i = self.names.index(source) if isinstance(source, str) else int(source)
+        key = (split, i, seq_len)
+        if key not in self._packed:
+            t0 = time.perf_counter()
+            pk = _packing.pack_best_fit(self.split_offsets(split, i), seq_len, self.seed, self.SPLITS[split], self.names[i])
+            self._packed[key] = pk
+            self._log(f"data: best_fit packing of {self.names[i]} ({split}) at seq_len {seq_len:,}: {pk.bins:,} sequences "
+                      f"of {pk.capacity:,} tokens, padding {pk.padding_fraction:.2%} ({time.perf_counter() - t0:.1f}s)")
+        return self._packed[key]
+
+    def packing_summary(self, seq_len: int, weights=None) -> str:
+        """One line on the packing at ``seq_len``: for best_fit, the padding of the training mixture and of each source."""
+        if self.packing == "document":
+            return (f"packing: document at seq_len {seq_len:,}: windows as concat; attention stays inside each document "
+                    "and positions restart at each one")
+        if self.packing != "best_fit":
+            return f"packing: concat at seq_len {seq_len:,}: windows of the documents joined with EOS"
+        w = self._weight_vector(weights)
+        each = ", ".join(f"{n} {self.best_fit('train', i, seq_len).padding_fraction:.1%}"
+                         for i, (n, wi) in enumerate(zip(self.names, w)) if wi > 0)
+        return (f"packing: best_fit at seq_len {seq_len:,}: padding {self.padding_fraction('train', seq_len, weights):.1%} "
+                f"of the token slots of training sequences ({each})")
+
+    def padding_fraction(self, split: str, seq_len: int, weights=None) -> float:
+        """The share of token slots that are padding in the sequences a step draws (best_fit packing; 0 otherwise):
+        each source's padding fraction weighted by its share of the mixture."""
+        if self.packing != "best_fit":
+            return 0.0
+        w = self._weight_vector(weights)
+        w = w / w.sum()
+        return float(sum(wi * self.best_fit(split, i, seq_len).padding_fraction for i, wi in enumerate(w) if wi > 0))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -817,25 +1022,31 @@ class Dataset:
             return
         if split not in self.SPLITS:
             raise DataError(f"unknown split '{split}' (expected 'train' or 'val')")
-        for name, part, wi in zip(self.names, self._parts[split], w):
-            if wi <= 0 or len(part) >= seq_len + 1:
+        need = 2 if self.packing == "best_fit" else seq_len + 1  # best_fit pads a short sequence
+        for name, part, wi, s in zip(self.names, self._parts[split], w, self.sources):
+            if wi <= 0 or len(part) >= need:
                 continue
+            what = "training" if split == "train" else "validation"
+            fewer = ("too few for one sequence" if self.packing == "best_fit"
+                     else f"fewer than seq_len+1 = {seq_len + 1:,}")
             if split == "train":
-                raise DataError(
-                    f"source '{name}' has {len(part):,} training tokens, fewer than "
-                    f"seq_len+1 = {seq_len + 1:,}; add data to it or lower train.seq_len")
+                raise DataError(f"source '{name}' has {len(part):,} training tokens, {fewer}; add data to it"
+                                + (" or lower train.seq_len" if self.packing != "best_fit" else ""))
+            if s.get("val_index_files"):
+                raise DataError(f"source '{name}' has {len(part):,} {what} tokens in its validation_path "
+                                f"{s.get('val_path')}, {fewer}; add data to it")
             if self.validation <= 0:
                 raise DataError("validation batches were asked for but data.validation is 0; "
                                 "set data.validation (e.g. 1%) or turn evaluation off")
             raise DataError(
-                f"source '{name}' has {len(part):,} validation tokens, fewer than "
-                f"seq_len+1 = {seq_len + 1:,}; raise data.validation (now {self.validation:g}) "
-                f"or add data to it")
+                f"source '{name}' has {len(part):,} validation tokens, {fewer}; raise data.validation "
+                f"(now {self.validation:g}) or add data to it")
         self._checked.add(key)
 
     def sample_plan(self, split: str, step: int, start: int, count: int, seq_len: int,
                     weights=None) -> tuple[np.ndarray, np.ndarray]:
-        """(source index, window start) of sequences start..start+count-1 of ``step``.
+        """(source index, window start) of sequences start..start+count-1 of ``step``; with best_fit
+        packing, (source index, sequence of the source's packing) instead.
 
         Sequence ``i`` depends only on (seed, split, step, i, weights, source sizes).
         """
@@ -849,26 +1060,104 @@ class Dataset:
         cum = cum / cum[-1]
         src = np.searchsorted(cum, u, side="right")
         src = np.minimum(src, int(np.flatnonzero(w > 0)[-1]))
-        spans = np.array([max(len(p) - seq_len, 1) for p in parts], dtype=np.uint64)
+        if self.packing == "best_fit":  # a sequence is a bin of the source's packing
+            spans = np.array([self.best_fit(split, k, seq_len).bins if wk > 0 else 1 for k, wk in enumerate(w)], dtype=np.uint64)
+        else:                           # a sequence is a window of seq_len + 1 tokens
+            spans = np.array([max(len(p) - seq_len, 1) for p in parts], dtype=np.uint64)
         pos = (r_pos % spans[src]).astype(np.int64)
         return src, pos
 
-    def batch(self, split: str, step: int, start: int, count: int, seq_len: int, weights=None):
-        """(x, y) int64 tensors of shape (count, seq_len); y is x shifted left by one token.
+    def batch(self, split: str, step: int, start: int, count: int, seq_len: int, weights=None, metadata: bool = True):
+        """Sequences start..start+count-1 of ``step``: int64 tensors of shape (count, seq_len).
 
+        ``concat``: (x, y), y is x shifted left by one token. ``document``: (x, y, doc_ids), the same
+        windows plus each position's document id (0, 1, ... in a row; a document's EOS is its own).
+        ``best_fit``: (x, y, doc_ids) of packed bins; the padding after the last document has
+        x = EOS, y = -100 and a document id of its own.
         ``weights`` (optional): per-source mixture weights for this step (a list in source
         order or a dict name -> weight); defaults to the weights of the spec.
+        Conditioned sources: targets that are metadata tokens (or control tokens without loss) are -100;
+        ``metadata=False`` reads the sources without their metadata prefixes (a phase with metadata off).
         """
         import torch
+        if not metadata and self._prefix_masks:
+            if self._without_metadata is None:
+                raise DataError('batches without metadata need the sources prepared without it too (spec["metadata_off"])')
+            return self._without_metadata.batch(split, step, start, count, seq_len, weights)
+        conditioned = bool(self._no_loss_ids or self._prefix_masks)
         src, pos = self.sample_plan(split, step, start, count, seq_len, weights)
         parts = self._parts[split]
         buf = np.empty((count, seq_len + 1), dtype=np.int64)
+        if self.packing == "best_fit":
+            ids = np.empty((count, seq_len + 1), dtype=np.int64)
+            filled = np.empty(count, dtype=np.int64)
+            for j in range(count):
+                buf[j], ids[j], filled[j] = self._bin(parts[src[j]], self.best_fit(split, int(src[j]), seq_len), int(pos[j]))
+            y = buf[:, 1:].copy()
+            y[np.arange(seq_len)[None, :] >= filled[:, None] - 1] = _packing.IGNORE  # the next token is padding
+            if conditioned:
+                y = self._condition_targets(y, src, [self._bin_no_loss(split, int(src[j]), int(pos[j]), seq_len)
+                                                     for j in range(count)])
+            return (torch.from_numpy(np.ascontiguousarray(buf[:, :-1])), torch.from_numpy(y),
+                    torch.from_numpy(np.ascontiguousarray(ids[:, :-1])))
         for j in range(count):
             p = int(pos[j])
             buf[j] = parts[src[j]].window(p, seq_len + 1)
         x = torch.from_numpy(np.ascontiguousarray(buf[:, :-1]))
-        y = torch.from_numpy(np.ascontiguousarray(buf[:, 1:]))
+        y = np.ascontiguousarray(buf[:, 1:])
+        if conditioned:
+            y = self._condition_targets(y, src, [self.no_loss(split, int(src[j]), int(pos[j]), seq_len + 1)
+                                                 for j in range(count)])
+        y = torch.from_numpy(y)
+        if self.packing == "document":
+            return x, y, torch.from_numpy(_packing.document_ids(buf[:, :-1], self.eos_id))
         return x, y
+
+    def _bin(self, part: Tokens, pk: _packing.BestFit, b: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(tokens, document ids, tokens filled) of bin ``b``: its pieces one after another, then padding."""
+        row = np.full(pk.capacity, self.eos_id, dtype=np.int64)
+        lo, hi = int(pk.first[b]), int(pk.first[b + 1])
+        ids = np.full(pk.capacity, hi - lo, dtype=np.int64)   # padding: the id after the last piece's
+        at = 0
+        for k in range(lo, hi):
+            n = int(pk.length[k])
+            row[at:at + n] = part.window(int(pk.start[k]), n)
+            ids[at:at + n] = k - lo
+            at += n
+        return row, ids, at
+
+    def no_loss(self, split: str, source: int, p: int, n: int) -> np.ndarray | None:
+        """True where tokens p .. p+n-1 of a source's split are metadata tokens (their targets are -100);
+        None when the source has no metadata."""
+        m = self._prefix_masks.get(int(source))
+        if m is None:
+            return None
+        mask, base = m[split]
+        return mask.mask(base + p, n)
+
+    def _bin_no_loss(self, split: str, i: int, b: int, seq_len: int) -> np.ndarray | None:
+        """no_loss of best_fit bin ``b``'s tokens (its pieces one after another, as _bin lays them out)."""
+        if i not in self._prefix_masks:
+            return None
+        pk = self.best_fit(split, i, seq_len)
+        out = np.zeros(pk.capacity, dtype=bool)
+        at = 0
+        for k in range(int(pk.first[b]), int(pk.first[b + 1])):
+            n = int(pk.length[k])
+            out[at:at + n] = self.no_loss(split, i, int(pk.start[k]), n)
+            at += n
+        return out
+
+    def _condition_targets(self, y: np.ndarray, src, rows) -> np.ndarray:
+        """Targets y (count, seq_len) with -100 where they are metadata tokens or control tokens without loss.
+        ``rows[j]``: the no_loss mask of row j's seq_len + 1 tokens, or None."""
+        for j in range(len(y)):
+            if rows[j] is not None:
+                y[j][rows[j][1:]] = _IGNORE
+            ids = self._no_loss_ids.get(int(src[j]))
+            if ids is not None:
+                y[j][np.isin(y[j], ids)] = _IGNORE
+        return y
 
     def epochs(self, run_tokens: int, weights=None) -> list[float]:
         """How many times a run drawing ``run_tokens`` training tokens goes through each source's training tokens."""
@@ -912,10 +1201,17 @@ class Dataset:
                 lines.append("  ".join("-" * wd for wd in widths))
         for s in self.sources:
             lines.append(f"  {s['name']}: {s['path']}")
+            if s.get("val_path"):
+                lines.append(f"    validation: {s['val_path']}")
             if s.get("skipped_by"):
                 lines.append(f"    skipped: {_counts(s['skipped_by'])}" + (f"; e.g. {s['notes'][0]}" if s.get("notes") else ""))
             if s.get("filtered_by"):
                 lines.append(f"    filtered: {_counts(s['filtered_by'])}")
+            if s.get("conditioning") is not None:  # metadata coverage and the control-token split
+                from .conditioning import describe
+                i = self.names.index(s["name"])
+                meta = self._prefix_masks.get(i, {}).get("train", (None,))[0]
+                lines += describe(s, meta.total if meta is not None else None)
         return "\n".join(lines)
 
     def __repr__(self):

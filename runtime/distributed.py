@@ -1,4 +1,4 @@
-"""Data-parallel training across processes with torch.distributed: DDP or FSDP2 (fully_shard).
+"""Data-parallel training across processes with torch.distributed: DDP, FSDP2 (fully_shard) or HSDP.
 
 Generated programs for ``target.devices > 1`` are started by torchrun, one process
 per device, and call :func:`setup` first. malt writes no parallelism of its own:
@@ -43,16 +43,28 @@ def setup(device: str) -> Dist:
     return Dist(rank, world, local, device)
 
 
-def wrap(model: torch.nn.Module, parallelism: str, ctx: Dist) -> torch.nn.Module:
-    """The module the training step calls: DDP around the model, or the model with its blocks sharded (FSDP2)."""
+def wrap(model: torch.nn.Module, parallelism: str, ctx: Dist, nodes: int = 1) -> torch.nn.Module:
+    """The module the training step calls: DDP around the model, or the model with its blocks sharded (FSDP2).
+
+    HSDP is FSDP2 on a 2-D DeviceMesh (replicate over ``nodes``, shard over each node's processes):
+    parameters are all-gathered within a node and gradients reduce-scattered there, then all-reduced
+    across nodes. torchrun numbers a node's processes consecutively, so mesh row i is node i.
+    """
     if parallelism == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.startswith("cuda") else None)
-    if parallelism == "fsdp":
+    if parallelism in ("fsdp", "hsdp"):
         from torch.distributed.fsdp import fully_shard
 
+        mesh = None
+        if parallelism == "hsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            if ctx.world % nodes:
+                raise ValueError(f"HSDP over {nodes} nodes needs a multiple of {nodes} processes, got {ctx.world}")
+            mesh = init_device_mesh(ctx.device.split(":")[0], (nodes, ctx.world // nodes), mesh_dim_names=("replicate", "shard"))
         for layer in model.layers:   # each block is one all-gather / reduce-scatter unit
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     return model
 
@@ -61,7 +73,7 @@ def grad_sync(wrapped: torch.nn.Module, parallelism: str, sync: bool):
     """Context for one micro-step: gradients are synchronised only on the last micro-step of a step."""
     if parallelism == "ddp" and not sync:
         return wrapped.no_sync()
-    if parallelism == "fsdp":
+    if parallelism in ("fsdp", "hsdp"):
         wrapped.set_requires_gradient_sync(sync)
     return nullcontext()
 

@@ -3,6 +3,9 @@
 The generated model's parameter names are Hugging Face's without the ``model.``
 prefix, so export is a rename. A recipe with qkv_bias exports as
 Qwen2ForCausalLM (bias on q, k, v only); otherwise as LlamaForCausalLM.
+Encoders (model.family bert) with BERT's architecture export as BertForMaskedLM
+(objective mlm) or, the discriminator alone, ElectraForPreTraining (objective rtd);
+MosaicBERT variants (ALiBi, GeGLU, pre-norm) are refused before anything is written.
 """
 
 from __future__ import annotations
@@ -121,6 +124,51 @@ def hf_config(plan: dict, eos_id: int, lock: dict | None = None) -> tuple[str, d
                                 "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1}
 
 
+def encoder_refusal(plan: dict, lock: dict | None) -> str | None:
+    """Why an encoder run has no Hugging Face architecture that loads it (None: plain BERT, BertForMaskedLM loads it)."""
+    m = _model_section(plan, lock)
+    odd = [f"model.{k} {m.get(k)}" for k, plain in (("position", "learned"), ("activation", "gelu"), ("norm_position", "post"))
+           if m.get(k, plain) != plain]
+    if odd:
+        arch = "ElectraForPreTraining" if _is_rtd(lock) else "BertForMaskedLM"
+        return (f"this encoder ({', '.join(odd)}: MosaicBERT options) has no Hugging Face architecture that loads it; "
+                f"{arch} has learned positions, GELU and post-norm")
+    return None
+
+
+def _is_rtd(lock: dict | None) -> bool:
+    return ((lock or {}).get("objective") or {}).get("kind") == "rtd"
+
+
+def bert_config(plan: dict, lock: dict | None = None) -> dict:
+    """config.json of the BertForMaskedLM equal to a plain-BERT run, or of the ElectraForPreTraining equal to an rtd
+    run's discriminator (no dropout: malt trains without it)."""
+    m = _model_section(plan, lock)
+    seq_lens = [plan["batch"]["seq_len"]] + [ph["seq_len"] for ph in plan.get("phases") or []]
+    rtd = _is_rtd(lock)  # ELECTRA: the discriminator alone, as ElectraForPreTraining (the generator is not exported)
+    return {
+        "architectures": ["ElectraForPreTraining" if rtd else "BertForMaskedLM"],
+        "model_type": "electra" if rtd else "bert",
+        **({"embedding_size": m["d_model"]} if rtd else {}),
+        "vocab_size": m["padded_vocab"],
+        "hidden_size": m["d_model"],
+        "num_hidden_layers": m["n_layers"],
+        "num_attention_heads": m["n_heads"],
+        "intermediate_size": m["d_ff"],
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "max_position_embeddings": max(seq_lens),
+        "type_vocab_size": 2,
+        "initializer_range": m["init_std"],
+        "layer_norm_eps": m["norm_eps"],
+        "pad_token_id": None,
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": m["tie_embeddings"],
+        "torch_dtype": "float32",
+    }
+
+
 def export_hf(run_dir, out, force: bool = False) -> str:
     """Write the run's latest checkpoint to ``out`` as a Hugging Face model directory; returns the architecture."""
     from safetensors.torch import save_file
@@ -133,6 +181,13 @@ def export_hf(run_dir, out, force: bool = False) -> str:
     if run_dir.exists() and (out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents):
         raise RunError(f"{out} is or contains the run directory {run_dir}; exporting there would replace the run",
                        "choose an output directory outside the run, such as hf/NAME")
+    encoder = (run_dir / "plan.json").is_file() and _read_json(run_dir / "plan.json").get("model", {}).get("family") == "bert"
+    if encoder:  # refuse before writing anything: never a half-valid directory
+        why = encoder_refusal(_read_json(run_dir / "plan.json"), read_lock(run_dir))
+        if why:
+            raise RunError(f"cannot export {run_dir}: {why}",
+                           "export works for plain BERT recipes (model.position learned, activation gelu, norm_position post); "
+                           "the run's checkpoints (safetensors) and model.py hold the weights")
     model, tokenizer, plan = load_run_model(run_dir)
     lock = read_lock(run_dir)
     # the end-of-text token is the tokenizer's first special token (tokenizer.special_tokens); it also serves as BOS
@@ -141,24 +196,42 @@ def export_hf(run_dir, out, force: bool = False) -> str:
     eos_id = tokenizer.token_to_id(eos_token) if eos_token is not None else None
     if eos_id is None:
         eos_token = None
-    arch, config = hf_config(plan, eos_id, lock)
     state = {}
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight":
-            if config["tie_word_embeddings"]:
-                continue
-            state[key] = tensor.contiguous()
-        else:
-            state["model." + key] = tensor.contiguous()
+    if encoder and _is_rtd(lock):  # ElectraForPreTraining: `electra.` before the encoder's names; no generator
+        config = bert_config(plan, lock)
+        arch = config["architectures"][0]
+        for key, tensor in model.state_dict().items():
+            if not key.startswith("generator."):
+                state[key if key.startswith("discriminator_predictions.") else "electra." + key] = tensor.contiguous()
+    elif encoder:  # BertForMaskedLM: `bert.` before the encoder's names, `cls.` (the MLM head) as it is
+        config = bert_config(plan, lock)
+        arch = config["architectures"][0]
+        for key, tensor in model.state_dict().items():
+            state[key if key.startswith("cls.") else "bert." + key] = tensor.contiguous()
+        # the decoder's bias is the head's bias (transformers ties the two only when the embeddings are tied)
+        state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"].clone()
+    else:
+        arch, config = hf_config(plan, eos_id, lock)
+        for key, tensor in model.state_dict().items():
+            if key == "lm_head.weight":
+                if config["tie_word_embeddings"]:
+                    continue
+                state[key] = tensor.contiguous()
+            else:
+                state["model." + key] = tensor.contiguous()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}, indent=2) + "\n")
+    if not encoder:
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}, indent=2) + "\n")
     shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
     specials_map = {"eos_token": eos_token, "bos_token": eos_token} if eos_token is not None else {}
+    if encoder:  # the fill-mask pipeline needs the mask token; the end-of-text token separates (and pads) sequences
+        specials_map = {"mask_token": ((lock.get("objective") or {}).get("mask_token") or "[MASK]"),
+                        **({"sep_token": eos_token, "pad_token": eos_token} if eos_token is not None else {})}
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials_map, "unk_token": None,
                   "model_max_length": plan["batch"]["seq_len"], "clean_up_tokenization_spaces": False}
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")

@@ -61,6 +61,7 @@ __all__ = [
     "UL2Batch",
     "distill_kl",
     "fim",
+    "fim_batch",
     "fim_window",
     "mlm_batch",
     "noise_mask",
@@ -74,6 +75,7 @@ __all__ = [
     "sample_replacements",
     "sentinel_table",
     "span_corruption",
+    "special_ids",
     "span_counts",
     "t5_lengths",
     "ul2_batch",
@@ -673,6 +675,32 @@ def fim_window(window: torch.Tensor, rate: float, prefix_id: int, middle_id: int
             parts.append(window[e: e + 1])
         start = e + 1
     return torch.cat(parts)[:L]
+
+
+def fim_batch(x: torch.Tensor, y: torch.Tensor, rates: Sequence[float], prefix_id: int, middle_id: int, suffix_id: int,
+              eos_id: int, mode: str = "psm", generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fim_window` on a ``Dataset.batch`` pair: (x, y) of the transformed ``seq_len + 1`` windows.
+
+    Row ``b`` is transformed with rate ``rates[b]`` (0 for a row drawn from a source
+    without FIM); ``generator`` is usually one generator per row (:func:`row_generators`).
+    """
+    window = torch.cat([x, y[:, -1:]], dim=1)
+    gens = _row_gens(generator, window.shape[0])
+    window = torch.stack([fim_window(w, float(r), prefix_id, middle_id, suffix_id, eos_id, mode, g) if r > 0 else w
+                          for w, r, g in zip(window, rates, gens)])
+    return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+
+def special_ids(tokenizer, names: Sequence[str]) -> list[int]:
+    """The ids of special tokens (sentinels, mode tokens) in a ``tokenizers`` tokenizer; an error names any missing."""
+    ids = [tokenizer.token_to_id(n) for n in names]
+    missing = [n for n, i in zip(names, ids) if i is None]
+    if missing:
+        from .sources import DataError
+
+        raise DataError(f"the tokenizer lacks the objective's special tokens {missing[:8]}; recompile the recipe "
+                        "(malt adds them to tokenizer.add_special_tokens) or add them to the tokenizer file")
+    return ids
 
 
 # --------------------------------------------------------------------------

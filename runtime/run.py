@@ -93,8 +93,9 @@ class Run:
         if device == "cuda" and not torch.cuda.is_available():
             raise RunError("this program was compiled for cuda, but no CUDA device is visible here",
                            "compile for this machine: --set target.accelerator=cpu (or auto)")
-        if device == "cuda" and torch.cuda.device_count() < self.world_size:
-            raise RunError(f"{self.world_size} processes but {torch.cuda.device_count()} CUDA devices on this machine",
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))  # torchrun: this node's processes (several nodes)
+        if device == "cuda" and torch.cuda.device_count() < here:
+            raise RunError(f"{here} processes on this machine but {torch.cuda.device_count()} CUDA devices",
                            f"set target.devices to at most {torch.cuda.device_count()}")
         if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise RunError(f"{torch.cuda.get_device_name(0)} does not support bf16", "use --set target.precision=fp32")
@@ -145,8 +146,9 @@ class Run:
             self._progress.start()
             self._task = self._progress.add_task(self.name, total=max_steps, completed=start_step, status="")
 
-    def log_step(self, step: int, loss: float, lr: float, grad_norm=None, tokens: int | None = None) -> None:
-        """Record a step; ``tokens`` is the run's tokens so far (default step × tokens_per_step)."""
+    def log_step(self, step: int, loss: float, lr: float, grad_norm=None, tokens: int | None = None, **extra) -> None:
+        """Record a step; ``tokens`` is the run's tokens so far (default step × tokens_per_step);
+        ``extra``: more fields of the metrics record (the TPU program's count of compiled XLA graphs)."""
         if hasattr(grad_norm, "full_tensor"):  # a sharded (FSDP) norm: every process takes part
             grad_norm = grad_norm.full_tensor()
         if not self.is_main:
@@ -160,7 +162,7 @@ class Run:
         eta = elapsed / done * (self._max_steps - step) if done else float("inf")
         gn = float(grad_norm) if grad_norm is not None else None
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens": tokens,
-                  "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 3)}
+                  "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 3), **extra}
         self._write(record)
         status = f"loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1000:,.1f}k tok/s"
         if self._progress is not None:

@@ -247,7 +247,7 @@ class Source:
 
     def __init__(self, name: str, path: str, weight: float = 1.0, text_field: str = "text",
                  base_dir: str | os.PathLike | None = None, filter: dict | None = None,
-                 dedupe: bool = False):
+                 dedupe: bool = False, metadata: dict | None = None, control: dict | None = None):
         self.name = name
         self.spec_path = path
         self.weight = weight
@@ -257,6 +257,19 @@ class Source:
         problems = check_filter(self.filter)
         if problems:
             raise DataError(f"source '{name}': filter.{problems[0][0]}: {problems[0][1]}")
+        # conditioning (see malt.runtime.conditioning): metadata prefixes and control tokens
+        from .conditioning import Conditioner, control_problems, metadata_problems
+        metadata = {"template": metadata} if isinstance(metadata, str) else metadata  # the template alone
+        for what, spec in (("metadata", metadata), ("control", control)):
+            if spec is not None and not isinstance(spec, dict):
+                raise DataError(f"source '{name}': {what} must be a mapping, got {spec!r}")
+        self.metadata = {k: v for k, v in (metadata or {}).items() if v is not None} or None
+        self.control = {k: v for k, v in (control or {}).items() if v is not None} or None
+        for what, spec, check in (("metadata", self.metadata, metadata_problems), ("control", self.control, control_problems)):
+            bad = check(spec) if spec else []
+            if bad:
+                raise DataError(f"source '{name}': {what}.{bad[0][0]}: {bad[0][1]}")
+        self.record_fields: list[str] = Conditioner(self.metadata, self.control).fields  # what conditioning reads
         self.builtin: str | None = None
         self.glob: str | None = None
         self.path: Path | None = None
@@ -290,6 +303,11 @@ class Source:
                 and classify(self.path.name)[0] == "txt":
             raise DataError(f"source '{name}': filter.field needs records with fields (.jsonl or .parquet); "
                             f"{self.path.name} is plain text")
+        if (self.metadata or self.control) and (self.builtin or self.path is not None and self.path.is_file()
+                                                and classify(self.path.name)[0] == "txt"):
+            what = "metadata" if self.metadata else "control"
+            raise DataError(f"source '{name}': {what} reads record fields, but {path} is plain text without fields; "
+                            f"use .jsonl or .parquet records")
         self._listing: list[FileEntry] | None = None
 
     def __repr__(self):
@@ -343,7 +361,12 @@ class Source:
 
     def config(self) -> dict:
         """What, besides the files, decides the documents (part of every cache key)."""
-        return {"text_field": self.text_field, "filter": dict(sorted(self.filter.items())), "dedupe": self.dedupe}
+        out = {"text_field": self.text_field, "filter": dict(sorted(self.filter.items())), "dedupe": self.dedupe}
+        if self.metadata:  # only when set: the keys of unconditioned shards stay as they were
+            out["metadata"] = dict(sorted(self.metadata.items()))
+        if self.control:  # (whether the control tokens are in the loss changes no token)
+            out["control"] = dict(sorted((k, v) for k, v in self.control.items() if k != "loss"))
+        return out
 
     def fingerprint(self) -> str:
         """Changes whenever the documents may have changed (cheap: stat only)."""
@@ -357,12 +380,14 @@ class Source:
 
     # -- documents -----------------------------------------------------------
     def documents(self, files: list[FileEntry] | None = None, seen: set | None = None,
-                  hashes: list | None = None) -> Iterator[str]:
+                  hashes: list | None = None, with_fields: bool = False) -> Iterator[str]:
         """Yield the documents that pass the filters, in a deterministic order.
 
         ``files``: a subset of :meth:`files` (default: all). ``seen``: hashes of the
         documents kept so far (``dedupe``); updated in place. ``hashes``: if given
         (with ``dedupe``), the hash of each yielded document is appended to it.
+        ``with_fields``: yield ``(text, fields)`` instead, ``fields`` holding the record's
+        values of :attr:`record_fields` that it has.
         """
         if self.dedupe and seen is None:
             seen = set()
@@ -370,7 +395,7 @@ class Source:
         hi = self.filter.get("max_chars")
         field = self.filter.get("field")
         fmin, fmax = self.filter.get("min"), self.filter.get("max")
-        for text, score in self._records(self.files() if files is None else files):
+        for text, score, fields in self._records(self.files() if files is None else files):
             self.records += 1
             if not text.strip():
                 self.filtered["empty"] += 1
@@ -398,10 +423,10 @@ class Source:
                 seen.add(h)
                 if hashes is not None:
                     hashes.append(h)
-            yield text
+            yield (text, fields) if with_fields else text
 
-    def _records(self, files: list[FileEntry]) -> Iterator[tuple[str, object]]:
-        """(text, value of the filter field or _MISSING) of every readable record."""
+    def _records(self, files: list[FileEntry]) -> Iterator[tuple[str, object, dict | None]]:
+        """(text, value of the filter field or _MISSING, the record's values of record_fields) of every readable record."""
         if self.builtin:
             root = stdlib_dir()
             col = 1 if self.builtin == "python-code" else 2
@@ -409,7 +434,7 @@ class Source:
             for row in _stdlib_corpus(root, [(f.rel, f.size, f.mtime_ns) for f in self.files()]):
                 if row[0] in wanted:
                     self.bytes_read += len(row[1])
-                    yield row[col], _MISSING
+                    yield row[col], _MISSING, None
             return
         for f in files:
             start = self._raw_base = self.bytes_read
@@ -459,7 +484,7 @@ class Source:
         except UnicodeDecodeError as e:
             self._skip("bad_encoding", f"{f.rel}: invalid UTF-8 at byte {e.start}")
             return
-        yield text, _MISSING
+        yield text, _MISSING, None
 
     def _read_jsonl(self, fh, f: FileEntry) -> Iterator[tuple[str, object]]:
         field = self.text_field
@@ -490,7 +515,8 @@ class Source:
                 except UnicodeEncodeError:
                     self._skip("bad_encoding", f"{f.rel}:{no}: '{field}' holds an unpaired surrogate escape")
                     continue
-            yield text, (rec.get(score_field, _MISSING) if score_field else _MISSING)
+            yield (text, (rec.get(score_field, _MISSING) if score_field else _MISSING),
+                   {k: rec[k] for k in self.record_fields if k in rec} if self.record_fields else None)
 
     def _read_parquet(self, f: FileEntry) -> Iterator[tuple[str, object]]:
         import pyarrow as pa
@@ -514,11 +540,14 @@ class Source:
             return
         score_col = score_field if score_field and score_field in names and score_field != field else None
         cols = [field] + ([score_col] if score_col else [])
+        extra = [k for k in self.record_fields if k in names and k not in cols]  # conditioning fields
+        cols += extra
         done = 0
         row = 0
         for batch in pf.iter_batches(batch_size=4096, columns=cols):
             texts = batch.column(0).to_pylist()
             scores = batch.column(1).to_pylist() if score_col else None
+            named = {c: batch.column(c).to_pylist() for c in dict.fromkeys(self.record_fields) if c in names}
             for i, t in enumerate(texts):
                 row += 1
                 if t is None:
@@ -531,7 +560,7 @@ class Source:
                         self._skip("bad_encoding", f"{f.rel}: row {row}: invalid UTF-8 at byte {e.start}")
                         continue
                 s = _MISSING if scores is None or scores[i] is None else scores[i]
-                yield t, s
+                yield t, s, ({k: v[i] for k, v in named.items() if v[i] is not None} if self.record_fields else None)
             done += batch.num_rows
             self.bytes_read = self._raw_base + (f.size * done // max(total, 1))
 
@@ -630,4 +659,6 @@ def make_source(entry: dict, base_dir) -> Source:
         base_dir=base_dir,
         filter=entry.get("filter"),
         dedupe=bool(entry.get("dedupe", False)),
+        metadata=entry.get("metadata"),
+        control=entry.get("control"),
     )

@@ -13,6 +13,11 @@ import yaml
 
 from malt.compiler.plan import Host
 
+# tests/xla/ trains the TPU program on torch-xla's CPU backend: it runs in the torch-xla environment
+# (.ci/xla-tests.sh: torch 2.9 with torch-xla 2.9), not with the main suite's torch
+if importlib.util.find_spec("torch_xla") is None:
+    collect_ignore = ["xla"]
+
 # A complete, small recipe (bytes tokenizer, local .txt data); `make_recipe` merges overrides into it.
 BASE_RECIPE = {
     "name": "test",

@@ -47,3 +47,62 @@ def test_chunked_loss_equals_full_cross_entropy(make_recipe, load_model_module, 
         ref = F.cross_entropy(ref_logits.view(-1, ref_logits.size(-1)), y.view(-1))
         got = b(x, y)
     assert abs(got.item() - ref.item()) < 2e-2
+
+
+def _masked_recipe(make_recipe, tmp_path, overrides=None):
+    """A recipe whose model gets the masked loss: its source has metadata prefixes (targets -100 there)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "data.jsonl").write_text("".join(f'{{"url": "https://example.com/{i}", "text": "document {i}"}}\n'
+                                                 for i in range(50)))
+    return make_recipe({"data": {"sources": [{"name": "web", "path": "data.jsonl", "metadata": "URL: {domain}\n\n"}]},
+                        **(overrides or {})}, directory=tmp_path)
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_chunked_loss_with_ignored_targets_equals_cross_entropy_ignore_index(make_recipe, load_model_module, host, tmp_path,
+                                                                            untied):
+    """Targets of -100 carry no loss: value and gradients equal F.cross_entropy(ignore_index=-100), the mean over
+    the counted positions, in the chunked (training), the plain (no gradients) and the all-ignored cases."""
+    over = {"model": {"d_model": 64, "n_layers": 1, "n_heads": 4, "d_ff": 96, "tie_embeddings": not untied}}
+    compile_to(_masked_recipe(make_recipe, tmp_path, over), tmp_path / "build", host=host)
+    module = load_model_module(tmp_path / "build")
+    assert module.IGNORE == -100 and "ignore_index=IGNORE" in (tmp_path / "build" / "model.py").read_text()
+    module.LOSS_CHUNK = 100
+    torch.manual_seed(0)
+    a, b = module.Transformer(), module.Transformer()
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 257, (4, 32), generator=g)
+    y = torch.randint(0, 257, (4, 32), generator=g)
+    y[torch.rand(4, 32, generator=g) < 0.4] = -100            # 40% of the positions without loss
+    y[1] = -100                                                # a whole row, and whole chunks, without loss
+
+    logits = a(x)
+    full = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
+    (full * 0.5).backward()
+    chunked = b(x, y)
+    (chunked * 0.5).backward()
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-7, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x, y), full.detach(), rtol=1e-5, atol=1e-6)
+
+    # a micro-batch without any counted position: loss 0 and no gradient (not NaN)
+    b.zero_grad()
+    none = b(x, torch.full_like(y, -100))
+    none.backward()
+    assert none.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in b.parameters())
+    with torch.no_grad():
+        assert b(x, torch.full_like(y, -100)).item() == 0.0
+
+
+def test_masked_loss_is_rendered_only_where_targets_can_be_ignored(make_recipe, host, tmp_path):
+    from malt.compiler.api import plan as make_plan
+
+    plain = compile_to(make_recipe(), tmp_path / "plain", host=host)
+    text = (tmp_path / "plain" / "model.py").read_text()
+    assert not plain.masked_targets and "IGNORE" not in text and "ignore_index" not in text
+    assert next(d for d in plain.decisions if d.name == "loss").value == "every position"
+    p, _ = make_plan(_masked_recipe(make_recipe, tmp_path / "m"), host=host)
+    assert p.masked_targets and "metadata tokens" in next(d for d in p.decisions if d.name == "loss").reason

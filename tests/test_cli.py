@@ -130,7 +130,7 @@ def test_check_directory_instead_of_file(recipe, tmp_path):
     (["train.steps"], "command line (--set train.steps): error: --set expects path=value, got 'train.steps'"),
     (["data.sources.3.weight=1"], "data.sources is a list of 1 item(s); 3 is not one of its indices"),
     (["model.d_modl=3"], "command line (--set model.d_modl=3): error: model.d_modl: unknown key 'd_modl'"),
-    (["target.nodes=2"], "command line (--set target.nodes=2): error: target.nodes: multi-node targets are not built yet"),
+    (["target.nodes=0"], "command line (--set target.nodes=0): error: target.nodes: must be greater than 0, got 0"),
 ])
 def test_bad_set(recipe, sets, message):
     args = []

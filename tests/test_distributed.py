@@ -66,7 +66,7 @@ def test_checkpoint_of_two_processes_resumes(runs, tmp_path, kind):
 
 
 def test_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
-    """Checkpoints hold full tensors by name: an FSDP run continues on another number of processes."""
+    """2 -> 1: an FSDP run's checkpoint (sharded, torch.distributed.checkpoint) continues on another number of processes."""
     tmp, recipe, cache, out = runs
     one = tmp_path / "one"
     compile_to(recipe, one, host=Host())  # same recipe, target.devices 1: the same recipe hash
@@ -83,8 +83,9 @@ def test_parallelism_and_memory_plan(tmp_path):
     small, _ = make_plan(recipe, ["target.devices=4", "train.global_batch=16"], host=Host())
     assert (small.parallelism, small.world, small.micro_batch * small.grad_accum) == ("ddp", 4, 4)
     big_sets = ["model.d_model=4096", "model.n_layers=32", "model.n_heads=32", "model.n_kv_heads=8", "model.d_ff=11008",
-                "train.seq_len=2048", "train.global_batch=64", "target.accelerator=cuda", "target.chip=h100", "target.precision=bf16"]
-    one, _ = make_plan(recipe, big_sets, host=Host())
+                "train.seq_len=2048", "train.global_batch=64", "target.accelerator=cuda", "target.chip=h100", "target.precision=bf16",
+                "target.activation_checkpointing=none"]
+    one, _ = make_plan(recipe, big_sets, host=Host(), check_fit=False)  # 7B does not fit one H100 (tests/test_memory_planner.py)
     eight, _ = make_plan(recipe, big_sets + ["target.devices=8"], host=Host())
     assert eight.parallelism == "fsdp" and "FSDP2" in next(d.reason for d in eight.decisions if d.name == "parallelism")
     m1, m8 = one.estimates["memory_per_device_bytes"], eight.estimates["memory_per_device_bytes"]

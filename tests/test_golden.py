@@ -23,7 +23,7 @@ GOLDEN = ROOT / "tests" / "golden"
 UPDATE = os.environ.get("MALT_UPDATE_GOLDEN") == "1"
 HOST = Host(cuda=False, cuda_name="", cpu_cores=2, memory_bytes=24 * 2**30)
 
-ALLOWED_IMPORTS = {"torch", "malt", "model"} | set(sys.stdlib_module_names)
+ALLOWED_IMPORTS = {"torch", "malt", "model", "torch_xla"} | set(sys.stdlib_module_names)  # torch_xla: TPU programs
 
 
 def render(recipe: Path) -> dict[str, str]:
@@ -48,6 +48,43 @@ def test_golden(recipe):
         expected = (out / name)
         assert expected.exists(), f"no golden file {expected}; run with MALT_UPDATE_GOLDEN=1"
         assert text == expected.read_text(), f"{name} of {recipe.name} differs from its golden file; if intended, MALT_UPDATE_GOLDEN=1"
+
+
+# one recipe on other targets (only the target changes): the files the target changes, under tests/golden/targets/<case>/
+TARGET_CASES = {
+    "llama-124m-1-device": ("llama-124m", [], ["launch.sh"]),
+    "llama-124m-1-node-8-gpus": ("llama-124m", ["target.devices=8"], ["launch.sh"]),
+    "llama-124m-4-nodes-8-gpus": ("llama-124m", ["target.nodes=4", "target.devices=8", "target.parallelism=fsdp"],
+                                  ["launch.sh", "slurm.sbatch"]),
+    "tiny-2-nodes-2-cpus": ("tiny", ["target.accelerator=cpu", "target.nodes=2", "target.devices=2", "target.parallelism=hsdp"],
+                            ["launch.sh", "slurm.sbatch", "train.py"]),
+    "tiny-selective-checkpointing": ("tiny", ["target.activation_checkpointing=selective"], ["model.py"]),
+    "tiny-full-checkpointing": ("tiny", ["target.activation_checkpointing=full"], ["model.py"]),
+    # the TPU program on one device (recipes/tiny-tpu.yaml's golden is the 4-device SPMD one)
+    "tiny-1-tpu": ("tiny", ["target.accelerator=tpu"], ["launch.sh", "train.py", "model.py"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TARGET_CASES))
+def test_target_golden(case):
+    name, sets, wanted = TARGET_CASES[case]
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        _, files = compile_files(Path("recipes") / f"{name}.yaml", GOLDEN / "targets" / case, sets, host=HOST)
+    finally:
+        os.chdir(cwd)
+    assert ("slurm.sbatch" in files) == any(s.startswith("target.nodes") for s in sets)
+    out = GOLDEN / "targets" / case
+    if UPDATE:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in out.iterdir():
+            f.unlink()
+        for k in wanted:
+            (out / k).write_text(files[k])
+    assert sorted(p.name for p in out.iterdir()) == sorted(wanted), f"golden files of {case} differ; MALT_UPDATE_GOLDEN=1"
+    for k in wanted:
+        assert files[k] == (out / k).read_text(), f"{k} of {case} differs from its golden file; if intended, MALT_UPDATE_GOLDEN=1"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])

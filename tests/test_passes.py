@@ -8,7 +8,7 @@ import pytest
 
 from malt.compiler.api import plan as make_plan
 from malt.compiler.estimates import flops_per_token, param_counts
-from malt.compiler.passes import batch_split, choose_compile, choose_device, choose_precision, pad_vocab, resolve_shape, run_length
+from malt.compiler.passes import choose_compile, choose_device, choose_precision, pad_vocab, resolve_shape, run_length
 from malt.compiler.plan import Host, lower
 from malt.compiler.validate import validate
 from malt.compiler.loader import load
@@ -162,5 +162,6 @@ def test_plan_is_deterministic(recipe):
     a, _ = make_plan(recipe, [], host=CPU)
     b, _ = make_plan(recipe, [], host=CPU)
     assert a.to_json() == b.to_json()
-    assert list(a.passes) == ["resolve_shape", "pad_vocab", "run_length", "choose_device", "choose_precision", "choose_parallelism",
-                              "choose_compile", "choose_attention", "choose_optimizer", "batch_split", "estimate"]
+    assert list(a.passes) == ["resolve_shape", "pad_vocab", "run_length", "resolve_objective", "choose_device", "choose_precision",
+                              "choose_parallelism", "choose_checkpoint_format", "choose_compile", "choose_attention", "choose_loss",
+                              "choose_optimizer", "choose_checkpointing", "batch_split", "estimate"]

@@ -138,18 +138,17 @@ phases:
     assert "'weights': {'corpus': 1.0, 'extra': 3.0}" in src.replace("\n", " ").replace("  ", " ") or "'extra': 3.0" in src
 
 
-def test_phase_model_changes_and_metadata_are_not_built_yet(tmp_path):
+def test_phase_model_changes_are_not_built_yet(tmp_path):
     extra = """
 phases:
   - {name: small, share: 50%}
-  - {name: big, share: 50%, model: {n_layers: 4}, data: {metadata: true}}
+  - {name: big, share: 50%, model: {n_layers: 4}}
 """
     with pytest.raises(RecipeError) as err:
         make_plan(phased_recipe(tmp_path, extra), host=Host())
     text = str(err.value)
     assert "phases.1.model.n_layers: a phase that changes model.n_layers is not built yet" in text
     assert "growth: {method: stack, factor: 2}" in text
-    assert "phases.1.data.metadata: metadata conditioning is not built yet" in text
     assert "unknown key" not in text
 
 

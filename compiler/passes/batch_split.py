@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..estimates import activation_bytes
 from ..plan import Plan
-from .estimate import chip_of, states
+from .estimate import activations, memory_of, states
 
 # share of device memory the planner lets a run use (the rest is for the allocator, kernels' workspace, the data)
 BUDGET_SHARE = 0.8
@@ -20,19 +19,17 @@ def split(plan: Plan, global_batch: int, seq_len: int, micro_batch) -> tuple[int
     per = f"{global_batch} / {world} devices = {gb} per device; " if world > 1 else ""
     if micro_batch != "auto":
         return micro_batch, f"train.micro_batch {micro_batch}: {per}{gb} / {micro_batch} = {gb // micro_batch} accumulation steps"
-    r = plan.recipe
-    chip = chip_of(plan)
-    budget = int(chip.memory_bytes * BUDGET_SHARE)
+    memory, where = memory_of(plan)
+    budget = int(memory * BUDGET_SHARE)
     fixed = sum(states(plan).values())
+    ac = "" if plan.activation_checkpointing == "none" else f" with {plan.activation_checkpointing} activation checkpointing"
     for mb in (d for d in range(gb, 0, -1) if gb % d == 0):
-        act = activation_bytes(mb, seq_len, r.model.d_model, plan.n_layers or r.model.n_layers, plan.n_kv_heads * plan.head_dim,
-                               plan.d_ff, plan.padded_vocab, plan.precision)
-        if fixed + act <= budget:
+        if fixed + activations(plan, mb, seq_len) <= budget:
             if mb == gb:
-                return mb, f"auto: {per}the whole {'device' if world > 1 else 'global'} batch ({gb}) fits in {BUDGET_SHARE:.0%} of {chip.name} memory"
-            return mb, (f"auto: {per}largest divisor of {gb} whose activations fit in {BUDGET_SHARE:.0%} of {chip.name} memory; "
+                return mb, f"auto: {per}the whole {'device' if world > 1 else 'global'} batch ({gb}) fits in {BUDGET_SHARE:.0%} of {where} memory{ac}"
+            return mb, (f"auto: {per}largest divisor of {gb} whose activations fit in {BUDGET_SHARE:.0%} of {where} memory{ac}; "
                         f"{gb} / {mb} = {gb // mb} accumulation steps")
-    return 1, f"auto: even micro_batch 1 exceeds the memory budget of {chip.name}; see memory estimate"
+    return 1, f"auto: even micro_batch 1 exceeds the memory budget of {where}; see memory estimate"
 
 
 def run(plan: Plan) -> Plan:

@@ -1,11 +1,55 @@
-"""Choose the attention kernel. Causal LM on one device: SDPA with is_causal (flash or memory-efficient kernels)."""
+"""Choose the attention kernel, per device.
+
+- concat packing (causal LM): SDPA with is_causal (flash or memory-efficient kernels, no mask tensor).
+- document and best_fit packing: attention never crosses a document (a block-diagonal causal mask from
+  the batch's document ids). On cuda FlexAttention with a block mask (work only where the mask has
+  something); elsewhere SDPA with an explicit boolean mask, because FlexAttention has no CPU backward.
+- prefix_lm, span_corruption, ul2: a bidirectional prefix per row: SDPA with an explicit boolean prefix-LM mask.
+"""
 
 from __future__ import annotations
 
+from ..objectives import PREFIX_OBJECTIVES
 from ..plan import Plan
 
 
 def run(plan: Plan) -> Plan:
+    m = plan.recipe.model
+    if m.family == "bert":  # encoders (OBJ-ENC): every position attends to every other (of its document)
+        docs = plan.recipe.data.packing != "concat"
+        where = (f"; data.packing {plan.recipe.data.packing}: a (batch, 1, seq, seq) same-document mask from the document ids, "
+                 "padding only seeing padding" if docs else "")
+        if m.position == "alibi":
+            return plan.decide("attention", "sdpa_alibi",
+                               "bidirectional encoder with ALiBi: scaled_dot_product_attention with the (heads, T, T) linear "
+                               f"distance bias as attn_mask (a float mask rules out the flash kernel){where}", attention="sdpa_alibi")
+        return plan.decide("attention", "sdpa_mask" if docs else "sdpa_bidirectional",
+                           "bidirectional encoder with learned positions: scaled_dot_product_attention "
+                           + (where[2:] if docs else "without a mask (a key-padding mask only when a batch carries padding)"),
+                           attention="sdpa_mask" if docs else "sdpa_bidirectional")
+    kind = plan.recipe.objective.kind
+    if kind in PREFIX_OBJECTIVES:  # a bidirectional prefix per row (validation keeps these objectives to concat packing)
+        return plan.decide("attention", "sdpa_mask",
+                           f"objective {kind} attends bidirectionally over each row's prefix: scaled_dot_product_attention "
+                           "with an explicit (batch, 1, seq, seq) boolean prefix-LM mask on every device (on cuda SDPA's "
+                           "memory-efficient kernel takes the mask; a FlexAttention prefix block mask is not built yet)",
+                           attention="sdpa_mask")
+    packing = plan.recipe.data.packing
+    if packing != "concat":  # attention must stay inside each document: a block-diagonal causal mask
+        if plan.device == "cuda":
+            return plan.decide("attention", "flex",
+                               f"data.packing {packing} on cuda: FlexAttention with a block mask built from the document ids "
+                               "computes only the 128×128 blocks where a token may see another of its document and skips "
+                               "the rest (a dense seq×seq mask would rule out the flash kernel)", attention="flex")
+        return plan.decide("attention", "sdpa_mask",
+                           f"data.packing {packing} on {plan.device}: scaled_dot_product_attention with an explicit "
+                           "(batch, 1, seq, seq) boolean block-diagonal causal mask; FlexAttention has no backward "
+                           f"on {plan.device}", attention="sdpa_mask")
+    if plan.device == "tpu":
+        return plan.decide("attention", "sdpa_causal",
+                           "causal_lm with concat packing on tpu: scaled_dot_product_attention(is_causal=True), which XLA lowers "
+                           "to matmuls and a masked softmax fused into the step graph (no seq×seq mask tensor in the program)",
+                           attention="sdpa_causal")
     return plan.decide("attention", "sdpa_causal",
                        "causal_lm with concat packing needs only a causal mask: scaled_dot_product_attention(is_causal=True) "
                        "picks flash/memory-efficient kernels and never builds a seq×seq mask", attention="sdpa_causal")

@@ -8,8 +8,9 @@ compile time (both measured by bench/, docs/performance.md), and a C++ compiler 
 
 from __future__ import annotations
 
-from ..estimates import CPU_MFU, cpu_chip, flops_per_token, param_counts
+from ..estimates import CPU_MFU, cpu_chip, flops_per_token
 from ..plan import Plan
+from .estimate import model_counts
 
 # bench/compare_hf.py on a 2-core AMD EPYC (Zen 4), torch 2.13, bf16, cold inductor cache (docs/performance.md):
 # compile(model) added 25 s (5.3M params) and 40 s (29.5M) before the first step, and saved 9% and 2% of each step
@@ -21,15 +22,18 @@ def estimated_eager_seconds(plan: Plan) -> float:
     """The run's time on this CPU, eager, at the nominal CPU peak (twice in bf16 where native) and MFU."""
     m = plan.recipe.model
     n_layers = plan.n_layers or m.n_layers
-    counts = param_counts(m.d_model, n_layers, m.n_heads, plan.n_kv_heads, plan.head_dim, plan.d_ff, plan.padded_vocab,
-                          m.tie_embeddings, m.qkv_bias)
-    fpt = flops_per_token(counts["matmul_params"], n_layers, m.n_heads, plan.head_dim, plan.recipe.train.seq_len)
+    counts = model_counts(plan)
+    fpt = flops_per_token(counts["matmul_params"], n_layers, counts.get("attention_heads", m.n_heads), plan.head_dim,
+                          plan.recipe.train.seq_len)
     chip = cpu_chip(plan.host.cpu_cores, plan.host.memory_bytes, plan.host.cpu_bf16)
     return fpt * plan.tokens / (chip.peak_flops[plan.precision] * CPU_MFU)
 
 
 def run(plan: Plan) -> Plan:
     c = plan.recipe.target.compile
+    if plan.device == "tpu":  # validation rejects compile: on for tpu
+        return plan.decide("compile", False, f"{'target.compile off' if c == 'off' else 'auto'} on tpu: no torch.compile; XLA traces "
+                           "each step into a graph and compiles it once (torch_xla.sync() marks the step)", compile=False)
     if c != "auto":
         return plan.decide("compile", c == "on", f"target.compile {c}", compile=c == "on")
     if plan.device == "cuda":

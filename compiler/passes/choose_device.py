@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..plan import Plan
+from ..tpu import DEFAULT_CHIP as TPU_CHIP
 
 
 def run(plan: Plan) -> Plan:
@@ -18,6 +19,8 @@ def run(plan: Plan) -> Plan:
         chip, why = t.chip, f"target.chip {t.chip}"
     elif device == "cpu":
         chip, why = "cpu", "device is cpu"
+    elif device == "tpu":  # the TPU host is not the compiling machine: nothing to detect
+        chip, why = TPU_CHIP, f"accelerator tpu: assuming {TPU_CHIP} for the estimates (set target.chip: tpu-v4, tpu-v5e or tpu-v5p)"
     else:
         name = host.cuda_name.lower()
         chip = next((c for c, key in (("h200", "h200"), ("h100", "h100"), ("a100-80gb", "a100-sxm4-80"), ("a100-80gb", "a100 80"),

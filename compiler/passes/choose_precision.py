@@ -18,6 +18,9 @@ def run(plan: Plan) -> Plan:
     p = plan.recipe.target.precision
     if p != "auto":
         return plan.decide("precision", p, f"target.precision {p}", precision=p)
+    if plan.device == "tpu":
+        return plan.decide("precision", "bf16", "auto on tpu: the TPU's matrix units multiply bf16; bf16 autocast (XLA), fp32 master "
+                           "weights and optimizer state", precision="bf16")
     if plan.device == "cuda":
         return plan.decide("precision", "bf16", "auto on cuda: bf16 autocast, fp32 master weights and optimizer state", precision="bf16")
     if plan.host.cpu_bf16:

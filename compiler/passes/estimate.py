@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..estimates import CHIPS, activation_bytes, cpu_chip, flops_per_token, param_counts, state_bytes
+from ..estimates import CHIPS, LOSS_CHUNK, activation_bytes, cpu_chip, flops_per_token, param_counts, state_bytes
+from .. import encoder
+from ..objectives import seq_lens, teacher_costs
 from ..plan import Plan
 
 
@@ -14,19 +16,66 @@ def chip_of(plan: Plan):
     return CHIPS[plan.chip]
 
 
+def memory_of(plan: Plan) -> tuple[int, str]:
+    """(bytes of memory one device offers, where the figure comes from)."""
+    t = plan.recipe.target
+    if t.memory_per_device is not None:
+        return t.memory_per_device, "target.memory_per_device"
+    if plan.device == "cuda" and t.chip == "auto" and plan.host.cuda and plan.host.cuda_memory:
+        return plan.host.cuda_memory, f"{plan.host.cuda_name} (detected)"
+    chip = chip_of(plan)
+    if plan.chip == "cpu" and t.devices > 1:  # the processes of one machine share its memory
+        return chip.memory_bytes // t.devices, f"this machine's memory shared by {t.devices} processes"
+    return chip.memory_bytes, chip.name
+
+
+def activations(plan: Plan, micro_batch: int, seq_len: int, checkpointing: str | None = None, n_layers: int | None = None) -> int:
+    """activation_bytes for this plan's model at one batch shape (default: the plan's activation checkpointing)."""
+    m = plan.recipe.model
+    return activation_bytes(micro_batch, seq_len, m.d_model, n_layers or plan.n_layers or m.n_layers, plan.n_kv_heads * plan.head_dim,
+                            plan.d_ff, plan.padded_vocab, plan.precision, checkpointing or plan.activation_checkpointing,
+                            None if plan.compile or plan.device == "tpu" else LOSS_CHUNK)
+
+
 def model_counts(plan: Plan, n_layers: int | None = None) -> dict:
     """Parameter counts of the model with ``n_layers`` layers (default: the final model's depth)."""
     m = plan.recipe.model
+    if m.family in encoder.ENCODER_FAMILIES:  # BERT-style encoders (and ELECTRA's generator with objective rtd)
+        return encoder.param_counts(m, n_layers or plan.n_layers or m.n_layers, plan.d_ff, plan.padded_vocab,
+                                    max(seq_lens(plan.recipe)), plan.recipe.objective)
     return param_counts(m.d_model, n_layers or plan.n_layers or m.n_layers, m.n_heads, plan.n_kv_heads, plan.head_dim, plan.d_ff,
                         plan.padded_vocab, m.tie_embeddings, m.qkv_bias)
 
 
 def states(plan: Plan) -> dict:
-    """Bytes per device of weights, gradients and optimizer state; FSDP shards all three over the devices."""
-    full = state_bytes(model_counts(plan)["params"], plan.precision)
-    if plan.parallelism == "fsdp":
-        return {k: -(-v // plan.world) for k, v in full.items()}
-    return full
+    """Bytes per device of weights, gradients and optimizer state; FSDP shards all three over the devices.
+
+    Sharded, a device also holds whole copies of what it is computing with: FSDP2 all-gathers one
+    block's weights (and the next one's, prefetched) and its gradients before the reduce-scatter,
+    and the root's embedding and head for the whole step ("gathered", fp32 as the weights are).
+    """
+    counts = model_counts(plan)
+    full = state_bytes(counts["params"], plan.precision)
+    shards = {"fsdp": plan.world, "hsdp": plan.recipe.target.devices}.get(plan.parallelism, 1)
+    if shards == 1:
+        return full
+    out = {k: -(-v // shards) for k, v in full.items()}
+    n_layers = plan.n_layers or plan.recipe.model.n_layers
+    per_layer = counts.get("params_per_layer") or counts["params_non_embedding"] // max(1, n_layers)
+    out["gathered"] = 2 * per_layer * 4 * 2 + (counts["params_embedding"] + counts.get("params_head", 0)) * 4
+    return out
+
+
+def recompute_flops(plan: Plan) -> int:
+    """FLOPs per token that activation checkpointing adds: one more forward of each MLP (selective) or block (full)."""
+    m = plan.recipe.model
+    n_layers = plan.n_layers or m.n_layers
+    if plan.activation_checkpointing == "selective":
+        return 2 * n_layers * 3 * m.d_model * plan.d_ff
+    if plan.activation_checkpointing == "full":
+        c = model_counts(plan)
+        return 2 * (c["matmul_params"] - plan.padded_vocab * m.d_model) + 4 * n_layers * m.n_heads * plan.head_dim * plan.recipe.train.seq_len
+    return 0
 
 
 def run(plan: Plan) -> Plan:
@@ -34,36 +83,47 @@ def run(plan: Plan) -> Plan:
     m, tr = r.model, r.train
     counts = model_counts(plan)
     n_layers = plan.n_layers or m.n_layers
-    fpt = flops_per_token(counts["matmul_params"], n_layers, m.n_heads, plan.head_dim, tr.seq_len)
+    heads = counts.get("attention_heads", m.n_heads)  # an ELECTRA generator's heads attend too
+    fpt = flops_per_token(counts["matmul_params"], n_layers, heads, plan.head_dim, tr.seq_len)
     # each phase at its own depth and sequence length (attention FLOPs grow with it); the peak memory is the largest phase's
     phase_counts = {ph.name: model_counts(plan, ph.n_layers) for ph in plan.phases}
-    phase_flops = {ph.name: flops_per_token(phase_counts[ph.name]["matmul_params"], ph.n_layers, m.n_heads, plan.head_dim, ph.seq_len)
+    phase_flops = {ph.name: flops_per_token(phase_counts[ph.name]["matmul_params"], ph.n_layers, heads, plan.head_dim, ph.seq_len)
                    * ph.steps * ph.tokens_per_step for ph in plan.phases}
     total = sum(phase_flops.values()) if plan.phases else fpt * plan.tokens
     mem = dict(states(plan))
-    kv_dim = plan.n_kv_heads * plan.head_dim
     shapes = [(ph.micro_batch, ph.seq_len) for ph in plan.phases] or [(plan.micro_batch, tr.seq_len)]
-    mem["activations"] = max(activation_bytes(mb, seq, m.d_model, n_layers, kv_dim, plan.d_ff, plan.padded_vocab, plan.precision)
-                             for mb, seq in shapes)
+    mem["activations"] = max(activations(plan, mb, seq) for mb, seq in shapes)
+    teacher = teacher_costs(plan)  # distillation: the frozen teacher's forward pass and weights, the whole logits of the loss
+    if teacher:
+        total += teacher["flops"]
+        for name, flops in teacher["phase_flops"].items():
+            phase_flops[name] += flops
+        mem["teacher_weights"] = teacher["weights_bytes"]
+        mem["distill_logits"] = teacher["logits_bytes"]
     mem["total"] = sum(mem.values())
     chip = chip_of(plan)
     mfu = chip.default_mfu if r.target.mfu == "auto" else r.target.mfu
     peak = chip.peak_flops[plan.precision]
-    seconds = total / (peak * mfu * r.target.devices)
+    recompute = recompute_flops(plan) * (sum(ph.steps * ph.tokens_per_step for ph in plan.phases) if plan.phases else plan.tokens)
+    seconds = (total + recompute) / (peak * mfu * plan.world)  # MFU counts model FLOPs; recomputed ones take time too
     est = {
         **{k: counts[k] for k in ("params", "params_non_embedding", "params_embedding", "params_head", "matmul_params")},
+        **({"params_generator": counts["params_generator"]} if "params_generator" in counts else {}),  # ELECTRA's, in params
         "flops_per_token": fpt,
+        **({"teacher_params": teacher["params"], "teacher_flops_per_token": teacher["flops_per_token"]} if teacher else {}),
         "total_flops": total,
         **({"phase_flops": phase_flops, "phase_params": {k: c["params"] for k, c in phase_counts.items()}}
            if len(plan.phases) > 1 else {}),
         "memory_per_device_bytes": mem,
-        "memory_budget_bytes": chip.memory_bytes,
+        "memory_budget_bytes": memory_of(plan)[0],
         "estimated_seconds": float(f"{seconds:.6g}"),
+        **({"recompute_flops": recompute} if recompute else {}),
         "basis": {
-            "chip": chip.name, "peak_flops": peak, "peak_source": chip.note, "mfu": mfu, "devices": r.target.devices,
+            "chip": chip.name, "peak_flops": peak, "peak_source": chip.note, "mfu": mfu, "devices": plan.world,
             "flops": "6 × matmul params + 12 × n_layers × n_heads × head_dim × seq_len per token (PaLM, appendix B)",
-            "memory": "fp32 weights, gradients and AdamW moments (sharded over the devices with FSDP); activations saved for "
-                      "backward of one micro-batch",
+            "memory": "fp32 weights, gradients and AdamW moments (sharded over the devices with FSDP, over a node's devices "
+                      "with HSDP, plus the blocks FSDP gathers whole); activations saved for backward of one micro-batch, with "
+                      "the plan's activation checkpointing",
         },
     }
     return replace(plan, estimates=est)

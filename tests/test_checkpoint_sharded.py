@@ -1,0 +1,124 @@
+"""Sharded checkpoints (format 3, torch.distributed.checkpoint) in one process: round trip, atomicity, consolidation.
+
+The multi-process cases (2 processes -> 1, 1 -> 2, export of a sharded run) are in tests/test_targets.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from malt.runtime import checkpoint
+from malt.runtime.run import Run, RunError
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(11, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.lm_head = nn.Linear(8, 11, bias=False)
+
+    def forward(self, x):
+        h = self.embed_tokens(x)
+        for layer in self.layers:
+            h = layer(h).relu()
+        return self.lm_head(h)
+
+
+def trained(seed=0, steps=2):
+    torch.manual_seed(seed)
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model(torch.arange(6).view(2, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def make_run(tmp_path):
+    return Run(tmp_path, "t", "hash", resume=True, quiet=True)
+
+
+def test_sharded_round_trip(tmp_path):
+    run = make_run(tmp_path)
+    model, opt = trained()
+    path = checkpoint.save(run, 2, model, opt, fmt="sharded")
+    state = json.loads((path / "state.json").read_text())
+    assert state["format"] == checkpoint.FORMAT_SHARDED == 3
+    assert (path / "dcp" / ".metadata").is_file() and not (path / "model.safetensors").exists()
+    fresh, fresh_opt = trained(seed=1, steps=1)
+    assert checkpoint.restore(run, fresh, fresh_opt) == 2
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        sa, sb = opt.state[p], fresh_opt.state[q]
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+        assert float(sa["step"]) == float(sb["step"]) == 2
+    # malt sample / export: the weights alone, into an unsharded model
+    other, _ = trained(seed=2, steps=0)
+    assert checkpoint.load_weights(tmp_path, other) == 2
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
+def test_a_failed_sharded_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    run = make_run(tmp_path)
+    model, opt = trained()
+    checkpoint.save(run, 2, model, opt, fmt="sharded")
+    real = dcp.save
+
+    def dies_half_way(state, checkpoint_id):
+        real({"model": state["model"]}, checkpoint_id=checkpoint_id)  # some shards on disk, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcp, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(run, 4, model, opt, fmt="sharded")
+    assert checkpoint.latest(tmp_path)[0] == 2
+    assert not (tmp_path / "checkpoints" / "step_00000004").exists()
+    monkeypatch.setattr(dcp, "save", real)
+    checkpoint.save(run, 4, model, opt, fmt="sharded")  # the leftover temporary directory is replaced
+    assert checkpoint.latest(tmp_path)[0] == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
+
+
+def test_full_and_sharded_checkpoints_resume_each_other(tmp_path):
+    model, opt = trained()
+    run = make_run(tmp_path / "a")
+    checkpoint.save(run, 2, model, opt)  # format 2 stays readable
+    a, a_opt = trained(seed=3, steps=1)
+    checkpoint.restore(run, a, a_opt)
+    run_b = make_run(tmp_path / "b")
+    checkpoint.save(run_b, 2, a, a_opt, fmt="sharded")
+    b, b_opt = trained(seed=4, steps=1)
+    checkpoint.restore(run_b, b, b_opt)
+    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_sharded_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
+    run = make_run(tmp_path)
+    model, opt = trained()
+    checkpoint.save(run, 2, model, opt, fmt="sharded")
+    wider = Tiny()
+    wider.layers[0] = nn.Linear(8, 16)
+    wider.layers[1] = nn.Linear(16, 8)
+    with pytest.raises(RunError, match="cannot be loaded into this model"):
+        checkpoint.restore(run, wider, torch.optim.AdamW(wider.parameters()))
+
+
+def test_init_from_a_sharded_run(tmp_path):
+    run = make_run(tmp_path)
+    model, opt = trained()
+    checkpoint.save(run, 2, model, opt, fmt="sharded")
+    fresh, fresh_opt = trained(seed=5, steps=0)
+    logged = []
+    checkpoint.init_from(tmp_path, "malt", fresh, fresh_opt, log=logged.append)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    p0, q0 = next(iter(model.parameters())), next(iter(fresh.parameters()))
+    assert torch.equal(opt.state[p0]["exp_avg"], fresh_opt.state[q0]["exp_avg"])
+    assert logged and "sharded" in logged[0] and "with its optimizer state" in logged[0]

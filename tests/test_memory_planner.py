@@ -1,0 +1,208 @@
+"""The memory planner: (model size × device memory) → layout (parallelism, micro-batch, accumulation, checkpointing).
+
+Table-driven fixtures over the passes that share the memory budget (choose_parallelism,
+choose_checkpointing, batch_split, estimate) and the fit check (compiler/fit.py) that
+stops a recipe that cannot fit with the smallest change that would make it fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from malt.compiler.api import check
+from malt.compiler.api import plan as make_plan
+from malt.compiler.diagnostics import RecipeError
+from malt.compiler.estimates import CHIPS, GiB, activation_bytes
+from malt.compiler.passes import estimate
+from malt.compiler.passes.batch_split import BUDGET_SHARE
+from malt.compiler.plan import Host
+
+from .helpers import write_tiny_recipe
+
+SIZES = {  # Llama shapes: 124M (GPT-2 small), 1.3B, 7B (Llama-2), 70B (Llama-2, GQA)
+    "124M": ["model.d_model=768", "model.n_layers=12", "model.n_heads=12", "model.n_kv_heads=12", "model.d_ff=2048"],
+    "1.3B": ["model.d_model=2048", "model.n_layers=24", "model.n_heads=16", "model.n_kv_heads=16", "model.d_ff=5504"],
+    "7B": ["model.d_model=4096", "model.n_layers=32", "model.n_heads=32", "model.n_kv_heads=32", "model.d_ff=11008"],
+    "70B": ["model.d_model=8192", "model.n_layers=80", "model.n_heads=64", "model.n_kv_heads=8", "model.d_ff=28672"],
+}
+BASE = ["model.vocab_size=32000", "train.seq_len=2048", "train.global_batch=256", "train.micro_batch=auto",
+        "target.accelerator=cuda", "target.precision=bf16", "target.compile=off"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    return write_tiny_recipe(tmp_path_factory.mktemp("planner"))
+
+
+def planned(recipe, size, chip, devices=1, nodes=1, extra=()):
+    sets = BASE + SIZES[size] + [f"target.chip={chip}", f"target.devices={devices}", f"target.nodes={nodes}", *extra]
+    p, _ = make_plan(recipe, sets, host=Host())
+    return p
+
+
+@pytest.mark.parametrize("size, chip, devices, nodes, layout", [
+    # size   chip         per node  nodes  (parallelism, micro_batch, grad_accum, activation checkpointing)
+    ("124M", "a100-40gb", 1, 1, ("single", 32, 8, "none")),
+    ("124M", "h200",      1, 1, ("single", 128, 2, "none")),
+    ("124M", "h100",      8, 4, ("ddp", 8, 1, "none")),          # 256 / 32 devices = 8 each, all at once
+    ("1.3B", "a100-40gb", 1, 1, ("single", 2, 128, "none")),
+    ("1.3B", "a100-80gb", 1, 1, ("single", 8, 32, "none")),
+    ("1.3B", "a100-40gb", 8, 1, ("fsdp", 4, 8, "none")),         # 24 GiB of replicated state > 50% of 40 GB: shard
+    ("7B",   "h100",      8, 1, ("fsdp", 4, 8, "none")),
+    ("7B",   "h100",      8, 4, ("hsdp", 4, 2, "none")),         # sharded over a node's 8 fits: no cross-node all-gathers
+    ("70B",  "h100",      8, 4, ("fsdp", 4, 2, "full")),         # one sequence needs more than selective; full fits 4
+    ("70B",  "h100",      8, 8, ("fsdp", 1, 4, "selective")),    # one sequence fits with the MLPs recomputed
+    ("70B",  "h200",      8, 4, ("fsdp", 1, 8, "none")),
+    ("70B",  "tpu-v5p",   8, 4, ("fsdp", 1, 8, "selective")),
+    ("7B",   "tpu-v4",    8, 1, ("fsdp", 1, 32, "selective")),   # 32 GiB chips
+    ("7B",   "tpu-v5e",   8, 4, ("fsdp", 1, 8, "selective")),    # 16 GiB chips: a node's share is too big for HSDP
+])
+def test_layout_table(recipe, size, chip, devices, nodes, layout):
+    if chip.startswith("tpu"):  # a TPU chip goes with accelerator tpu (its own pass); here only its memory matters
+        p = planned(recipe, size, "h100", devices, nodes, [f"target.memory_per_device={CHIPS[chip].memory_bytes}B"])
+    else:
+        p = planned(recipe, size, chip, devices, nodes)
+    assert (p.parallelism, p.micro_batch, p.grad_accum, p.activation_checkpointing) == layout
+    assert p.world == devices * nodes and p.micro_batch * p.grad_accum * p.world == 256
+    budget = BUDGET_SHARE * p.estimates["memory_budget_bytes"]
+    assert p.estimates["memory_per_device_bytes"]["total"] <= budget
+    # and the choice is the least costly that fits: twice the micro-batch would not fit, nor less checkpointing
+    device_batch = 256 // p.world
+    if p.micro_batch < device_batch:
+        bigger = replace(p, micro_batch=p.micro_batch * 2, phases=tuple(replace(ph, micro_batch=ph.micro_batch * 2) for ph in p.phases))
+        assert estimate.run(bigger).estimates["memory_per_device_bytes"]["total"] > budget
+    if p.activation_checkpointing != "none":
+        less = {"selective": "none", "full": "selective"}[p.activation_checkpointing]
+        assert estimate.run(replace(p, activation_checkpointing=less)).estimates["memory_per_device_bytes"]["total"] > budget
+
+
+def test_known_accelerator_memory():
+    assert {k: round(c.memory_bytes / GiB, 1) for k, c in CHIPS.items()} == {
+        "a100-40gb": 40.0, "a100-80gb": 80.0, "h100": 80.0, "h200": 131.3, "tpu-v4": 32.0, "tpu-v5e": 16.0, "tpu-v5p": 88.5}
+
+
+def test_memory_per_device_overrides_the_table(recipe):
+    small = planned(recipe, "1.3B", "h100", extra=["target.memory_per_device=40GiB"])
+    table = planned(recipe, "1.3B", "a100-40gb")
+    assert small.estimates["memory_budget_bytes"] == 40 * GiB
+    assert (small.micro_batch, small.grad_accum) == (table.micro_batch, table.grad_accum)
+    assert "target.memory_per_device" in next(d.reason for d in small.decisions if d.name == "micro_batch")
+    with pytest.raises(RecipeError, match="memory size such as 80GB"):
+        check(recipe, ["target.memory_per_device=lots"])
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_explicit_checkpointing_is_kept_and_shrinks_activations(recipe, mode):
+    p = planned(recipe, "1.3B", "h100", extra=[f"target.activation_checkpointing={mode}", "train.micro_batch=1"])
+    assert p.activation_checkpointing == mode
+    assert next(d.reason for d in p.decisions if d.name == "activation_checkpointing") == f"target.activation_checkpointing {mode}"
+
+
+def test_activation_bytes_by_hand():
+    # 2 sequences × 8 tokens, d 16, 3 layers, kv 8, d_ff 32, vocab 100, fp32
+    t, w = 16, 4
+    attn, mlp = (7 * 16 + 3 * 8) * w, 4 * 32 * w
+    chunked_head = t * (16 * w + 16 * 4) + 100 * 16 * 4 + min(512, t) * 100 * (4 + w)
+    assert activation_bytes(2, 8, 16, 3, 8, 32, 100, "fp32") == t * 3 * (attn + mlp) + chunked_head
+    assert activation_bytes(2, 8, 16, 3, 8, 32, 100, "fp32", "selective") == t * (3 * attn + mlp) + chunked_head
+    assert activation_bytes(2, 8, 16, 3, 8, 32, 100, "fp32", "full") == t * (3 * 16 * w + attn + mlp) + chunked_head
+    # compiled: the whole fp32 logits and their gradient
+    assert activation_bytes(2, 8, 16, 3, 8, 32, 100, "fp32", loss_chunk=None) == t * 3 * (attn + mlp) + t * (16 * w + 2 * 100 * 4)
+
+
+def test_chunked_loss_is_counted_as_chunked(recipe):
+    # 124M at seq 2048, micro_batch 8: the whole logits would be 16k tokens × 32k vocab × 8 bytes = 4 GiB
+    eager = planned(recipe, "124M", "h100", extra=["train.micro_batch=8"])
+    compiled = planned(recipe, "124M", "h100", extra=["train.micro_batch=8", "target.compile=on"])
+    gap = compiled.estimates["memory_per_device_bytes"]["activations"] - eager.estimates["memory_per_device_bytes"]["activations"]
+    tokens = 8 * 2048
+    assert gap == tokens * 2 * 32000 * 4 - (tokens * 768 * 4 + 32000 * 768 * 4 + 512 * 32000 * 6)
+
+
+def test_checkpointing_adds_recompute_time(recipe):
+    none = planned(recipe, "1.3B", "h100", extra=["target.activation_checkpointing=none", "train.micro_batch=1"])
+    full = planned(recipe, "1.3B", "h100", extra=["target.activation_checkpointing=full", "train.micro_batch=1"])
+    assert "recompute_flops" not in none.estimates
+    # full recomputes the forward of every block: about a third of the model's training FLOPs
+    ratio = full.estimates["estimated_seconds"] / none.estimates["estimated_seconds"]
+    assert 1.25 < ratio < 1.34
+
+
+# ---- recipes that cannot fit: the smallest change that would -----------------------------------
+
+def fit_error(recipe, sets):
+    with pytest.raises(RecipeError) as info:
+        make_plan(recipe, BASE + sets, host=Host())
+    (d,) = info.value.diagnostics
+    assert d.path == "target" and "the run does not fit" in d.message
+    return d
+
+
+@pytest.mark.parametrize("sets, fix", [
+    (SIZES["124M"] + ["target.chip=a100-40gb", "train.micro_batch=256", "target.activation_checkpointing=none"],
+     "a smaller micro-batch: train.micro_batch: 32 (or auto) instead of 256, with 8 accumulation steps"),
+    (SIZES["1.3B"] + ["target.chip=a100-40gb", "train.micro_batch=1", "train.seq_len=8192", "target.activation_checkpointing=none"],
+     "activation checkpointing: target.activation_checkpointing: selective (or auto)"),
+    (SIZES["7B"] + ["target.chip=h100", "target.devices=8", "target.parallelism=ddp"],
+     "FSDP: target.parallelism: fsdp (shards weights, gradients and AdamW state over the 8 devices)"),
+    (SIZES["7B"] + ["target.chip=a100-40gb"], "more devices: target.devices: 8 and target.parallelism: fsdp"),  # 5-7 do not divide 256
+    (SIZES["70B"] + ["target.chip=h100", "target.devices=8"],
+     "more devices: target.nodes: 4 with target.devices: 8 and target.parallelism: fsdp"),
+])
+def test_a_recipe_that_cannot_fit_names_the_smallest_change(recipe, sets, fix):
+    d = fit_error(recipe, sets)
+    assert d.hint.startswith(f"the smallest change that fits: {fix}"), d.hint
+
+
+def test_fit_error_points_at_the_target_section_and_fails_check(tmp_path):
+    from malt.compiler.cli import app
+    from typer.testing import CliRunner
+
+    path = write_tiny_recipe(tmp_path)
+    text = path.read_text().replace("target: {accelerator: cpu, precision: fp32, compile: off}",
+                                    "target: {accelerator: cpu, precision: fp32, compile: off, memory_per_device: 2MB}")
+    path.write_text(text)
+    line = text.splitlines().index(next(ln for ln in text.splitlines() if ln.startswith("target:"))) + 1
+    for command in ("check", "plan"):
+        r = CliRunner().invoke(app, [command, str(path)])
+        assert r.exit_code == 2, r.output
+        assert f"recipe.yaml:{line}:1: error: target: the run does not fit" in r.stderr
+        assert "hint: the smallest change that fits" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_auto_checkpointing_makes_a_pinned_micro_batch_fit(recipe):
+    p = planned(recipe, "124M", "a100-40gb", extra=["train.micro_batch=256"])
+    assert (p.micro_batch, p.activation_checkpointing) == (256, "full")
+    assert "full activation checkpointing" in next(d.reason for d in p.decisions if d.name == "activation_checkpointing")
+
+
+def test_nothing_fits_says_so(recipe):
+    d = fit_error(recipe, SIZES["70B"] + ["target.chip=h100", "target.memory_per_device=1GB"])
+    assert "make the model smaller" in d.hint
+
+
+@pytest.mark.parametrize("text, value", [("80GB", 80 * 10**9), ("40GiB", 40 * GiB), ("1.5 TB", 15 * 10**11), ("512MiB", 2**29),
+                                         ("1024B", 1024)])
+def test_memory_sizes(text, value):
+    from malt.compiler.units import parse_bytes
+
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("bad", ["80", 80, "lots", "-1GB", "0GB", True])
+def test_bad_memory_sizes(bad):
+    from malt.compiler.units import parse_bytes
+
+    with pytest.raises(ValueError, match="memory size such as 80GB"):
+        parse_bytes(bad)
+
+
+def test_detected_gpu_memory_wins_over_the_table(recipe):
+    gpu = Host(cuda=True, cuda_name="NVIDIA H100 PCIe", cuda_memory=40 * GiB, cpu_cores=16, memory_bytes=128 * GiB)
+    p, _ = make_plan(recipe, BASE + SIZES["1.3B"] + ["target.chip=auto"], host=gpu)
+    assert p.chip == "h100" and p.estimates["memory_budget_bytes"] == 40 * GiB
+    assert (p.micro_batch, p.grad_accum) == (2, 128)  # as on a 40 GB A100 (the table above), not 80 GB
+    assert "NVIDIA H100 PCIe (detected)" in next(d.reason for d in p.decisions if d.name == "micro_batch")
+    named, _ = make_plan(recipe, BASE + SIZES["1.3B"] + ["target.chip=h100"], host=gpu)  # a named chip: its table entry
+    assert named.estimates["memory_budget_bytes"] == 80 * GiB
