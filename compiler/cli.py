@@ -100,7 +100,7 @@ def _plan_text(p) -> str:
         + f"activations {human_bytes(mem['activations'])} (of {human_bytes(est['memory_budget_bytes'])})",
         f"time       ≈ {human_seconds(est['estimated_seconds'])} on {basis['chip']} at {basis['mfu']:.0%} MFU of {basis['peak_flops'] / 1e12:g} TFLOP/s "
         f"({ex['precision']}; {basis['peak_source']})",
-        f"execution  {ex['device'] if ex['devices'] == 1 else str(ex['devices']) + ' × ' + ex['device'] + ' (' + ex['parallelism'] + ')'}, {ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
+        f"execution  {ex['device'] if ex['devices'] == 1 else str(ex['devices']) + ' × ' + ex['device'] + ' (' + ex['parallelism'] + ')'}, {'pure bf16' if ex.get('master_weights') == 'bf16' else ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
         f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW"
         + (f", activation checkpointing {ex['activation_checkpointing']}" if ex.get("activation_checkpointing", "none") != "none" else "")
         + (f", {ex['checkpoint_format']} checkpoints" if ex.get("checkpoint_format") == "sharded" else ""),

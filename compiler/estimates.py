@@ -123,7 +123,9 @@ def activation_bytes(micro_batch: int, seq_len: int, d_model: int, n_layers: int
     return layers + head
 
 
-def state_bytes(params: int, precision: str) -> dict:
+def state_bytes(params: int, precision: str, master_weights: str = "fp32") -> dict:
+    if master_weights == "bf16":              # pure bf16: weights, gradients and both AdamW moments in bf16
+        return {"weights": params * 2, "gradients": params * 2, "optimizer": params * 4}
     weights = params * 4                      # fp32 master weights
     if precision == "bf16":
         weights += params * 2                 # autocast's bf16 copies of the weights

@@ -96,7 +96,8 @@ class Plan:
     activation_checkpointing: str = "none"  # none | selective | full
     checkpoint_format: str = "full"  # full: safetensors of whole tensors; sharded: torch.distributed.checkpoint
     chip: str = ""
-    precision: str = ""
+    precision: str = ""              # the compute dtype: fp32 | bf16
+    master_weights: str = "fp32"     # dtype of the weights, gradients and AdamW moments: fp32 | bf16 (target.precision pure_bf16)
     compile: bool = False
     attention: str = ""
     masked_targets: bool = False     # some targets are -100 (no loss): the loss counts the others (choose_loss)
@@ -151,7 +152,7 @@ class Plan:
             "schedule": {"warmup_steps": self.warmup_steps, "decay": r.schedule.decay, "decay_start": self.decay_start},
             "execution": {
                 "device": self.device, "devices": self.world, "parallelism": self.parallelism,
-                "chip": self.chip, "precision": self.precision, "compile": self.compile,
+                "chip": self.chip, "precision": self.precision, "master_weights": self.master_weights, "compile": self.compile,
                 "attention": self.attention, "fused_adamw": self.fused_adamw,
                 "nodes": self.nodes, "activation_checkpointing": self.activation_checkpointing,
                 "checkpoint_format": self.checkpoint_format,

@@ -282,6 +282,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "e": e,
         "compile": plan.compile,
         "precision": plan.precision,
+        "pure_bf16": plan.master_weights == "bf16",
         "grad_clip": bool(o.grad_clip),
         "adamw_impl": "fused" if plan.fused_adamw else "foreach",
         "checkpointing": plan.activation_checkpointing,

@@ -385,7 +385,7 @@ class TargetSpec(Section):
     accelerator: Literal["auto", "cpu", "cuda", "tpu"] = "auto"  # tpu: torch-xla (pip install 'malt[tpu]'), never chosen by auto
     devices: Int = Field(default=1, gt=0)                    # processes, one per device (torchrun); on cpu, gloo processes
     parallelism: Literal["auto", "single", "ddp", "fsdp", "hsdp"] = "auto"  # hsdp: FSDP2 within a node, replicas across nodes
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "pure_bf16"] = "auto"  # bf16: autocast, fp32 master weights; pure_bf16: bf16 weights and state
     compile: OnOffAuto = "auto"
     chip: Literal["auto", "cpu", "a100-40gb", "a100-80gb", "h100", "h200", "tpu-v4", "tpu-v5e", "tpu-v5p"] = "auto"  # for the estimates
     mfu: AutoOrFraction = "auto"         # model FLOPs utilisation assumed by the time estimate

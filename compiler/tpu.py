@@ -53,6 +53,9 @@ def problems(r) -> list[tuple[tuple, str, str]]:
     if tg.compile == "on":
         out.append((("target", "compile"), "torch.compile is not used on a TPU: XLA already compiles the traced training step",
                     "use compile: auto or off"))
+    if tg.precision == "pure_bf16":
+        out.append((("target", "precision"), "pure_bf16 on a TPU is not built yet: the TPU program trains with bf16 autocast",
+                    "use precision: bf16 (or auto)"))
     if tg.activation_checkpointing in ("selective", "full"):
         out.append((("target", "activation_checkpointing"), "activation checkpointing on a TPU is not built yet",
                     "use activation_checkpointing: auto or none"))

@@ -1,4 +1,4 @@
-"""Resolve target.precision: bf16 autocast with fp32 master weights, or plain fp32.
+"""Resolve target.precision: bf16 autocast with fp32 master weights, plain fp32, or pure bf16 where asked.
 
 On a CPU, bf16 pays only where the CPU multiplies bf16 natively (AVX512_BF16 or AMX, the Host's
 ``cpu_bf16``); elsewhere autocast would convert to and from bf16 around emulated matmuls.
@@ -16,6 +16,10 @@ CPU_BF16_SPEEDUP = (1.38, 1.67)
 
 def run(plan: Plan) -> Plan:
     p = plan.recipe.target.precision
+    if p == "pure_bf16":
+        return plan.decide("precision", "pure_bf16", "target.precision pure_bf16: weights, gradients and AdamW moments in bf16, no fp32 "
+                           "master copy and no autocast (half the state memory of bf16 autocast; updates smaller than bf16's "
+                           "resolution of a weight are lost)", precision="bf16", master_weights="bf16")
     if p != "auto":
         return plan.decide("precision", p, f"target.precision {p}", precision=p)
     if plan.device == "tpu":

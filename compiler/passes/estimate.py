@@ -55,7 +55,7 @@ def states(plan: Plan) -> dict:
     and the root's embedding and head for the whole step ("gathered", fp32 as the weights are).
     """
     counts = model_counts(plan)
-    full = state_bytes(counts["params"], plan.precision)
+    full = state_bytes(counts["params"], plan.precision, plan.master_weights)
     shards = {"fsdp": plan.world, "hsdp": plan.recipe.target.devices}.get(plan.parallelism, 1)
     if shards == 1:
         return full
