@@ -48,13 +48,39 @@ def load_run_model(run_dir):
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    model = module.Transformer()
+    plan = trained_plan(run_dir, plan)
+    m = plan["model"]
+    if plan.get("phases"):  # the depth and rotary base of the phase the checkpoint ended in (growth, context extension)
+        model = module.Transformer(n_layers=m["n_layers"])
+        if hasattr(model, "set_rope"):
+            model.set_rope(m["rope_theta"])
+    else:
+        model = module.Transformer()
     load_weights(run_dir, model)
     model.eval()
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise RunError(f"{tok_path} not found", "the run directory is incomplete; re-run `malt run RECIPE --resume`")
     return model, Tokenizer.from_file(str(tok_path)), plan
+
+
+def trained_plan(run_dir, plan: dict) -> dict:
+    """plan.json as of the run's newest checkpoint: with phases, its model's n_layers and rope_theta are those
+    of the phase that checkpoint's last step trained in (a run stopped before a growth is still small; a context
+    extension phase trains with its own rotary base). A copy; plan.json's own values are the final phase's."""
+    from .checkpoint import latest
+
+    phases = plan.get("phases") or []
+    found = latest(run_dir)
+    if not phases or found is None:
+        return plan
+    last = max(0, found[0] - 1)
+    phase = next((ph for ph in phases if ph["start_step"] <= last < ph["end_step"]), phases[-1])
+    model = dict(plan["model"])
+    for key in ("n_layers", "rope_theta"):
+        if key in phase:
+            model[key] = phase[key]
+    return {**plan, "model": model}
 
 
 def _model_section(plan: dict, lock: dict | None) -> dict:

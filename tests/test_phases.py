@@ -116,6 +116,21 @@ def test_two_phase_run_resumes_inside_the_second_phase_exactly(tmp_path):
     assert {s: v for s, v in val_losses(resumed).items()} == {s: v for s, v in val_losses(full).items() if s > 16}
     tokens = [json.loads(line)["tokens"] for line in (resumed / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert tokens == [14 * 8 * 32 + (s - 14) * 4 * 64 for s in range(17, 21)]
+    # the exported model has the rotary base it was last trained with (phase long's), not model.rope_theta's
+    from malt.runtime.export import export_hf
+
+    export_hf(full, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_theta"] == config["rope_theta"] == 40000
+    from transformers import AutoModelForCausalLM
+
+    from malt.runtime.export import load_run_model
+
+    model, _, _ = load_run_model(full)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 257, (1, 48))
+    with torch.no_grad():
+        assert torch.allclose(model(x), hf(x).logits, atol=1e-5)
 
 
 def test_phase_mixture_over_sources_only_a_phase_uses(tmp_path):
@@ -203,6 +218,19 @@ def test_growth_by_stacking_preserves_weights_and_resumes_across_it(tmp_path):
     with torch.no_grad():
         tokens = torch.randint(0, 257, (1, 16))
         assert big(tokens).shape == small(tokens).shape
+
+    # a run stopped before its growth is still small: sample and export see its 2 layers
+    from malt.runtime.export import export_hf, load_run_model
+
+    stopped = tmp_path / "stopped"
+    compile_to(recipe, stopped, host=Host())
+    shutil.copytree(full / "checkpoints" / "step_00000008", stopped / "checkpoints" / "step_00000008")
+    (stopped / "checkpoints" / "latest").write_text("step_00000008\n")
+    shutil.copy(full / "tokenizer.json", stopped / "tokenizer.json")
+    model, _, _ = load_run_model(stopped)
+    assert len(model.layers) == 2 and torch.equal(model.lm_head.weight, sd_small["lm_head.weight"])
+    export_hf(stopped, tmp_path / "hf-small")
+    assert json.loads((tmp_path / "hf-small" / "config.json").read_text())["num_hidden_layers"] == 2
 
     # resume from the last checkpoint before growth (step 8: small model) and from one after it (step 10)
     for at in (8, 10):
