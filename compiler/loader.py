@@ -7,6 +7,7 @@ stage can say exactly which file, line and column a problem comes from.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +157,39 @@ def _merge(parent: dict, child: dict, origins: dict, c_origins: dict, path: Path
     return out
 
 
+def _rebase_paths(tree: dict, parent_dir: Path, child_dir: Path) -> None:
+    """Rewrite the relative file paths of a parent recipe (data sources and their validation files, a
+    tokenizer file, init_from, a distillation teacher; also inside phases) so that they still name the same
+    files from the child's directory: every path in a recipe is relative to the file that writes it."""
+    def fix(node: dict, key: str) -> None:
+        v = node.get(key)
+        if isinstance(v, str) and v and not v.startswith("builtin:") and not os.path.isabs(os.path.expanduser(v)):
+            node[key] = os.path.relpath(os.path.normpath(parent_dir / v), child_dir)
+
+    def sources(data) -> None:
+        for src in (data.get("sources") if isinstance(data, dict) else None) or []:
+            if isinstance(src, dict):
+                fix(src, "path")
+                fix(src, "validation_path")
+
+    def objective(obj) -> None:
+        if isinstance(obj, dict):
+            fix(obj, "teacher")
+
+    sources(tree.get("data"))
+    objective(tree.get("objective"))
+    if isinstance(tree.get("tokenizer"), dict):
+        fix(tree["tokenizer"], "path")
+    if isinstance(tree.get("init_from"), str):
+        fix(tree, "init_from")
+    elif isinstance(tree.get("init_from"), dict):
+        fix(tree["init_from"], "path")
+    for ph in tree.get("phases") if isinstance(tree.get("phases"), list) else []:
+        if isinstance(ph, dict):
+            sources(ph.get("data"))
+            objective(ph.get("objective"))
+
+
 def load_file(path: str | Path, _chain: tuple = ()) -> Loaded:
     path = Path(path)
     shown = display_path(path)
@@ -175,6 +209,8 @@ def load_file(path: str | Path, _chain: tuple = ()) -> Loaded:
             raise RecipeError([Diagnostic("extends", f"parent recipe not found: {parent_ref} (looked in {display_path(parent_path)})",
                                           ext_origin, hint="extends: paths are relative to the recipe that names them")])
         parent = load_file(parent_path, _chain + (key,))
+        if parent.base_dir != path.resolve().parent:
+            _rebase_paths(parent.tree, parent.base_dir, path.resolve().parent)
         p_origins = dict(parent.origins)
         tree = _merge(parent.tree, tree, p_origins, origins)
         origins = p_origins

@@ -107,6 +107,37 @@ def test_extends_chain_and_relative_paths(d):
     assert loaded.origins[("train", "seq_len")] == Origin("base.yaml", 13, 3)
 
 
+def test_paths_in_a_parent_stay_relative_to_the_parent(d):
+    """A parent in another folder keeps naming its own files: its relative paths are rebased for the child."""
+    (d / "sub").mkdir()
+    (d / "sub" / "own.txt").write_text("the child's own source\n")
+    (d / "tok.json").write_text("{}")
+    (d / "base.yaml").write_text(BASE.replace("tokenizer: {kind: bytes}", "tokenizer: {kind: file, path: tok.json}")
+                                 .replace("path: code.txt,", "path: code.txt, validation_path: docs.txt,")
+                                 + "init_from: runs/base\nphases:\n  - {name: a, share: 50%, data: {sources: "
+                                   "[{name: p, path: docs.txt}, {name: q, path: 'builtin:python-docs'}, {name: r, path: /abs/x.txt}]}}\n"
+                                   "  - {name: b, share: 50%}\n")
+    (d / "sub" / "leaf.yaml").write_text("extends: ../base.yaml\nname: leaf\n")
+    tree = load("sub/leaf.yaml").tree
+    assert [s["path"] for s in tree["data"]["sources"]] == ["../docs.txt", "../code.txt"]
+    assert tree["data"]["sources"][1]["validation_path"] == "../docs.txt"
+    assert tree["tokenizer"]["path"] == "../tok.json" and tree["init_from"] == "../runs/base"
+    assert [s["path"] for s in tree["phases"][0]["data"]["sources"]] == ["../docs.txt", "builtin:python-docs", "/abs/x.txt"]
+    # the child's own paths are its own; a parent in the same folder is left as written
+    (d / "sub" / "leaf2.yaml").write_text("extends: ../base.yaml\ndata: {sources: [{name: own, path: own.txt}]}\n")
+    assert load("sub/leaf2.yaml").tree["data"]["sources"] == [{"name": "own", "path": "own.txt"}]
+    (d / "same.yaml").write_text("extends: base.yaml\n")
+    assert load("same.yaml").tree["data"]["sources"][0]["path"] == "docs.txt"
+
+
+def test_a_recipe_extending_one_in_another_folder_checks_and_compiles(d):
+    (d / "sub").mkdir()
+    (d / "sub" / "leaf.yaml").write_text("extends: ../base.yaml\nname: leaf\n")
+    recipe, loaded = check("sub/leaf.yaml")
+    assert [s.path for s in recipe.data.sources] == ["../docs.txt", "../code.txt"]
+    assert all((loaded.base_dir / s.path).is_file() for s in recipe.data.sources)
+
+
 def test_extends_a_child_may_replace_a_section_by_a_scalar_and_is_told(d):
     (d / "child.yaml").write_text("extends: base.yaml\nmodel: 3\n")
     [diag] = diagnostics("child.yaml")
