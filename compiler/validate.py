@@ -431,9 +431,7 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 what = f"objective {other}" if other is not None else f"model.family {m.family}"
                 add(("data", "packing"), f"packing {r.data.packing} with {what} is not built yet: document masks are built for "
                     "the llama family with objective causal_lm", "use packing: concat with this objective and model")
-            elif getattr(r.target, "accelerator", None) == "tpu":
-                add(("data", "packing"), f"packing {r.data.packing} on accelerator tpu is not built yet: the torch-xla "
-                    "program does not pass document ids", "use packing: concat on tpu, or accelerator cpu or cuda")
+            # on a TPU, compiler/tpu.py reports it (the torch-xla program packs with concat only)
         if r.data.validation >= 0.5:
             add(("data", "validation"), f"{r.data.validation:.0%} of the data held out for validation leaves too little to train on", "use a few percent, such as 1%")
 
