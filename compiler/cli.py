@@ -215,7 +215,14 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
             from .launch import instructions
 
             raise UserError(instructions(p, str(directory)), "or set target.nodes: 1 to run on this machine")
-        if p.world > 1:
+        if p.device == "tpu":  # say it before any data is prepared, not after
+            import importlib.util
+
+            if importlib.util.find_spec("torch_xla") is None:
+                raise UserError("this recipe trains on a TPU (target.accelerator: tpu), and torch-xla is not installed here",
+                                "pip install 'malt[tpu]' (torch 2.9.0 with torch-xla 2.9.0), "
+                                "or train on this machine: --set target.accelerator=cpu (or auto)", code=2)
+        if p.world > 1 and p.device != "tpu":  # torch-xla SPMD runs one process
             # data first, in this process: a data problem is then one message, not one per process from torchrun
             from malt.runtime.data import prepare
             from malt.runtime.run import default_cache_dir

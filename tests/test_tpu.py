@@ -126,3 +126,20 @@ def test_tpu_program_without_torch_xla_says_how_to_install(make_recipe, tmp_path
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "needs torch-xla" in r.stderr and "pip install 'malt[tpu]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_malt_run_for_tpu_without_torch_xla_stops_before_preparing_data(make_recipe, tmp_path):
+    """`malt run` says torch-xla is missing before it tokenizes anything (a corpus can take hours)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("torch_xla") is not None:
+        pytest.skip("this environment has torch-xla: the run would start")  # the main suite's venv never does
+    recipe = make_recipe(TPU)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MALT_CACHE_DIR": str(cache)}
+    r = subprocess.run([sys.executable, "-m", "malt.compiler.cli", "run", str(recipe), "--run-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "torch-xla is not installed" in r.stderr and "pip install 'malt[tpu]'" in r.stderr and "Traceback" not in r.stderr
+    assert not cache.exists() or not any(cache.rglob("*.npy"))
