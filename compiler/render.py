@@ -250,7 +250,13 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
           "weights": ', weights=phase["weights"]', "device_start": 'dist.rank * phase["device_batch"]'} if phased else
          {"micro_batch": "MICRO_BATCH", "seq_len": "SEQ_LEN", "grad_accum": "GRAD_ACCUM", "weights": "",
           "device_start": "dist.rank * DEVICE_BATCH"})
-    e["loss"] = (f"distributed.mean(loss_sum / {e['grad_accum']})" if distributed else f"(loss_sum / {e['grad_accum']}).item()")
+    # masked targets (-100): micro-batches weighted by their targets with a loss, so the step's loss is the mean over them
+    # (ELECTRA's rtd mixes a masked-LM loss with a loss over every token: its micro-batches weigh the same)
+    token_weighted = plan.masked_targets and plan.recipe.objective.kind != "rtd"
+    if token_weighted:
+        e["loss"] = "distributed.mean(loss_sum)" if distributed else "loss_sum.item()"
+    else:
+        e["loss"] = (f"distributed.mean(loss_sum / {e['grad_accum']})" if distributed else f"(loss_sum / {e['grad_accum']}).item()")
     e["metadata"] = ', metadata=phase["metadata"]' if metadata_off(plan) else ""  # data.metadata off in a phase
     return {
         "version": MALT_VERSION,
@@ -294,6 +300,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "doc_arg": (f", doc_ids=doc_ids.to({'device' if distributed else 'DEVICE'}, non_blocking=True)"
                     if r.data.packing != "concat" else ""),
         "loss_chunk": LOSS_CHUNK,
+        "token_weighted": token_weighted,
         "masked_loss": plan.masked_targets,                  # choose_loss: targets of -100 carry no loss
         "masked_loss_why": ", ".join(masked_target_reasons(plan)),
         "all_positions_why": f"{r.data.packing} packing, no metadata or control tokens without loss: no target is -100",

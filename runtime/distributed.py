@@ -87,6 +87,13 @@ def mean(value: torch.Tensor) -> float:
     return float(value)
 
 
+def reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over all processes, as a tensor on the device (no wait for the host)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def total(value: float, device) -> float:
     """The sum of a Python float over all processes."""
     if dist.is_initialized() and dist.get_world_size() > 1:

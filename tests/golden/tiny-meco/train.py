@@ -157,16 +157,22 @@ def main(argv=None):
         optimizer.param_groups[0]["weight_decay"] = phase["weight_decay"]  # matrices only
         run.log(f"phase {phase['name']}: steps {phase['start']:,} to {phase['end']:,}")
 
+    def counted(y):
+        """How many targets of a micro-batch carry a loss (the others are -100)."""
+        return int((y != -100).sum())
+
     def evaluate(phase):
-        """Mean loss over EVAL_BATCHES validation micro-batches at the phase's sequence length, over the recipe's mixture."""
+        """Mean loss over the targets with a loss in EVAL_BATCHES validation micro-batches at the phase's sequence length, over the recipe's mixture."""
         model.eval()
-        total = 0.0
+        total, count = 0.0, 0
         with torch.no_grad(), autocast:
             for i in range(EVAL_BATCHES):
                 x, y = dataset.batch("val", 0, i * phase["micro_batch"], phase["micro_batch"], phase["seq_len"], metadata=phase["metadata"])
-                total += forward(x.to(DEVICE), y.to(DEVICE)).item()  # the model returns the mean cross-entropy
+                n = counted(y)
+                total += forward(x.to(DEVICE), y.to(DEVICE)).item() * n  # the model returns the mean over its n
+                count += n
         model.train()
-        return total / EVAL_BATCHES
+        return total / max(1, count)
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     phase = next(p for p in PHASES if p["start"] <= start_step < p["end"]) if start_step < MAX_STEPS else PHASES[-1]
@@ -183,12 +189,16 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=DEVICE)
-        for micro in range(phase["grad_accum"]):
-            x, y = dataset.batch("train", step, micro * phase["micro_batch"], phase["micro_batch"], phase["seq_len"], weights=phase["weights"], metadata=phase["metadata"])
+        # the step's micro-batches first: each one's mean loss is weighted by its share of the step's targets with a
+        # loss, so the step minimises the mean over those targets however they fall in micro-batches
+        batches = [dataset.batch("train", step, micro * phase["micro_batch"], phase["micro_batch"], phase["seq_len"], weights=phase["weights"], metadata=phase["metadata"]) for micro in range(phase["grad_accum"])]
+        step_counted = max(1, sum(counted(b[1]) for b in batches))
+        for micro, (x, y) in enumerate(batches):
+            share = counted(y) / step_counted
             with autocast:
                 loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True))  # next-token loss, fp32
-            (loss / phase["grad_accum"]).backward()
-            loss_sum += loss.detach()
+            (loss * share).backward()
+            loss_sum += loss.detach() * share
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), phase["grad_clip"]) if phase["grad_clip"] else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -196,7 +206,7 @@ def main(argv=None):
         done = step + 1
         if done % LOG_EVERY == 0 or done == MAX_STEPS:
             tokens = phase["tokens_before"] + (done - phase["start"]) * phase["tokens_per_step"]
-            run.log_step(done, loss=(loss_sum / phase["grad_accum"]).item(), lr=lr, grad_norm=grad_norm, tokens=tokens)
+            run.log_step(done, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm, tokens=tokens)
         if EVAL_EVERY and (done % EVAL_EVERY == 0 or done == MAX_STEPS) and DATA["validation"] > 0:
             run.log_eval(done, val_loss=evaluate(phase))
         if (CHECKPOINT_EVERY and done % CHECKPOINT_EVERY == 0) or done == MAX_STEPS:

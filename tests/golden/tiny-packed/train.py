@@ -107,16 +107,22 @@ def main(argv=None):
     optimizer = make_optimizer(model)
     autocast = nullcontext()  # fp32 throughout
 
+    def counted(y):
+        """How many targets of a micro-batch carry a loss (the others are -100)."""
+        return int((y != -100).sum())
+
     def evaluate():
-        """Mean loss over EVAL_BATCHES validation micro-batches."""
+        """Mean loss over the targets with a loss in EVAL_BATCHES validation micro-batches."""
         model.eval()
-        total = 0.0
+        total, count = 0.0, 0
         with torch.no_grad(), autocast:
             for i in range(EVAL_BATCHES):
                 x, y, doc_ids = dataset.batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
-                total += forward(x.to(DEVICE), y.to(DEVICE), doc_ids=doc_ids.to(DEVICE, non_blocking=True)).item()  # the model returns the mean cross-entropy
+                n = counted(y)
+                total += forward(x.to(DEVICE), y.to(DEVICE), doc_ids=doc_ids.to(DEVICE, non_blocking=True)).item() * n  # the model returns the mean over its n
+                count += n
         model.train()
-        return total / EVAL_BATCHES
+        return total / max(1, count)
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     run.begin(start_step, MAX_STEPS, TOKENS_PER_STEP)
@@ -128,19 +134,23 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=DEVICE)
-        for micro in range(GRAD_ACCUM):
-            x, y, doc_ids = dataset.batch("train", step, micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
+        # the step's micro-batches first: each one's mean loss is weighted by its share of the step's targets with a
+        # loss, so the step minimises the mean over those targets however they fall in micro-batches
+        batches = [dataset.batch("train", step, micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN) for micro in range(GRAD_ACCUM)]
+        step_counted = max(1, sum(counted(b[1]) for b in batches))
+        for micro, (x, y, doc_ids) in enumerate(batches):
+            share = counted(y) / step_counted
             with autocast:
                 loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True), doc_ids=doc_ids.to(DEVICE, non_blocking=True))  # next-token loss, fp32
-            (loss / GRAD_ACCUM).backward()
-            loss_sum += loss.detach()
+            (loss * share).backward()
+            loss_sum += loss.detach() * share
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
         if done % LOG_EVERY == 0 or done == MAX_STEPS:
-            run.log_step(done, loss=(loss_sum / GRAD_ACCUM).item(), lr=lr, grad_norm=grad_norm)
+            run.log_step(done, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm)
         if EVAL_EVERY and (done % EVAL_EVERY == 0 or done == MAX_STEPS) and DATA["validation"] > 0:
             run.log_eval(done, val_loss=evaluate())
         if (CHECKPOINT_EVERY and done % CHECKPOINT_EVERY == 0) or done == MAX_STEPS:
