@@ -301,6 +301,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
                     if r.data.packing != "concat" else ""),
         "loss_chunk": LOSS_CHUNK,
         "token_weighted": token_weighted,
+        "eval_per_source": plan.recipe.train.eval_per_source,
         "masked_loss": plan.masked_targets,                  # choose_loss: targets of -100 carry no loss
         "masked_loss_why": ", ".join(masked_target_reasons(plan)),
         "all_positions_why": f"{r.data.packing} packing, no metadata or control tokens without loss: no target is -100",

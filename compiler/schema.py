@@ -373,6 +373,7 @@ class TrainSpec(Section):
     steps: Optional[Count] = None
     eval_every: Count = 100                                  # steps; 0 disables
     eval_batches: Int = Field(default=8, gt=0)               # micro-batches per evaluation
+    eval_per_source: bool = False                            # also each source's own validation loss (eval_batches each)
     checkpoint_every: Count = 200                            # steps; 0 = only the final checkpoint
     keep_checkpoints: Int = Field(default=2, gt=0)
     log_every: Count = 10

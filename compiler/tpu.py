@@ -53,6 +53,8 @@ def problems(r) -> list[tuple[tuple, str, str]]:
     if tg.compile == "on":
         out.append((("target", "compile"), "torch.compile is not used on a TPU: XLA already compiles the traced training step",
                     "use compile: auto or off"))
+    if tr is not None and tr.eval_per_source:
+        out.append((("train", "eval_per_source"), "per-source validation on a TPU is not built yet", "remove train.eval_per_source"))
     if tg.precision == "pure_bf16":
         out.append((("target", "precision"), "pure_bf16 on a TPU is not built yet: the TPU program trains with bf16 autocast",
                     "use precision: bf16 (or auto)"))

@@ -170,12 +170,14 @@ class Run:
         elif not self.quiet:
             print(f"step {step:>6,}/{self._max_steps:,} | {status} | ETA {_fmt_duration(eta)}", flush=True)
 
-    def log_eval(self, step: int, val_loss: float) -> None:
+    def log_eval(self, step: int, val_loss: float, **per_source: float) -> None:
+        """An evaluation: the mixture's validation loss, and (train.eval_per_source) ``val_loss/NAME`` of each source."""
         if not self.is_main:
             return
         self.last_eval = val_loss
-        self._write({"step": step, "val_loss": val_loss})
-        self.log(f"step {step:>6,}/{self._max_steps:,} | val loss {val_loss:.4f}")
+        self._write({"step": step, "val_loss": val_loss, **per_source})
+        sources = "".join(f" | {k.split('/', 1)[1]} {v:.4f}" for k, v in per_source.items())
+        self.log(f"step {step:>6,}/{self._max_steps:,} | val loss {val_loss:.4f}{sources}")
 
     def end(self) -> None:
         if not self.is_main:
