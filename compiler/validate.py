@@ -424,7 +424,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                     if sub == ("path",):  # its filter problems are the source's, reported above
                         add(("data", "sources", i, "validation_path"), message, hint)
         if r.data.packing != "concat":  # document masks (choose_attention) are built for the causal decoder
-            kinds = [getattr(r.objective, "kind", "causal_lm"), *(ph.objective.kind for ph in r.phases if getattr(ph, "objective", None) is not None)]
+            kinds = [getattr(getattr(r, "objective", None), "kind", "causal_lm"),
+                     *(ph.objective.kind for ph in getattr(r, "phases", None) or [] if getattr(ph, "objective", None) is not None)]
             # objectives that build their rows from concat windows report this themselves (objectives.problems)
             other = next((k for k in kinds if k not in ("causal_lm", "prefix_lm", "span_corruption", "ul2", "fim", "mlm", "rtd")), None)
             if other is not None or (m is not None and m.family not in ("llama", "bert")):  # bert: mlm, rtd (encoder.py.j2)
