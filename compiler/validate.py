@@ -232,7 +232,9 @@ def tokenizer_file_tokens(path: Path) -> set[str]:
 
 def tokenizer_vocab(recipe: Recipe, base_dir: Path) -> int | None:
     """Entries of the tokenizer the runtime builds (for bpe and unigram: at most this many)."""
-    tok = recipe.tokenizer
+    tok = getattr(recipe, "tokenizer", None)
+    if tok is None:  # the section failed the schema: reported there
+        return None
     added = len(added_tokens(recipe))  # add_special_tokens and the objective's tokens (sentinels, mode tokens)
     if tok.kind == "bytes":
         return 256 + len(tok.special_tokens) + added
