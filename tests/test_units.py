@@ -45,6 +45,7 @@ def test_parse_count_errors(text, message):
 
 @pytest.mark.parametrize("text, value", [
     ("5%", 0.05), ("100%", 1.0), ("0%", 0.0), ("12.5%", 0.125), (" 1 % ", 0.01), (0.05, 0.05), (0, 0.0), (1, 1.0), ("0.25", 0.25),
+    ("1e-10%", 1e-12),  # how a tiny warmup fraction prints back ("{:g}%"); found by tests/test_recipe_mutations.py
 ])
 def test_parse_fraction(text, value):
     assert parse_fraction(text) == pytest.approx(value)
