@@ -185,13 +185,24 @@ def resolved_recipe(recipe: Recipe) -> dict:
     return recipe.model_dump(mode="json")
 
 
+# Bump when the value of an existing default changes (what a recipe that leaves it out trains): runs started
+# before then must not resume under the new meaning. New fields whose defaults keep the old behaviour need no bump.
+DEFAULTS_VERSION = 1
+# train fields that change neither the batches nor the updates (evaluation, logging, checkpoints, the final sample)
+MONITORING = ("checkpoint_format", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "eval_per_source",
+              "log_every", "sample_tokens", "sample_prompt")
+
+
 def recipe_hash(recipe: Recipe) -> str:
-    """sha256 of the resolved recipe without its target (nor train.checkpoint_format): the same training on any hardware
-    has the same hash, so a run can resume on another machine, number of devices or precision."""
-    data = resolved_recipe(recipe)
+    """sha256 of what the recipe says differently from malt's defaults, without its target and the train fields
+    that only watch the run (MONITORING: evaluation, logging, checkpoints, sample): the same training on any hardware has the same hash, so a run can resume on another
+    machine, number of devices or precision; and a malt that adds fields (defaulting to the old behaviour) keeps
+    the hashes of existing runs, so they resume after an upgrade. ``DEFAULTS_VERSION`` stands for the defaults."""
+    data = recipe.model_dump(mode="json", exclude_defaults=True)
     data.pop("target", None)
-    data.get("train", {}).pop("checkpoint_format", None)  # how checkpoints are written, not what is trained: both formats resume
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    for key in MONITORING:  # how the run is watched and saved, not what it trains: a resumed run may change them
+        data.get("train", {}).pop(key, None)
+    blob = json.dumps({"defaults": DEFAULTS_VERSION, "recipe": data}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

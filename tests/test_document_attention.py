@@ -242,5 +242,7 @@ def test_validation_path_checked(make_recipe):
 
 def test_packing_on_tpu_is_not_built(make_recipe):
     recipe = make_recipe({"data": {"packing": "best_fit"}, "target": {"accelerator": "tpu"}})
-    with pytest.raises(RecipeError, match="packing best_fit on accelerator tpu is not built yet"):
+    with pytest.raises(RecipeError) as info:
         validate(load(recipe, []))
+    packing = [d for d in info.value.diagnostics if d.path == "data.packing"]
+    assert len(packing) == 1 and "the TPU program is built for concat packing only, not 'best_fit'" in packing[0].message

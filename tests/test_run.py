@@ -114,6 +114,10 @@ def test_malt_run_cli_refuses_existing_run_and_changed_recipe(tmp_path):
     # resuming a finished run is a no-op that succeeds
     done = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir), "--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # how the run is watched is not what it trains: a resume may evaluate and log differently
+    watched = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir), "--resume", "--set", "train.eval_every=1",
+                                     "--set", "train.log_every=1"], env=env, capture_output=True, text=True)
+    assert watched.returncode == 0, watched.stderr
 
 
 def test_bf16_autocast_program_trains(tmp_path):
