@@ -76,6 +76,20 @@ def param_counts(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, hea
     }
 
 
+def galore_elements(m: int, n: int, rank: int) -> int:
+    """Optimizer-state elements GaLore keeps for one m × n weight: Adam's two moments in the projected space
+    (m × r when m >= n, else r × n) and the projector (n × r, else m × r)."""
+    r = min(rank, m, n)
+    return 2 * m * r + n * r if m >= n else 2 * r * n + m * r
+
+
+def galore_state(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int, rank: int) -> tuple[int, int]:
+    """(elements of the blocks' weight matrices, elements of GaLore's state for them); the rest of the model is plain AdamW."""
+    q, kv = n_heads * head_dim, n_kv_heads * head_dim
+    shapes = [(q, d_model), (kv, d_model), (kv, d_model), (d_model, q), (d_ff, d_model), (d_ff, d_model), (d_model, d_ff)]
+    return n_layers * sum(m * n for m, n in shapes), n_layers * sum(galore_elements(m, n, rank) for m, n in shapes)
+
+
 def flops_per_token(matmul_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> int:
     """Training FLOPs per token, forward and backward (3 × the forward's 2 FLOPs per weight)."""
     return 6 * matmul_params + 12 * n_layers * n_heads * head_dim * seq_len

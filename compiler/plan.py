@@ -102,6 +102,7 @@ class Plan:
     attention: str = ""
     masked_targets: bool = False     # some targets are -100 (no loss): the loss counts the others (choose_loss)
     fused_adamw: bool = False
+    galore: object = None            # optimizer.kind galore: {"rank", "update_every", "scale"} resolved (choose_optimizer)
     schedule: object = None          # the recipe's schedule resolved over the whole run (phases.Schedule)
     phases: tuple = ()               # phases.PhaseRange, one per phase (one named main without phases:)
     sources: tuple = ()              # every data source any phase uses (SourceSpec), base sources first

@@ -212,6 +212,13 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
     ]
     if o.grad_clip:
         constants.append(const("GRAD_CLIP", o.grad_clip, "optimizer.grad_clip, max global gradient norm"))
+    if plan.galore:
+        g = plan.galore
+        constants += [
+            const("GALORE_RANK", g["rank"], f"optimizer.rank {g['rank']}" if o.rank else f"d_model {plan.recipe.model.d_model} / 4 (optimizer.rank unset)"),
+            const("GALORE_UPDATE_EVERY", g["update_every"], "optimizer.update_every: steps between projector updates (SVD of the gradient)"),
+            const("GALORE_SCALE", g["scale"], "optimizer.scale: α, the projected-back update's scale"),
+        ]
     constants += [
         _blank(),
         const("LOG_EVERY", tr.log_every, "train.log_every (steps)"),
@@ -291,6 +298,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "pure_bf16": plan.master_weights == "bf16",
         "grad_clip": bool(o.grad_clip),
         "adamw_impl": "fused" if plan.fused_adamw else "foreach",
+        "galore": plan.galore is not None,
         "checkpointing": plan.activation_checkpointing,
         "parallelism": plan.parallelism,
         "sharded_checkpoints": plan.checkpoint_format == "sharded",

@@ -279,12 +279,15 @@ ObjectiveSpec = Annotated[Union[CausalLM, PrefixLM, SpanCorruption, UL2, FIM, Di
 
 
 class OptimizerSpec(Section):
-    kind: Literal["adamw"] = "adamw"
+    kind: Literal["adamw", "galore"] = "adamw"               # galore: AdamW on low-rank projected gradients (Zhao et al. 2024)
     lr: Float
     betas: tuple[Float, Float] = (0.9, 0.95)
     eps: Float = 1e-8
     weight_decay: Float = 0.1
     grad_clip: Optional[Float] = 1.0                         # max global grad norm; null or 0 disables
+    rank: Optional[Int] = None                               # galore: rank of the projection (default d_model / 4)
+    update_every: Optional[Int] = None                       # galore: steps between projector updates, the paper's T (default 200)
+    scale: Optional[Float] = None                            # galore: α, scale of the projected-back update (default 0.25)
 
 
 DECAYS = ("cosine", "linear", "constant", "wsd", "inverse_sqrt", "infinite")

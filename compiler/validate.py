@@ -38,7 +38,7 @@ NOT_BUILT_VALUES = {
     ("model", "family"): ({"t5", "gpt2"}, "families built so far: llama (decoder-only) and bert (encoder)"),
     ("model", "activation"): ({"relu2", "relu"}, "activations built so far: swiglu (llama), gelu and geglu (bert)"),
     ("target", "accelerator"): ({"xla"}, "XLA is built for TPUs only: use accelerator: tpu (torch-xla); accelerators built so far: cpu, cuda, tpu, auto"),
-    ("optimizer", "kind"): ({"galore", "adam", "sgd", "lion", "muon", "adafactor"}, "only adamw is built so far"),
+    ("optimizer", "kind"): ({"adam", "sgd", "lion", "muon", "adafactor"}, "optimizers built so far: adamw and galore"),
 }
 
 
@@ -452,6 +452,21 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             add(("optimizer", "weight_decay"), f"must not be negative, got {o.weight_decay}", "use 0 for no weight decay; a usual value is 0.1")
         if o.grad_clip is not None and o.grad_clip < 0:
             add(("optimizer", "grad_clip"), f"must not be negative, got {o.grad_clip}", "use null or 0 to disable clipping")
+        if o.kind != "galore":
+            for key in ("rank", "update_every", "scale"):
+                if getattr(o, key) is not None:
+                    add(("optimizer", key), f"{key} is a GaLore setting, used only by optimizer.kind galore", f"remove optimizer.{key}, or set kind: galore")
+        else:
+            if o.scale is not None and o.scale <= 0:
+                add(("optimizer", "scale"), f"must be positive, got {o.scale}", "the paper uses 0.25")
+            tg, fam = getattr(r, "target", None), getattr(getattr(r, "model", None), "family", "llama")
+            if fam != "llama":
+                add(("optimizer", "kind"), f"galore is built for the llama family only, not {fam!r}", "use kind: adamw")
+            if tg is not None and tg.parallelism in ("fsdp", "hsdp"):
+                add(("optimizer", "kind"), f"galore with {tg.parallelism} is not built yet: the projector needs each weight's whole "
+                    "gradient, which FSDP shards", "use parallelism: ddp (or single)")
+            if tg is not None and tg.accelerator == "tpu":
+                add(("optimizer", "kind"), "galore on a TPU is not built yet", "use kind: adamw on tpu")
 
     # train
     tr = r.train

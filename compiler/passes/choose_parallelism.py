@@ -29,6 +29,9 @@ def run(plan: Plan) -> Plan:
     if t.parallelism != "auto":
         return plan.decide("parallelism", t.parallelism, f"target.parallelism {t.parallelism} over {n} devices{on}",
                            parallelism=t.parallelism, world=n, nodes=nodes)
+    if plan.recipe.optimizer.kind == "galore":
+        return plan.decide("parallelism", "ddp", f"auto with optimizer galore: its projector needs each weight's whole gradient, "
+                           f"so DDP over {n} devices{on} (FSDP would shard them)", parallelism="ddp", world=n, nodes=nodes)
     budget, where = memory_of(plan)
     replicated = sum(states(plan.decide("parallelism", "ddp", "", parallelism="ddp", world=n)).values())
     if replicated <= REPLICA_SHARE * budget:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..estimates import CHIPS, LOSS_CHUNK, activation_bytes, cpu_chip, flops_per_token, param_counts, state_bytes
+from ..estimates import CHIPS, LOSS_CHUNK, activation_bytes, cpu_chip, flops_per_token, galore_state, param_counts, state_bytes
 from .. import encoder
 from ..objectives import seq_lens, teacher_costs
 from ..plan import Plan
@@ -56,6 +56,12 @@ def states(plan: Plan) -> dict:
     """
     counts = model_counts(plan)
     full = state_bytes(counts["params"], plan.precision, plan.master_weights)
+    if plan.galore:  # the blocks' matrices keep projected moments and a projector instead of two full moments
+        m = plan.recipe.model
+        width = 2 if plan.master_weights == "bf16" else 4
+        matrices, kept = galore_state(m.d_model, plan.n_layers or m.n_layers, m.n_heads, plan.n_kv_heads, plan.head_dim,
+                                      plan.d_ff, plan.galore["rank"])
+        full = {**full, "optimizer": full["optimizer"] - 2 * matrices * width + kept * width}
     shards = {"fsdp": plan.world, "hsdp": plan.recipe.target.devices}.get(plan.parallelism, 1)
     if shards == 1:
         return full

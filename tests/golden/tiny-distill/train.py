@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from malt.runtime import checkpoint, data, objectives, sample
-from malt.runtime.teacher import check_tokenizer, load_teacher
 from malt.runtime.run import entry, start_run
+from malt.runtime.teacher import check_tokenizer, load_teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import Transformer  # noqa: E402  (model.py beside this file)

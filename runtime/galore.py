@@ -1,0 +1,74 @@
+"""GaLore: AdamW on gradients projected onto a low-rank subspace (Zhao et al. 2024, "GaLore: Memory-Efficient
+LLM Training by Gradient Low-Rank Projection", Algorithm 1).
+
+For a weight matrix W (m × n) with gradient G, every ``update_every`` steps the projector P is recomputed
+from G's singular vectors (the top ``rank`` right singular vectors when m >= n, else the left ones); in
+between it is kept. Adam's moments live in the projected space (m × r or r × n instead of m × n, which is
+the memory GaLore saves), the normalised update is projected back and scaled by ``scale`` (the paper's α),
+and weight decay is decoupled as in AdamW. Parameter groups without ``rank`` are plain AdamW.
+
+Each optimizer state entry is a tensor (``step``, ``exp_avg``, ``exp_avg_sq``, ``projector``), so
+checkpoints save and restore it like AdamW's and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      rank=None, update_every=200, scale=0.25))
+
+    @staticmethod
+    def _right(shape) -> bool:
+        """Project on the right (G @ P, P: n × r) when the matrix is at least as tall as it is wide."""
+        return shape[0] >= shape[1]
+
+    @torch.no_grad()
+    def _projector(self, grad: torch.Tensor, rank: int) -> torch.Tensor:
+        """The top ``rank`` singular vectors of the gradient (at least fp32: no SVD in bf16): n × r on the right, m × r on the left."""
+        u, _, vh = torch.linalg.svd(grad if grad.dtype in (torch.float32, torch.float64) else grad.float(), full_matrices=False)
+        return vh[:rank].t().contiguous() if self._right(grad.shape) else u[:, :rank].contiguous()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            rank = group.get("rank")
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                low_rank = rank is not None and grad.dim() == 2
+                if low_rank:
+                    right = self._right(grad.shape)
+                    if int(state["step"]) % group["update_every"] == 0:  # a new subspace from this step's gradient
+                        state["projector"] = self._projector(grad, min(rank, *grad.shape)).to(grad.dtype)
+                    proj = state["projector"]
+                    grad = grad @ proj if right else proj.t() @ grad     # m × r or r × n
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                t = int(state["step"])
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+                update = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(group["eps"]))
+                if low_rank:
+                    update = (update @ proj.t() if right else proj @ update).mul_(group["scale"])   # back to m × n, × α
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+        return loss
+
