@@ -110,3 +110,22 @@ def test_galore_trains_its_state_is_what_the_plan_counts_and_it_resumes_exactly(
     run_program(resumed, tmp_path / "cache", "--quiet", "--resume")
     assert losses(resumed) == {s: v for s, v in ref.items() if s > 4}
     assert val_losses(resumed)[8] == val_losses(full)[8]
+
+
+@pytest.mark.slow
+def test_galore_on_two_ddp_processes_follows_one(tmp_path):
+    """DDP averages whole gradients before the step, so every process projects the same gradient as one process."""
+    from .test_distributed import torchrun
+
+    recipe = write_tiny_recipe(tmp_path / "r", steps=6, eval_every=0, checkpoint_every=0)
+    sets = ["optimizer.kind=galore", "optimizer.rank=8", "optimizer.update_every=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    compile_to(recipe, one, sets=sets, host=Host())
+    p = compile_to(recipe, two, sets=sets + ["target.devices=2"], host=Host())
+    assert p.parallelism == "ddp"
+    run_program(one, tmp_path / "cache", "--quiet")
+    torchrun(two, tmp_path / "cache")
+    ref, got = losses(one), losses(two)
+    assert sorted(got) == sorted(ref) == list(range(1, 7))
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), step
