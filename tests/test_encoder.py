@@ -30,7 +30,7 @@ from malt.runtime.run import RunError
 from .conftest import import_model_module, merge, write_recipe
 from .helpers import run_env, run_program, write_corpus
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the test extra; a missing one must fail, not skip)
 
 ROOT = Path(__file__).resolve().parent.parent
 BERT = {"model": {"family": "bert", "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128},

@@ -18,7 +18,7 @@ from malt.runtime.sample import generate
 from .conftest import write_recipe
 from .helpers import run_env, run_program
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the test extra; a missing one must fail, not skip)
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from malt.compiler.api import compile_to
 from malt.compiler.plan import resolved_recipe
 from malt.runtime.export import hf_config
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the test extra; a missing one must fail, not skip)
 
 EOS_ID = 256  # the bytes tokenizer's <|endoftext|>
 

@@ -325,7 +325,7 @@ def test_special_ids_names_missing_tokens():
 # ---------------------------------------------------------------------------
 
 def hf_llama(path: Path, vocab: int = 320, qwen: bool = False):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     if qwen:
         cfg = transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
