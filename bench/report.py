@@ -31,7 +31,7 @@ def main():
         "compile": plan["execution"]["compile"], "tokens_per_step": plan["batch"]["tokens_per_step"],
         "median_tokens_per_s": tok_s, "mfu": round(mfu, 4), "peak_flops": peak,
         "seconds_to_first_logged_step": first["elapsed_s"], "first_loss": first["loss"], "last_loss": steps[-1]["loss"],
-        "val_losses": vals,
+        "val_losses": vals, "max_memory_gib": max((r.get("max_memory_gib", 0) for r in steps), default=None),
     }, indent=2))
 
 

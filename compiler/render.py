@@ -287,6 +287,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "init_from": r.init_from is not None,
         "distributed": distributed,
         "dev": "device" if distributed else "DEVICE",
+        "pin_batches": plan.device == "cuda",   # asynchronous host-to-device copies: the loader overlaps the step
         "parallelism_note": {"ddp": "DDP: a replica per device, gradients all-reduced",
                              "fsdp": "FSDP2: weights, gradients and AdamW state sharded per block",
                              "hsdp": "HSDP: FSDP2 on a (nodes, devices) mesh, sharded within a node, replicated across nodes",

@@ -163,6 +163,9 @@ class Run:
         gn = float(grad_norm) if grad_norm is not None else None
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens": tokens,
                   "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 3), **extra}
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():  # the peak of this process's GPU memory so far
+            record["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         self._write(record)
         status = f"loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1000:,.1f}k tok/s"
         if self._progress is not None:

@@ -137,6 +137,8 @@ def main(argv=None):
         for micro in range(GRAD_ACCUM):
             # this device's sequences of the step: its slice of the global batch; gradients sync on the last micro-step
             x, y = dataset.batch("train", step, dist.rank * DEVICE_BATCH + micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
+            x, y = data.pinned(x, y)  # page-locked: the copies below do not wait for the GPU,
+            # so the host builds the next micro-batch while the GPU computes this one
             with distributed.grad_sync(wrapped, PARALLELISM, sync=micro == GRAD_ACCUM - 1), autocast:
                 loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True))  # next-token loss, fp32
                 (loss / GRAD_ACCUM).backward()

@@ -128,6 +128,8 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=DEVICE)
         for micro in range(GRAD_ACCUM):
             x, y = dataset.batch("train", step, micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
+            x, y = data.pinned(x, y)  # page-locked: the copies below do not wait for the GPU,
+            # so the host builds the next micro-batch while the GPU computes this one
             with autocast:
                 loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True))  # next-token loss, fp32
             (loss / GRAD_ACCUM).backward()
