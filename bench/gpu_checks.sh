@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU paths the CPU tests cannot reach, checked in one call on a lent one-GPU machine
+# (results in docs/performance.md, "GPU checks"):
+#   bash bench/gpu_checks.sh compile    # here, with malt installed: writes the programs to bench/out/gpu2/
+#   bash bench/gpu_checks.sh run        # on the GPU machine, from the repository root (needs only torch,
+#                                       # numpy, tokenizers, safetensors, rich; transformers for distill)
+# Each check has its own time limit and the script goes on after a failure; logs go to $OUT (or /tmp/gpu2-logs).
+set -uo pipefail
+out=bench/out/gpu2
+fast="--set train.tokens=null --set train.checkpoint_every=0"
+
+if [ "${1:-}" = compile ]; then
+    rm -rf "$out" && mkdir -p "$out"
+    cuda="--set target.accelerator=cuda --set target.compile=on --set target.precision=bf16"
+    malt compile recipes/tiny-packed.yaml -o $out/tiny-packed $cuda $fast --set train.steps=300 \
+        --set train.eval_every=150 --set train.log_every=20
+    malt compile recipes/llama-124m.yaml -o $out/124m-fsdp --set train.tokens=null --set train.steps=60 \
+        --set train.eval_every=30 --set train.checkpoint_every=30 --set target.parallelism=fsdp --set train.log_every=10
+    for v in bf16 pure_bf16; do
+        malt compile recipes/llama-124m.yaml -o $out/124m-$v $fast --set train.steps=60 --set train.eval_every=60 \
+            --set train.log_every=10 --set target.precision=$v
+    done
+    malt compile recipes/llama-124m.yaml -o $out/124m-galore $fast --set train.steps=60 --set train.eval_every=60 \
+        --set train.log_every=10 --set optimizer.kind=galore --set optimizer.rank=128 --set optimizer.update_every=50 \
+        --set optimizer.scale=0.25
+    malt compile recipes/tiny-mosaicbert.yaml -o $out/tiny-mosaicbert $cuda $fast --set train.steps=200 \
+        --set train.eval_every=100 --set train.log_every=20
+    malt compile recipes/tiny-distill.yaml -o $out/tiny-distill $cuda $fast --set train.steps=100 \
+        --set train.eval_every=50 --set train.log_every=10
+    malt compile recipes/tiny.yaml -o $out/tiny-pinned $cuda $fast --set train.steps=400 --set train.eval_every=0 \
+        --set train.log_every=20
+    # the same program with pageable batches: the data.pinned line taken out
+    cp -r $out/tiny-pinned $out/tiny-pageable
+    sed -i '/= data.pinned(/d' $out/tiny-pageable/train.py
+    grep -c "data.pinned" $out/tiny-pinned/train.py $out/tiny-pageable/train.py
+    exit 0
+fi
+
+logs=${OUT:-/tmp/gpu2-logs}
+mkdir -p "$logs"
+shim=$(mktemp -d)
+mkdir -p "$shim/malt"
+ln -s "$PWD/runtime" "$shim/malt/runtime"   # import malt.runtime without installing malt
+export PYTHONPATH="$shim" MALT_CACHE_DIR=${MALT_CACHE_DIR:-/tmp/malt-cache} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$logs/gpu.txt"
+
+check() {  # check NAME SECONDS COMMAND...: run it with a time limit, log to $logs/NAME.log, say how it ended
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    timeout "$limit" bash -c "$*" > "$logs/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$logs/summary.txt"
+    tail -4 "$logs/$name.log" | sed 's/^/   /' | tee -a "$logs/summary.txt"
+}
+summary() {  # the run's report.py line, and its peak memory
+    echo "python3 bench/report.py $1 --skip ${2:-2} > $logs/$(basename $1).report.json; cp $1/metrics.jsonl $logs/$(basename $1).metrics.jsonl"
+}
+
+check flex 100 "python3 bench/gpu_flex_check.py $out/tiny-packed --batch 16 --steps 20"
+check tiny-packed 80 "python3 $out/tiny-packed/train.py --quiet && $(summary $out/tiny-packed)"
+check fsdp-dcp 120 "bash $out/124m-fsdp/launch.sh --quiet && ls $out/124m-fsdp/checkpoints/step_00000030 \
+    && rm -rf $out/124m-fsdp/checkpoints/step_00000060 && echo step_00000030 > $out/124m-fsdp/checkpoints/latest \
+    && cp $out/124m-fsdp/metrics.jsonl $logs/124m-fsdp.full.metrics.jsonl \
+    && bash $out/124m-fsdp/launch.sh --resume --quiet && tail -3 $out/124m-fsdp/metrics.jsonl"
+check mosaicbert 70 "python3 $out/tiny-mosaicbert/train.py --quiet && $(summary $out/tiny-mosaicbert)"
+for v in bf16 pure_bf16 galore; do
+    check 124m-$v 75 "python3 $out/124m-$v/train.py --quiet && $(summary $out/124m-$v)"
+done
+check distill 60 "python3 $out/tiny-distill/train.py --quiet && $(summary $out/tiny-distill)"
+for v in pinned pageable pinned pageable; do
+    check tiny-$v 45 "rm -rf $out/tiny-$v/checkpoints $out/tiny-$v/metrics.jsonl; python3 $out/tiny-$v/train.py --quiet \
+        && python3 bench/report.py $out/tiny-$v --skip 3 | grep median"
+done
