@@ -120,6 +120,17 @@ def test_chunked_loss_is_counted_as_chunked(recipe):
     assert gap == tokens * 2 * 32000 * 4 - (tokens * 768 * 4 + 32000 * 768 * 4 + 512 * 32000 * 6)
 
 
+def test_explicit_attention_masks_are_counted(recipe):
+    """The CPU's document mask (batch, 1, T, T) bool is kept for the backward; causal SDPA keeps none."""
+    sets = ["train.seq_len=256", "train.global_batch=8", "train.micro_batch=4", "target.accelerator=cpu",
+            "target.precision=fp32", "target.compile=off"]
+    concat, _ = make_plan(recipe, sets, host=Host())
+    packed, _ = make_plan(recipe, [*sets, "data.packing=document"], host=Host())
+    assert (concat.attention, packed.attention) == ("sdpa_causal", "sdpa_mask")
+    gap = packed.estimates["memory_per_device_bytes"]["activations"] - concat.estimates["memory_per_device_bytes"]["activations"]
+    assert gap == 4 * 256 * 256
+
+
 def test_checkpointing_adds_recompute_time(recipe):
     none = planned(recipe, "1.3B", "h100", extra=["target.activation_checkpointing=none", "train.micro_batch=1"])
     full = planned(recipe, "1.3B", "h100", extra=["target.activation_checkpointing=full", "train.micro_batch=1"])

@@ -29,10 +29,24 @@ def memory_of(plan: Plan) -> tuple[int, str]:
     return chip.memory_bytes, chip.name
 
 
+def mask_bytes(plan: Plan, micro_batch: int, seq_len: int) -> int:
+    """The attention mask a micro-batch builds once and every layer keeps for its backward (choose_attention):
+    sdpa_mask, a (batch, 1, T, T) bool block mask (documents, prefixes); sdpa_alibi, the (batch, heads, T, T)
+    fp32 ALiBi bias with padding at -inf (ELECTRA's generator has its own). Causal SDPA, FlexAttention's
+    block mask and unmasked encoders keep no (T, T) tensor."""
+    if plan.attention == "sdpa_mask":
+        return micro_batch * seq_len * seq_len
+    if plan.attention == "sdpa_alibi":
+        biases = 2 if plan.recipe.objective.kind == "rtd" else 1
+        return biases * micro_batch * plan.recipe.model.n_heads * seq_len * seq_len * 4
+    return 0
+
+
 def activations(plan: Plan, micro_batch: int, seq_len: int, checkpointing: str | None = None, n_layers: int | None = None) -> int:
-    """activation_bytes for this plan's model at one batch shape (default: the plan's activation checkpointing)."""
+    """activation_bytes for this plan's model at one batch shape (default: the plan's activation checkpointing),
+    with its attention mask (mask_bytes)."""
     m = plan.recipe.model
-    return activation_bytes(micro_batch, seq_len, m.d_model, n_layers or plan.n_layers or m.n_layers, plan.n_kv_heads * plan.head_dim,
+    return mask_bytes(plan, micro_batch, seq_len) + activation_bytes(micro_batch, seq_len, m.d_model, n_layers or plan.n_layers or m.n_layers, plan.n_kv_heads * plan.head_dim,
                             plan.d_ff, plan.padded_vocab, plan.precision, checkpointing or plan.activation_checkpointing,
                             None if plan.compile or plan.device == "tpu" else LOSS_CHUNK)
 
