@@ -4,7 +4,7 @@
 #   bash bench/gpu_checks.sh compile    # here, with malt installed: writes the programs to bench/out/gpu2/
 #   bash bench/gpu_checks.sh run        # on the GPU machine, from the repository root (needs only torch,
 #                                       # numpy, tokenizers, safetensors, rich; transformers for distill)
-# Each check has its own time limit and the script goes on after a failure; logs go to $OUT (or /tmp/gpu2-logs).
+# Each check has its own time limit and the script goes on after a failure; logs go to /tmp/gpu2-logs, archived to $OUT/gpu-checks-logs.tgz.
 set -uo pipefail
 out=bench/out/gpu2
 fast="--set train.tokens=null --set train.checkpoint_every=0"
@@ -36,8 +36,8 @@ if [ "${1:-}" = compile ]; then
     exit 0
 fi
 
-logs=${OUT:-/tmp/gpu2-logs}
-mkdir -p "$logs"
+logs=/tmp/gpu2-logs   # one file per check here; $OUT gets one archive of them (the device tool returns few files)
+rm -rf "$logs" && mkdir -p "$logs"
 shim=$(mktemp -d)
 mkdir -p "$shim/malt"
 ln -s "$PWD/runtime" "$shim/malt/runtime"   # import malt.runtime without installing malt
@@ -51,24 +51,29 @@ check() {  # check NAME SECONDS COMMAND...: run it with a time limit, log to $lo
     timeout "$limit" bash -c "$*" > "$logs/$name.log" 2>&1
     local rc=$?
     echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$logs/summary.txt"
-    tail -4 "$logs/$name.log" | sed 's/^/   /' | tee -a "$logs/summary.txt"
+    grep -h '^{\|^ *"\(median_tokens_per_s\|mfu\|max_memory_gib\|val_losses\|last_loss\)"' "$logs/$name.log" \
+        | tail -12 | sed 's/^/   /' | tee -a "$logs/summary.txt"
+    [ "$rc" = 0 ] || tail -5 "$logs/$name.log" | sed 's/^/   /' | tee -a "$logs/summary.txt"
+    [ -z "${OUT:-}" ] || tar czf "$OUT/gpu-checks-logs.tgz" -C "$logs" .   # after every check: a kill loses nothing
 }
-summary() {  # the run's report.py line, and its peak memory
-    echo "python3 bench/report.py $1 --skip ${2:-2} > $logs/$(basename $1).report.json; cp $1/metrics.jsonl $logs/$(basename $1).metrics.jsonl"
+report() {  # report.py on a run directory, with its metrics kept beside the logs
+    echo "python3 bench/report.py $1 --skip ${2:-2} && cp $1/metrics.jsonl $logs/$(basename $1).metrics.jsonl"
 }
 
 check flex 100 "python3 bench/gpu_flex_check.py $out/tiny-packed --batch 16 --steps 20"
-check tiny-packed 80 "python3 $out/tiny-packed/train.py --quiet && $(summary $out/tiny-packed)"
-check fsdp-dcp 120 "bash $out/124m-fsdp/launch.sh --quiet && ls $out/124m-fsdp/checkpoints/step_00000030 \
+check tiny-packed 80 "python3 $out/tiny-packed/train.py --quiet && $(report $out/tiny-packed)"
+for v in pinned pageable pinned pageable; do   # the tiny data is ready (tiny-packed shares its tokenizer)
+    check tiny-$v 45 "rm -rf $out/tiny-$v/checkpoints $out/tiny-$v/metrics.jsonl; python3 $out/tiny-$v/train.py --quiet \
+        && $(report $out/tiny-$v 3)"
+done
+check 124m-bf16 120 "python3 $out/124m-bf16/train.py --quiet && $(report $out/124m-bf16)"   # also tokenizes the 124M data
+check fsdp-dcp 180 "bash $out/124m-fsdp/launch.sh --quiet && ls $out/124m-fsdp/checkpoints/step_00000030 \
     && rm -rf $out/124m-fsdp/checkpoints/step_00000060 && echo step_00000030 > $out/124m-fsdp/checkpoints/latest \
     && cp $out/124m-fsdp/metrics.jsonl $logs/124m-fsdp.full.metrics.jsonl \
     && bash $out/124m-fsdp/launch.sh --resume --quiet && tail -3 $out/124m-fsdp/metrics.jsonl"
-check mosaicbert 70 "python3 $out/tiny-mosaicbert/train.py --quiet && $(summary $out/tiny-mosaicbert)"
-for v in bf16 pure_bf16 galore; do
-    check 124m-$v 75 "python3 $out/124m-$v/train.py --quiet && $(summary $out/124m-$v)"
+for v in pure_bf16 galore; do
+    check 124m-$v 75 "python3 $out/124m-$v/train.py --quiet && $(report $out/124m-$v)"
 done
-check distill 60 "python3 $out/tiny-distill/train.py --quiet && $(summary $out/tiny-distill)"
-for v in pinned pageable pinned pageable; do
-    check tiny-$v 45 "rm -rf $out/tiny-$v/checkpoints $out/tiny-$v/metrics.jsonl; python3 $out/tiny-$v/train.py --quiet \
-        && python3 bench/report.py $out/tiny-$v --skip 3 | grep median"
-done
+check mosaicbert 70 "python3 $out/tiny-mosaicbert/train.py --quiet && $(report $out/tiny-mosaicbert)"
+check distill 60 "python3 $out/tiny-distill/train.py --quiet && $(report $out/tiny-distill)"
+cat "$logs/summary.txt"
