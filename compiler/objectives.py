@@ -406,6 +406,11 @@ def teacher_costs(plan) -> dict | None:
     distilling = [ph for ph in plan.phases if phase_objective(plan.recipe, ph.index).kind == "distill"]
     phase_flops = {ph.name: per_token(ph.seq_len) * ph.steps * ph.tokens_per_step for ph in distilling}
     weights = counts["params"] * (6 if plan.precision == "bf16" else 4)
-    logits = max((ph.micro_batch * ph.seq_len * (t["vocab"] + 2 * plan.padded_vocab) * 4 for ph in distilling), default=0)
+    logits = max((distill_logits_bytes(plan, ph.micro_batch, ph.seq_len) for ph in distilling), default=0)
     return {"params": counts["params"], "flops_per_token": per_token(plan.recipe.train.seq_len), "phase_flops": phase_flops,
             "flops": sum(phase_flops.values()), "weights_bytes": weights, "logits_bytes": logits}
+
+
+def distill_logits_bytes(plan, micro_batch: int, seq_len: int) -> int:
+    """The logits a distillation micro-batch keeps whole: the teacher's, and the student's with their gradient (fp32)."""
+    return micro_batch * seq_len * (plan.teacher["vocab"] + 2 * plan.padded_vocab) * 4

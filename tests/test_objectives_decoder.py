@@ -381,6 +381,28 @@ def test_distill_plan_counts_the_teacher(tmp_path):
     assert mem["total"] > base.to_json()["memory_per_device_bytes"]["total"]
 
 
+def test_the_micro_batch_planner_makes_room_for_the_teacher(tmp_path):
+    """micro_batch auto: the teacher's weights and the logits distillation keeps whole count against the budget."""
+    from malt.compiler.objectives import distill_logits_bytes, teacher_costs
+    from malt.compiler.passes.batch_split import BUDGET_SHARE
+    from malt.compiler.passes.estimate import activations, states
+
+    hf_llama(tmp_path / "teacher")
+    recipe = tiny(tmp_path / "r", "objective: {kind: distill, teacher: ../teacher, weight: 0.3, temperature: 2}\n")
+    sets = ["train.global_batch=64", "train.micro_batch=auto", "target.accelerator=cpu"]
+    free, _ = plan(recipe, [*sets, "target.memory_per_device=1GB"], host=Host())
+    assert free.micro_batch == 64
+
+    def need(p, mb):  # what one device holds with micro-batches of mb sequences
+        return (sum(states(p).values()) + teacher_costs(p)["weights_bytes"] + activations(p, mb, 64)
+                + distill_logits_bytes(p, mb, 64))
+    # a budget just short of 32 sequences at once with the teacher, which 32 would fit without it
+    budget = need(free, 32) - 1
+    assert budget >= need(free, 32) - teacher_costs(free)["weights_bytes"] - distill_logits_bytes(free, 32, 64)
+    tight, _ = plan(recipe, [*sets, f"target.memory_per_device={int(budget / BUDGET_SHARE) + 1}B"], host=Host())
+    assert (tight.micro_batch, tight.grad_accum) == (16, 4)
+
+
 def test_distill_teacher_with_a_smaller_vocabulary_is_refused(tmp_path):
     hf_llama(tmp_path / "teacher", vocab=128)
     text = problems(tiny(tmp_path / "r", "objective: {kind: distill, teacher: ../teacher}\n"))

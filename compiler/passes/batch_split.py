@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..objectives import distill_logits_bytes, phase_objective, teacher_costs
 from ..plan import Plan
 from .estimate import activations, memory_of, states
 
@@ -11,9 +12,10 @@ from .estimate import activations, memory_of, states
 BUDGET_SHARE = 0.8
 
 
-def split(plan: Plan, global_batch: int, seq_len: int, micro_batch) -> tuple[int, str]:
+def split(plan: Plan, global_batch: int, seq_len: int, micro_batch, distill: bool = False) -> tuple[int, str]:
     """(micro_batch, reason) for one batch shape; the micro-batch is per device, and each device
-    takes global_batch / devices sequences of every step."""
+    takes global_batch / devices sequences of every step. ``distill``: the batches run through a teacher too,
+    whose weights and whole logits (objectives.teacher_costs) take memory beside the student's."""
     world = plan.world or 1
     gb = global_batch // world
     per = f"{global_batch} / {world} devices = {gb} per device; " if world > 1 else ""
@@ -22,9 +24,12 @@ def split(plan: Plan, global_batch: int, seq_len: int, micro_batch) -> tuple[int
     memory, where = memory_of(plan)
     budget = int(memory * BUDGET_SHARE)
     fixed = sum(states(plan).values())
+    teacher = plan.teacher if distill and plan.teacher else None
+    if teacher:
+        fixed += teacher_costs(plan)["weights_bytes"]
     ac = "" if plan.activation_checkpointing == "none" else f" with {plan.activation_checkpointing} activation checkpointing"
     for mb in (d for d in range(gb, 0, -1) if gb % d == 0):
-        if fixed + activations(plan, mb, seq_len) <= budget:
+        if fixed + activations(plan, mb, seq_len) + (distill_logits_bytes(plan, mb, seq_len) if teacher else 0) <= budget:
             if mb == gb:
                 return mb, f"auto: {per}the whole {'device' if world > 1 else 'global'} batch ({gb}) fits in {BUDGET_SHARE:.0%} of {where} memory{ac}"
             return mb, (f"auto: {per}largest divisor of {gb} whose activations fit in {BUDGET_SHARE:.0%} of {where} memory{ac}; "
@@ -34,10 +39,11 @@ def split(plan: Plan, global_batch: int, seq_len: int, micro_batch) -> tuple[int
 
 def run(plan: Plan) -> Plan:
     tr = plan.recipe.train
-    mb, reason = split(plan, tr.global_batch, tr.seq_len, tr.micro_batch)
+    mb, reason = split(plan, tr.global_batch, tr.seq_len, tr.micro_batch, distill=plan.recipe.objective.kind == "distill")
     phases = []
     for ph in plan.phases:
-        pmb, preason = split(plan, ph.global_batch, ph.seq_len, ph.micro_batch)
+        pmb, preason = split(plan, ph.global_batch, ph.seq_len, ph.micro_batch,
+                             distill=phase_objective(plan.recipe, ph.index).kind == "distill")
         phases.append(replace(ph, micro_batch=pmb, grad_accum=ph.global_batch // (plan.world or 1) // pmb))
         if plan.recipe.phases and (ph.global_batch, ph.seq_len, ph.micro_batch) != (tr.global_batch, tr.seq_len, tr.micro_batch):
             plan = plan.decide(f"micro_batch[{ph.name}]", pmb, preason)
