@@ -250,7 +250,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
     if r.data.packing != "concat":  # dataset.batch returns each position's document id too
         objective["batch_out"] += ", doc_ids"
     objective["prefix_arg"] = (f", prefix_len=prefix_len.to({'device' if distributed else 'DEVICE'}, non_blocking=True)"
-                               if objective["prefix_lm"] else objective.get("generator_arg", ""))
+                               if objective["prefix_lm"] else objective.get("rtd_arg", ""))
     schedules, lr_dispatch = _schedules(plan)
     phase_comments, phase_rows = _phase_table(plan) if phased else ([], [])
     e = ({"micro_batch": 'phase["micro_batch"]', "seq_len": 'phase["seq_len"]', "grad_accum": 'phase["grad_accum"]',
@@ -258,9 +258,9 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
          {"micro_batch": "MICRO_BATCH", "seq_len": "SEQ_LEN", "grad_accum": "GRAD_ACCUM", "weights": "",
           "device_start": "dist.rank * DEVICE_BATCH"})
     # masked targets (-100): micro-batches weighted by their targets with a loss, so the step's loss is the mean over them
-    # (ELECTRA's rtd mixes a masked-LM loss with a loss over every token: its micro-batches weigh the same)
+    # (ELECTRA's rtd mixes a masked-LM loss with a loss over every token: its model divides each sum by the step's count)
     token_weighted = plan.masked_targets and plan.recipe.objective.kind != "rtd"
-    if token_weighted:
+    if token_weighted or plan.recipe.objective.kind == "rtd":
         e["loss"] = "distributed.mean(loss_sum)" if distributed else "loss_sum.item()"
     else:
         e["loss"] = (f"distributed.mean(loss_sum / {e['grad_accum']})" if distributed else f"(loss_sum / {e['grad_accum']}).item()")

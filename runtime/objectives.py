@@ -707,21 +707,33 @@ def special_ids(tokenizer, names: Sequence[str]) -> list[int]:
 # replaced token detection (ELECTRA)
 # --------------------------------------------------------------------------
 
-def sample_replacements(logits: torch.Tensor, generator: torch.Generator | None = None,
-                        temperature: float = 1.0) -> torch.Tensor:
+def sample_replacements(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Token ids sampled from ``softmax(logits / temperature)`` over the last dimension, without gradient.
 
     ELECTRA (Clark et al. 2020, "ELECTRA: Pre-training Text Encoders as
     Discriminators Rather Than Generators", §2): the generator's MLM
     distribution at each masked position is sampled (not arg-maxed) to make the
-    corrupted input; no gradient flows through the sample. Gumbel-max, as
-    ELECTRA's code does; ``generator`` must live on ``logits.device``.
+    corrupted input; no gradient flows through the sample.
+
+    Inverse-CDF sampling: ``uniforms`` (the logits' leading shape, values in
+    [0, 1)) holds one uniform ``u`` per distribution, and the sample is the
+    first id whose cumulative probability exceeds ``u`` times the total (the
+    fp32 cumulative sum's last value, which rounding keeps near, not at, 1). With
+    ``u`` uniform this is exact sampling from the categorical, and it is a
+    deterministic function of the logits and ``u``: a generated program draws
+    ``u`` per position from the row's own random stream (:func:`row_generators`),
+    so a row's replacements do not depend on the micro-batch split or the number
+    of devices. (ELECTRA's code uses Gumbel-max, which needs a whole vocabulary
+    of noise per position.) The ids are in ``[0, logits.shape[-1])`` and never
+    one of probability 0; ``uniforms`` may live on another device.
     """
     with torch.no_grad():
-        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
-        neg_log_u = (-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20)  # -log u > 0 (u = 1 gives 0)
-        gumbel = -torch.log(neg_log_u)
-        return (logits.float() / temperature + gumbel).argmax(-1)
+        cdf = torch.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)   # (..., vocab), non-decreasing
+        total = cdf[..., -1:].contiguous()
+        u = uniforms.to(device=cdf.device, dtype=torch.float32).unsqueeze(-1) * total
+        ids = torch.searchsorted(cdf, u, right=True)      # the first id with cdf > u
+        last = torch.searchsorted(cdf, total)             # the last id of probability > 0 (for u × total rounded to total)
+        return torch.minimum(ids, last).squeeze(-1)
 
 
 def rtd_inputs(original: torch.Tensor, sampled: torch.Tensor, mlm_positions: torch.Tensor) -> torch.Tensor:

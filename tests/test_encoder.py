@@ -310,13 +310,14 @@ def test_rtd_loss_is_generator_mlm_plus_weighted_discriminator(tmp_path):
     model.train()
     tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
     x, y = objectives.mlm_batch(tokens, 0.3, 257, 258, [256], objectives.row_generators(1, 0, 0, 4), split=(0.85, 0, 0.15))
-    loss = model(x, y, generator=torch.Generator().manual_seed(9))
+    uniforms = torch.rand(4, 32, generator=torch.Generator().manual_seed(9))
+    loss = model(x, y, uniforms=uniforms)
     # the same by hand, drawing the same samples
     masked = y != -100
     with torch.no_grad():
         gen_logits = model.generator_decode(model.generator_hidden(model.embeddings(x, torch.arange(32)), None))[masked]
         gen_loss = F.cross_entropy(gen_logits, y[masked])
-        sampled = objectives.sample_replacements(gen_logits[:, :258], generator=torch.Generator().manual_seed(9))
+        sampled = objectives.sample_replacements(gen_logits[:, :258], uniforms[masked])
         corrupted = torch.where(masked, y, x)
         corrupted[masked] = sampled
         replaced = (masked & (corrupted != torch.where(masked, y, x))).float()
@@ -326,7 +327,7 @@ def test_rtd_loss_is_generator_mlm_plus_weighted_discriminator(tmp_path):
     torch.testing.assert_close(loss.detach(), want, atol=1e-5, rtol=1e-5)
     # the samples carry no gradient: the generator learns from its MLM loss only
     model.zero_grad()
-    gen_only = model(x, y, generator=torch.Generator().manual_seed(9))
+    gen_only = model(x, y, uniforms=uniforms)
     gen_only.backward()
     g1 = model.generator.embeddings_project.weight.grad.clone()
     model.zero_grad()
@@ -336,6 +337,41 @@ def test_rtd_loss_is_generator_mlm_plus_weighted_discriminator(tmp_path):
     # inference: one replaced/original logit per token
     with torch.no_grad():
         assert model(x).shape == (4, 32)
+
+
+def test_rtd_loss_and_gradients_add_up_over_micro_batches(tmp_path):
+    """Each row's replacements come from its own uniforms, and with the batch's counts the micro-batches' losses
+    (and gradients) add up to the whole batch's: what makes an rtd step independent of its split (train.py)."""
+    _, module = build(tmp_path, {"objective": {"kind": "rtd", "discriminator_weight": 50}})
+    torch.manual_seed(0)
+    model = randomize(module.Transformer())
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
+    x, y = objectives.mlm_batch(tokens, 0.3, 257, 258, [256], objectives.row_generators(1, 0, 0, 4))
+    uniforms = torch.rand(4, 32, generator=torch.Generator().manual_seed(9))
+    counts = torch.tensor([float((y != -100).sum()), float(y.numel())])
+    assert len({int((y[r] != -100).sum()) for r in range(4)}) > 1   # rows mask differently: a mean of means would differ
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return out
+
+    whole = model(x, y, uniforms=uniforms)          # counts None: the batch's own means
+    whole.backward()
+    want = grads()
+    assert set(want) >= {"generator.embeddings_project.weight", "discriminator_predictions.dense.weight"}
+    parts = []
+    for rows in (slice(0, 1), slice(1, 3), slice(3, 4)):
+        part = model(x[rows], y[rows], uniforms=uniforms[rows], counts=counts)
+        part.backward()
+        parts.append(part.detach())
+    torch.testing.assert_close(sum(parts), whole.detach(), atol=1e-5, rtol=1e-5)
+    got = grads()
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-4, msg=name)
+    # other uniforms, other samples: the loss does depend on them
+    with torch.no_grad():
+        assert abs(model(x, y, uniforms=1 - uniforms).item() - whole.item()) > 1e-3
 
 
 # ---- validation and export -----------------------------------------------------------------------------------

@@ -464,15 +464,40 @@ def test_rtd_targets_and_inputs():
     assert rtd_inputs(original, sampled, positions).tolist() == [[5, 4, 7, 3, 9, PAD]]
 
 
-def test_sample_replacements_follows_softmax():
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(20000, 1).requires_grad_()
-    s = sample_replacements(logits, gen(0))
-    assert not s.requires_grad
-    freq = torch.bincount(s, minlength=4).float() / len(s)
-    assert torch.allclose(freq, torch.softmax(logits[0].detach(), -1), atol=0.01)
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sample_replacements_follows_softmax(temperature):
+    """Inverse-CDF sampling at uniform u draws from softmax(logits / T): 200k draws within 3 sigma of each probability."""
+    n = 200_000
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5]).repeat(n, 1).requires_grad_()
+    s = sample_replacements(logits, torch.rand(n, generator=gen(0)), temperature)
+    assert not s.requires_grad and s.dtype == torch.long and s.shape == (n,)
+    p = torch.softmax(logits[0].detach().double() / temperature, -1)
+    freq = torch.bincount(s, minlength=5).double() / n
+    assert ((freq - p).abs() < 3 * (p * (1 - p) / n).sqrt()).all(), (freq, p)
+    if temperature != 1.0:  # the temperature matters: the frequencies are far from the untempered softmax
+        p1 = torch.softmax(logits[0].detach().double(), -1)
+        assert ((freq - p1).abs() > 10 * (p1 * (1 - p1) / n).sqrt()).any()
+
+
+def test_sample_replacements_is_the_inverse_cdf():
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.0, 0.25]))          # token 2 has probability 0
+    u = torch.tensor([0.0, 0.49, 0.51, 0.74, 0.76, 0.999, 1 - 2 ** -24])
+    assert sample_replacements(logits.repeat(7, 1), u).tolist() == [0, 0, 1, 1, 3, 3, 3]
+    # a deterministic function of (logits, u): the same u gives the same ids, in any batch and on any device
+    logits = torch.randn(64, 300, generator=gen(1)) * 3
+    u = torch.rand(64, generator=gen(2))
+    whole = sample_replacements(logits, u)
+    assert torch.equal(torch.cat([sample_replacements(logits[:10], u[:10]), sample_replacements(logits[10:], u[10:])]), whole)
+    assert torch.equal(sample_replacements(logits.view(8, 8, 300), u.view(8, 8)), whole.view(8, 8))
+    # never an id outside the vocabulary given, even for u at the top of [0, 1) and tokens of probability ~0
     peaked = torch.full((3, 10), -1e4)
     peaked[torch.arange(3), torch.tensor([4, 0, 9])] = 0
-    assert sample_replacements(peaked, gen(1)).tolist() == [4, 0, 9]
+    for top in (0.0, 0.5, 1 - 2 ** -24):
+        assert sample_replacements(peaked, torch.full((3,), top)).tolist() == [4, 0, 9]
+    wide = torch.randn(1000, 50, generator=gen(3)) * 10
+    ids = sample_replacements(wide, torch.rand(1000, generator=gen(4)).clamp(min=1 - 1e-6))
+    assert ids.min() >= 0 and ids.max() < 50
+    assert sample_replacements(torch.zeros(0, 7), torch.zeros(0)).shape == (0,)
 
 
 # ----------------------------------------------------------------------------- distillation

@@ -211,12 +211,18 @@ class Transformer(nn.Module):
         g = self.generator
         return F.linear(g.generator_predictions(h), self.embeddings.word_embeddings.weight, g.generator_lm_bias)  # tied embedding
 
-    def forward(self, tokens, targets=None, *, attention_mask=None, generator=None):
+    def forward(self, tokens, targets=None, *, attention_mask=None, uniforms=None, counts=None):
         """Without targets: tokens (batch, seq) -> the discriminator's logits (batch, seq), > 0 = replaced.
 
         With targets (the masked-LM labels of `tokens`: the original token where masked, IGNORE elsewhere):
         the generator's MLM loss + DISCRIMINATOR_WEIGHT × the discriminator's per-token replaced/original
-        loss on the generator's samples (drawn with `generator`, a torch.Generator on the model's device).
+        loss on the generator's samples.
+        uniforms (batch, seq), in [0, 1): one per position, from its row's own random stream (train.py's
+        make_batch); a masked position's replacement is the generator's distribution sampled by inverse CDF
+        at its uniform, so it does not depend on the other rows (None: drawn from torch's global generator).
+        counts: the (masked positions, tokens) that the two loss sums are divided by; None: this batch's own,
+        so each term is a mean over the batch. train.py passes the step's (per device), so its micro-batches'
+        losses add up to the loss of the global batch however the batch is split.
         attention_mask (batch, seq), 1 = token, 0 = padding: padding is never attended to and carries no loss.
         """
         T = tokens.shape[1]
@@ -228,9 +234,12 @@ class Transformer(nn.Module):
         # the generator's head runs at the masked positions only
         x = self.embeddings(tokens, positions)
         gen_logits = self.generator_decode(self.generator_hidden(x, gen_bias)[masked]).float()  # (masked, VOCAB_SIZE)
-        gen_loss = F.cross_entropy(gen_logits, targets[masked], reduction="sum") / masked.sum().clamp(min=1)
-        # sampled replacements, without gradient (objectives.sample_replacements), never a padding row of the vocabulary
-        sampled = objectives.sample_replacements(gen_logits.detach()[:, :TOKENIZER_VOCAB], generator=generator)
+        # ELECTRA §2: each masked position gets a sample (not the argmax) of the generator's distribution, without
+        # gradient; inverse-CDF sampling at the position's uniform (objectives.sample_replacements), never a
+        # padding row of the vocabulary. uniforms[masked] lists the positions in gen_logits' order.
+        if uniforms is None:
+            uniforms = torch.rand(tokens.shape, device=tokens.device)
+        sampled = objectives.sample_replacements(gen_logits.detach()[:, :TOKENIZER_VOCAB], uniforms[masked])
         original = torch.where(masked, targets, tokens)
         corrupted = original.clone()
         corrupted[masked] = sampled
@@ -238,5 +247,8 @@ class Transformer(nn.Module):
                                           ignore=None if attention_mask is None else attention_mask == 0)
         disc_logits = self.discriminator_predictions(self.encoder(self.embeddings(corrupted, positions), bias))
         counted = replaced != IGNORE
-        disc_loss = F.binary_cross_entropy_with_logits(disc_logits[counted].float(), replaced[counted].float())
+        n_masked, n_tokens = (masked.sum(), counted.sum()) if counts is None else counts
+        gen_loss = F.cross_entropy(gen_logits, targets[masked], reduction="sum") / n_masked.clamp(min=1)
+        disc_loss = F.binary_cross_entropy_with_logits(disc_logits[counted].float(), replaced[counted].float(),
+                                                       reduction="sum") / n_tokens.clamp(min=1)
         return gen_loss + DISCRIMINATOR_WEIGHT * disc_loss

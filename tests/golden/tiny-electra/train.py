@@ -100,20 +100,21 @@ def main(argv=None):
     special_ids = objectives.special_ids(dataset.tokenizer, [*tok["special_tokens"], *tok.get("add_special_tokens", [])])
 
     def make_batch(split, step, start, count, seq_len, weights=None):
-        """Masked-LM rows (Devlin et al. 2019, §3.1) of sequences start..start+count-1 of `step`: (x, y, sampler).
+        """Masked-LM rows (Devlin et al. 2019, §3.1) of sequences start..start+count-1 of `step`: (x, y, uniforms).
 
         MASK_RATE of the tokens (never a special token) are selected; of those, MASK_SPLIT shares become [MASK],
         a random token, or stay as they are. y holds the original token at the selected positions, -100 elsewhere.
         Random choices come from each sequence's own stream (seed, split, step, row), so a row does not depend on
         the micro-batch split, the number of devices or a resume.
-        sampler: the random stream of the generator's samples for this micro-batch, on the device.
+        uniforms (batch, seq): one uniform number per position, from the sequence's own stream too; the model
+        samples the generator's replacement for a masked position by inverse CDF at its uniform (ELECTRA §2).
         """
         window, _ = dataset.batch(split, step, start, count, seq_len, weights)
         rows = objectives.row_generators(SEED, step, start, count, salt=dataset.SPLITS[split])
         x, y = objectives.mlm_batch(window, MASK_RATE, mask_id, dataset.vocab_size, special_ids, rows, split=MASK_SPLIT)
-        seed = objectives.row_generators(SEED, step, start, 1, salt=2 + dataset.SPLITS[split])[0].initial_seed()
-        sampler = torch.Generator(device=DEVICE).manual_seed(seed)
-        return x, y, sampler
+        streams = objectives.row_generators(SEED, step, start, count, salt=2 + dataset.SPLITS[split])  # not the masking's
+        uniforms = torch.stack([torch.rand(seq_len, generator=g) for g in streams])
+        return x, y, uniforms
 
     model = Transformer().to(DEVICE)
     forward = model
@@ -130,16 +131,24 @@ def main(argv=None):
     optimizer = make_optimizer(model)
     autocast = nullcontext()  # fp32 throughout
 
+    def counted(x, y):
+        """(masked positions, tokens) of a micro-batch: what the generator's and the discriminator's losses cover."""
+        return torch.tensor([float((y != -100).sum()), float(x.numel())])
+
     def evaluate():
-        """Mean loss over EVAL_BATCHES validation micro-batches."""
+        """ELECTRA's loss on EVAL_BATCHES validation micro-batches as one batch: the generator's mean over
+        all their masked positions + DISCRIMINATOR_WEIGHT × the discriminator's mean over all their tokens."""
         model.eval()
+        batches = [make_batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
+                   for i in range(EVAL_BATCHES)]
+        counts = sum((counted(x, y) for x, y, uniforms in batches), torch.zeros(2)).to(DEVICE)
+        counts = counts.clamp(min=1)  # (masked positions, tokens) of all the batches
         total = 0.0
         with torch.no_grad(), autocast:
-            for i in range(EVAL_BATCHES):
-                x, y, sampler = make_batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
-                total += forward(x.to(DEVICE), y.to(DEVICE), generator=sampler).item()  # the model returns the mean cross-entropy
+            for x, y, uniforms in batches:
+                total += forward(x.to(DEVICE), y.to(DEVICE), uniforms=uniforms.to(DEVICE, non_blocking=True), counts=counts).item()  # this batch's part of the loss
         model.train()
-        return total / EVAL_BATCHES
+        return total
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     run.begin(start_step, MAX_STEPS, TOKENS_PER_STEP)
@@ -151,11 +160,15 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=DEVICE)
-        for micro in range(GRAD_ACCUM):
-            x, y, sampler = make_batch("train", step, micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
+        # the step's micro-batches first, to count its masked positions and tokens: each micro-batch divides its two
+        # loss sums by those counts, so the step's loss is ELECTRA's on the global batch (the generator's mean over the
+        # masked positions + DISCRIMINATOR_WEIGHT × the discriminator's mean over the tokens) however it is split
+        batches = [make_batch("train", step, micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN) for micro in range(GRAD_ACCUM)]
+        counts = sum(counted(x, y) for x, y, uniforms in batches).clamp(min=1).to(DEVICE)  # (masked positions, tokens)
+        for micro, (x, y, uniforms) in enumerate(batches):
             with autocast:
-                loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True), generator=sampler)  # generator MLM + DISCRIMINATOR_WEIGHT × replaced-token loss, fp32
-            (loss / GRAD_ACCUM).backward()
+                loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True), uniforms=uniforms.to(DEVICE, non_blocking=True), counts=counts)  # its part of the step's generator MLM + DISCRIMINATOR_WEIGHT × replaced-token loss, fp32
+            loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
@@ -163,7 +176,7 @@ def main(argv=None):
 
         done = step + 1
         if done % LOG_EVERY == 0 or done == MAX_STEPS:
-            run.log_step(done, loss=(loss_sum / GRAD_ACCUM).item(), lr=lr, grad_norm=grad_norm)
+            run.log_step(done, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm)
         if EVAL_EVERY and (done % EVAL_EVERY == 0 or done == MAX_STEPS) and DATA["validation"] > 0:
             run.log_eval(done, val_loss=evaluate())
         if (CHECKPOINT_EVERY and done % CHECKPOINT_EVERY == 0) or done == MAX_STEPS:
