@@ -249,8 +249,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
     constants += objective.pop("objective_constants")
     if r.data.packing != "concat":  # dataset.batch returns each position's document id too
         objective["batch_out"] += ", doc_ids"
-    objective["prefix_arg"] = (f", prefix_len=prefix_len.to({'device' if distributed else 'DEVICE'}, non_blocking=True)"
-                               if objective["prefix_lm"] else objective.get("rtd_arg", ""))
+    objective["prefix_arg"] = ", prefix_len=prefix_len" if objective["prefix_lm"] else objective.get("rtd_arg", "")
     schedules, lr_dispatch = _schedules(plan)
     phase_comments, phase_rows = _phase_table(plan) if phased else ([], [])
     e = ({"micro_batch": 'phase["micro_batch"]', "seq_len": 'phase["seq_len"]', "grad_accum": 'phase["grad_accum"]',
@@ -287,7 +286,9 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "init_from": r.init_from is not None,
         "distributed": distributed,
         "dev": "device" if distributed else "DEVICE",
-        "pin_batches": plan.device == "cuda",   # asynchronous host-to-device copies: the loader overlaps the step
+        # data.to_device: on CUDA through pinned memory, so the copies are asynchronous and the loader overlaps the step
+        "move_note": ("  # via pinned memory: the GPU computes while the host builds the next micro-batch"
+                      if plan.device == "cuda" else ""),
         "parallelism_note": {"ddp": "DDP: a replica per device, gradients all-reduced",
                              "fsdp": "FSDP2: weights, gradients and AdamW state sharded per block",
                              "hsdp": "HSDP: FSDP2 on a (nodes, devices) mesh, sharded within a node, replicated across nodes",
@@ -306,8 +307,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "attention": plan.attention,
         "doc_masks": r.data.packing != "concat",   # document ids ride with every batch (choose_attention)
         "packing": r.data.packing,
-        "doc_arg": (f", doc_ids=doc_ids.to({'device' if distributed else 'DEVICE'}, non_blocking=True)"
-                    if r.data.packing != "concat" else ""),
+        "doc_arg": ", doc_ids=doc_ids" if r.data.packing != "concat" else "",
         "loss_chunk": LOSS_CHUNK,
         "token_weighted": token_weighted,
         "eval_per_source": plan.recipe.train.eval_per_source,

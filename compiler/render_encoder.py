@@ -86,7 +86,7 @@ def context(plan: Plan) -> dict:
         "batch_fn": "make_batch",
         "batch_out": "x, y, uniforms" if rtd else "x, y",
         # rtd: each position's uniform for the generator's sample, and the counts the model divides its loss sums by
-        "rtd_arg": f", uniforms=uniforms.to({dev}, non_blocking=True), counts=counts" if rtd else "",
+        "rtd_arg": ", uniforms=uniforms, counts=counts" if rtd else "",
         "loss_note": ("its part of the step's generator MLM + DISCRIMINATOR_WEIGHT × replaced-token loss"
                       if rtd else "masked-LM loss on the selected tokens"),
     }

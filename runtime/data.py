@@ -869,16 +869,19 @@ def _attach_conditioning(ds: Dataset, spec: dict, prefix_masks: dict, prepare_ag
     ds._without_metadata = off
 
 
-def pinned(*batch):
-    """The tensors of a micro-batch in page-locked host memory (other items unchanged), for a CUDA device.
+def to_device(device, *batch) -> tuple:
+    """The tensors of a micro-batch on ``device`` (other items unchanged), copied without waiting for it.
 
-    A copy ``t.to("cuda", non_blocking=True)`` from page-locked memory is queued on the GPU and returns at
-    once; from ordinary (pageable) memory the driver stages it, which may wait for the GPU's queued work.
-    Pinned, the host goes on to build the next micro-batch while the GPU computes: the loader's time
-    overlaps the step instead of adding to it. torch caches pinned blocks, so this is a host memcpy.
+    For CUDA each tensor goes through page-locked host memory first (torch caches the pinned blocks, so
+    that is a host memcpy). A copy from pinned memory is queued on the GPU and returns at once; from
+    ordinary (pageable) memory the driver stages it and may wait for the GPU's queued work. So the host
+    goes on to build the next micro-batch while the GPU computes this one: the loader's time overlaps the
+    step instead of adding to it, as a prefetching loader would, without a thread. On a CPU it is a no-op.
     """
     import torch
-    return tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in batch)
+    cuda = torch.device(device).type == "cuda"
+    return tuple((t.pin_memory() if cuda else t).to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t
+                 for t in batch)
 
 
 def _check_weights(weights, names) -> np.ndarray:

@@ -395,3 +395,13 @@ def test_too_short_sources(mixed, tmp_path):
     spec["seq_len"] = 64
     with pytest.raises(DataError, match="source 's' has 6 training tokens"):
         run(spec, tmp_path / "c2")
+
+
+def test_to_device_moves_tensors_and_passes_other_items():
+    import torch
+
+    from malt.runtime.data import to_device
+    x, y = torch.arange(6).view(2, 3), torch.ones(2, 3)
+    moved = to_device("cpu", x, y, None, 3)
+    assert isinstance(moved, tuple) and len(moved) == 4 and moved[2:] == (None, 3)
+    assert torch.equal(moved[0], x) and moved[1].device.type == "cpu" and moved[1].dtype == torch.float32

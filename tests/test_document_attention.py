@@ -173,7 +173,8 @@ def test_document_program_passes_doc_ids(make_recipe, tmp_path):
     compile_to(make_recipe({**SHAPES["mha"], "data": {"packing": "document"}}), tmp_path / "build", host=Host())
     train_src = (tmp_path / "build" / "train.py").read_text()
     assert "x, y, doc_ids = dataset.batch(" in train_src
-    assert "doc_ids=doc_ids.to(DEVICE, non_blocking=True)" in train_src
+    assert "x, y, doc_ids = data.to_device(DEVICE, x, y, doc_ids)" in train_src
+    assert "forward(x, y, doc_ids=doc_ids)" in train_src
     assert "'packing': 'document'" in train_src
     model_src = (tmp_path / "build" / "model.py").read_text()
     assert "def forward(self, tokens, targets=None, *, doc_ids=None):" in model_src

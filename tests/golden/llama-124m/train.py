@@ -112,7 +112,8 @@ def main(argv=None):
         with torch.no_grad(), autocast:
             for i in range(EVAL_BATCHES):
                 x, y = dataset.batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
-                total += forward(x.to(DEVICE), y.to(DEVICE)).item()  # the model returns the mean cross-entropy
+                x, y = data.to_device(DEVICE, x, y)
+                total += forward(x, y).item()  # the model returns the mean cross-entropy
         model.train()
         return total / EVAL_BATCHES
 
@@ -128,10 +129,9 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=DEVICE)
         for micro in range(GRAD_ACCUM):
             x, y = dataset.batch("train", step, micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
-            x, y = data.pinned(x, y)  # page-locked: the copies below do not wait for the GPU,
-            # so the host builds the next micro-batch while the GPU computes this one
+            x, y = data.to_device(DEVICE, x, y)  # via pinned memory: the GPU computes while the host builds the next micro-batch
             with autocast:
-                loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True))  # next-token loss, fp32
+                loss = forward(x, y)  # next-token loss, fp32
             (loss / GRAD_ACCUM).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

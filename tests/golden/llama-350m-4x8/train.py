@@ -120,7 +120,8 @@ def main(argv=None):
         with torch.no_grad(), autocast:
             for i in range(dist.rank, EVAL_BATCHES, dist.world):  # the devices share the batches
                 x, y = dataset.batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
-                total += forward(x.to(device), y.to(device)).item()  # the model returns the mean cross-entropy
+                x, y = data.to_device(device, x, y)
+                total += forward(x, y).item()  # the model returns the mean cross-entropy
         model.train()
         return distributed.total(total, device) / EVAL_BATCHES
 
@@ -137,10 +138,9 @@ def main(argv=None):
         for micro in range(GRAD_ACCUM):
             # this device's sequences of the step: its slice of the global batch; gradients sync on the last micro-step
             x, y = dataset.batch("train", step, dist.rank * DEVICE_BATCH + micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
-            x, y = data.pinned(x, y)  # page-locked: the copies below do not wait for the GPU,
-            # so the host builds the next micro-batch while the GPU computes this one
+            x, y = data.to_device(device, x, y)  # via pinned memory: the GPU computes while the host builds the next micro-batch
             with distributed.grad_sync(wrapped, PARALLELISM, sync=micro == GRAD_ACCUM - 1), autocast:
-                loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True))  # next-token loss, fp32
+                loss = forward(x, y)  # next-token loss, fp32
                 (loss / GRAD_ACCUM).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

@@ -139,7 +139,8 @@ def main(argv=None):
             for i in range(EVAL_BATCHES):
                 x, y = make_batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
                 n = counted(y)
-                total += forward(x.to(DEVICE), y.to(DEVICE)).item() * n  # the model returns the mean over its n
+                x, y = data.to_device(DEVICE, x, y)
+                total += forward(x, y).item() * n  # the model returns the mean over its n
                 count += n
         model.train()
         return total / max(1, count)
@@ -160,8 +161,9 @@ def main(argv=None):
         step_counted = max(1, sum(counted(b[1]) for b in batches))
         for micro, (x, y) in enumerate(batches):
             share = counted(y) / step_counted
+            x, y = data.to_device(DEVICE, x, y)
             with autocast:
-                loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True))  # masked-LM loss on the selected tokens, fp32
+                loss = forward(x, y)  # masked-LM loss on the selected tokens, fp32
             (loss * share).backward()
             loss_sum += loss.detach() * share
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

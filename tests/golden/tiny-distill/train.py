@@ -179,7 +179,8 @@ def main(argv=None):
         with torch.no_grad(), autocast:
             for i in range(EVAL_BATCHES):
                 x, y = dataset.batch("val", 0, i * phase["micro_batch"], phase["micro_batch"], phase["seq_len"])
-                total += forward(x.to(DEVICE), y.to(DEVICE)).item()  # the model returns the mean cross-entropy
+                x, y = data.to_device(DEVICE, x, y)
+                total += forward(x, y).item()  # the model returns the mean cross-entropy
         model.train()
         return total / EVAL_BATCHES
 
@@ -200,11 +201,12 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=DEVICE)
         for micro in range(phase["grad_accum"]):
             x, y = dataset.batch("train", step, micro * phase["micro_batch"], phase["micro_batch"], phase["seq_len"], weights=phase["weights"])
+            x, y = data.to_device(DEVICE, x, y)
             with autocast:
                 if phase["distill"]:  # the phase distills (objective distill): its weight and temperature
-                    loss = distill_loss(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True), **phase["distill"])
+                    loss = distill_loss(x, y, **phase["distill"])
                 else:                 # the phase's objective is causal_lm
-                    loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True))  # next-token loss, fp32
+                    loss = forward(x, y)  # next-token loss, fp32
             (loss / phase["grad_accum"]).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), phase["grad_clip"]) if phase["grad_clip"] else None

@@ -146,7 +146,8 @@ def main(argv=None):
         total = 0.0
         with torch.no_grad(), autocast:
             for x, y, uniforms in batches:
-                total += forward(x.to(DEVICE), y.to(DEVICE), uniforms=uniforms.to(DEVICE, non_blocking=True), counts=counts).item()  # this batch's part of the loss
+                x, y, uniforms = data.to_device(DEVICE, x, y, uniforms)
+                total += forward(x, y, uniforms=uniforms, counts=counts).item()  # this batch's part of the loss
         model.train()
         return total
 
@@ -166,8 +167,9 @@ def main(argv=None):
         batches = [make_batch("train", step, micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN) for micro in range(GRAD_ACCUM)]
         counts = sum(counted(x, y) for x, y, uniforms in batches).clamp(min=1).to(DEVICE)  # (masked positions, tokens)
         for micro, (x, y, uniforms) in enumerate(batches):
+            x, y, uniforms = data.to_device(DEVICE, x, y, uniforms)
             with autocast:
-                loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True), uniforms=uniforms.to(DEVICE, non_blocking=True), counts=counts)  # its part of the step's generator MLM + DISCRIMINATOR_WEIGHT × replaced-token loss, fp32
+                loss = forward(x, y, uniforms=uniforms, counts=counts)  # its part of the step's generator MLM + DISCRIMINATOR_WEIGHT × replaced-token loss, fp32
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

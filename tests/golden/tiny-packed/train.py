@@ -119,7 +119,8 @@ def main(argv=None):
             for i in range(EVAL_BATCHES):
                 x, y, doc_ids = dataset.batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
                 n = counted(y)
-                total += forward(x.to(DEVICE), y.to(DEVICE), doc_ids=doc_ids.to(DEVICE, non_blocking=True)).item() * n  # the model returns the mean over its n
+                x, y, doc_ids = data.to_device(DEVICE, x, y, doc_ids)
+                total += forward(x, y, doc_ids=doc_ids).item() * n  # the model returns the mean over its n
                 count += n
         model.train()
         return total / max(1, count)
@@ -140,8 +141,9 @@ def main(argv=None):
         step_counted = max(1, sum(counted(b[1]) for b in batches))
         for micro, (x, y, doc_ids) in enumerate(batches):
             share = counted(y) / step_counted
+            x, y, doc_ids = data.to_device(DEVICE, x, y, doc_ids)
             with autocast:
-                loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True), doc_ids=doc_ids.to(DEVICE, non_blocking=True))  # next-token loss, fp32
+                loss = forward(x, y, doc_ids=doc_ids)  # next-token loss, fp32
             (loss * share).backward()
             loss_sum += loss.detach() * share
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

@@ -156,7 +156,8 @@ def main(argv=None):
         with torch.no_grad(), autocast:
             for i in range(EVAL_BATCHES):
                 x, y = dataset.batch("val", 0, i * phase["micro_batch"], phase["micro_batch"], phase["seq_len"])
-                total += forward(x.to(DEVICE), y.to(DEVICE)).item()  # the model returns the mean cross-entropy
+                x, y = data.to_device(DEVICE, x, y)
+                total += forward(x, y).item()  # the model returns the mean cross-entropy
         model.train()
         return total / EVAL_BATCHES
 
@@ -182,8 +183,9 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=DEVICE)
         for micro in range(phase["grad_accum"]):
             x, y = dataset.batch("train", step, micro * phase["micro_batch"], phase["micro_batch"], phase["seq_len"], weights=phase["weights"])
+            x, y = data.to_device(DEVICE, x, y)
             with autocast:
-                loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True))  # next-token loss, fp32
+                loss = forward(x, y)  # next-token loss, fp32
             (loss / phase["grad_accum"]).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), phase["grad_clip"]) if phase["grad_clip"] else None

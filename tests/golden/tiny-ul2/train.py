@@ -151,7 +151,8 @@ def main(argv=None):
             for i in range(EVAL_BATCHES):
                 x, y, prefix_len = make_batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
                 n = counted(y)
-                total += forward(x.to(DEVICE), y.to(DEVICE), prefix_len=prefix_len.to(DEVICE, non_blocking=True)).item() * n  # the model returns the mean over its n
+                x, y, prefix_len = data.to_device(DEVICE, x, y, prefix_len)
+                total += forward(x, y, prefix_len=prefix_len).item() * n  # the model returns the mean over its n
                 count += n
         model.train()
         return total / max(1, count)
@@ -172,8 +173,9 @@ def main(argv=None):
         step_counted = max(1, sum(counted(b[1]) for b in batches))
         for micro, (x, y, prefix_len) in enumerate(batches):
             share = counted(y) / step_counted
+            x, y, prefix_len = data.to_device(DEVICE, x, y, prefix_len)
             with autocast:
-                loss = forward(x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True), prefix_len=prefix_len.to(DEVICE, non_blocking=True))  # loss on the targets (y is -100 elsewhere), fp32
+                loss = forward(x, y, prefix_len=prefix_len)  # loss on the targets (y is -100 elsewhere), fp32
             (loss * share).backward()
             loss_sum += loss.detach() * share
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
