@@ -402,6 +402,9 @@ def _pretty_literal(value, indent: int = 0) -> str:
     if isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
         items = [f"{pad}{_pretty_literal(v, indent + 1)}," for v in value]
         return "[\n" + "\n".join(items) + f"\n{end}]"
+    if isinstance(value, list) and value:  # a long flat list: its items filled into lines of about 100 characters
+        lines = _wrap([lit(v) for v in value], 100 - len(pad))
+        return "[\n" + "\n".join(pad + line for line in lines) + f",\n{end}]"
     return lit(value)
 
 

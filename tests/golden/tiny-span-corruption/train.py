@@ -64,7 +64,10 @@ DATA = {
         'max_chars': 20000000,
         'path': None,
         'special_tokens': ['<|endoftext|>'],
-        'add_special_tokens': ['<extra_id_0>', '<extra_id_1>', '<extra_id_2>', '<extra_id_3>', '<extra_id_4>', '<extra_id_5>'],
+        'add_special_tokens': [
+            '<extra_id_0>', '<extra_id_1>', '<extra_id_2>', '<extra_id_3>', '<extra_id_4>',
+            '<extra_id_5>',
+        ],
     },
     'model_vocab': 4160,
     'sources': [

@@ -64,7 +64,12 @@ DATA = {
         'max_chars': 20000000,
         'path': None,
         'special_tokens': ['<|endoftext|>'],
-        'add_special_tokens': ['[NLU]', '[NLG]', '[S2S]', '<extra_id_0>', '<extra_id_1>', '<extra_id_2>', '<extra_id_3>', '<extra_id_4>', '<extra_id_5>', '<extra_id_6>', '<extra_id_7>', '<extra_id_8>', '<extra_id_9>', '<extra_id_10>', '<extra_id_11>', '<extra_id_12>', '<extra_id_13>', '<extra_id_14>', '<extra_id_15>'],
+        'add_special_tokens': [
+            '[NLU]', '[NLG]', '[S2S]', '<extra_id_0>', '<extra_id_1>', '<extra_id_2>',
+            '<extra_id_3>', '<extra_id_4>', '<extra_id_5>', '<extra_id_6>', '<extra_id_7>',
+            '<extra_id_8>', '<extra_id_9>', '<extra_id_10>', '<extra_id_11>', '<extra_id_12>',
+            '<extra_id_13>', '<extra_id_14>', '<extra_id_15>',
+        ],
     },
     'model_vocab': 4160,
     'sources': [
