@@ -390,6 +390,7 @@ def teacher_costs(plan) -> dict | None:
     The teacher runs forward only: 2 × matmul params + 4 × n_layers × n_heads × head_dim × seq_len FLOPs per token
     (a third of PaLM's training count). Memory: its weights (fp32, plus autocast's bf16 copies), and the logits the
     distillation loss keeps whole: the teacher's, and the student's with their gradient (fp32, one micro-batch).
+    Under fsdp / hsdp each device keeps its shard of the teacher's weights (the bf16 copies are per block, transient).
     """
     from .estimates import param_counts
 
@@ -406,6 +407,8 @@ def teacher_costs(plan) -> dict | None:
     distilling = [ph for ph in plan.phases if phase_objective(plan.recipe, ph.index).kind == "distill"]
     phase_flops = {ph.name: per_token(ph.seq_len) * ph.steps * ph.tokens_per_step for ph in distilling}
     weights = counts["params"] * (6 if plan.precision == "bf16" else 4)
+    if plan.parallelism in ("fsdp", "hsdp"):  # sharded like the student (distributed.shard_frozen): one shard per device
+        weights //= (plan.world or 1) // (plan.recipe.target.nodes if plan.parallelism == "hsdp" else 1)
     logits = max((distill_logits_bytes(plan, ph.micro_batch, ph.seq_len) for ph in distilling), default=0)
     return {"params": counts["params"], "flops_per_token": per_token(plan.recipe.train.seq_len), "phase_flops": phase_flops,
             "flops": sum(phase_flops.values()), "weights_bytes": weights, "logits_bytes": logits}

@@ -69,6 +69,15 @@ def wrap(model: torch.nn.Module, parallelism: str, ctx: Dist, nodes: int = 1) ->
     return model
 
 
+def shard_frozen(model: torch.nn.Module, parallelism: str, ctx: Dist, nodes: int = 1) -> torch.nn.Module:
+    """A frozen module (a distillation teacher) sharded like the student under FSDP2 / HSDP: each device keeps
+    its shard of every block's weights, and a block is all-gathered for its forward and freed after it.
+    Under DDP or on one device it stays whole. Call its forward under torch.no_grad()."""
+    if parallelism in ("fsdp", "hsdp"):
+        return wrap(model, parallelism, ctx, nodes)
+    return model
+
+
 def grad_sync(wrapped: torch.nn.Module, parallelism: str, sync: bool):
     """Context for one micro-step: gradients are synchronised only on the last micro-step of a step."""
     if parallelism == "ddp" and not sync:

@@ -403,6 +403,31 @@ def test_the_micro_batch_planner_makes_room_for_the_teacher(tmp_path):
     assert (tight.micro_batch, tight.grad_accum) == (16, 4)
 
 
+@pytest.mark.slow
+def test_fsdp_shards_the_teacher_and_trains_as_one_process(tmp_path):
+    """Under FSDP2 the frozen teacher is sharded like the student (distributed.shard_frozen); two processes
+    train with the same losses as one, and the plan counts half the teacher's weights per device."""
+    from .test_distributed import torchrun
+    from .test_run import losses
+
+    hf_llama(tmp_path / "teacher")
+    recipe = tiny(tmp_path / "r", "objective: {kind: distill, teacher: ../teacher, weight: 0.5, temperature: 2}\n", steps=4)
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    p1 = compile_to(recipe, one, sets=["train.micro_batch=4"], host=Host())
+    p2 = compile_to(recipe, two, sets=["train.micro_batch=2", "target.devices=2", "target.parallelism=fsdp"], host=Host())
+    assert "distributed.shard_frozen(teacher" in (two / "train.py").read_text()
+    assert "shard_frozen" not in (one / "train.py").read_text()
+    w1 = p1.estimates["memory_per_device_bytes"]["teacher_weights"]
+    assert p2.estimates["memory_per_device_bytes"]["teacher_weights"] == w1 // 2
+    run_program(one, tmp_path / "cache", "--quiet")
+    torchrun(two, tmp_path / "cache")
+    ref, got = losses(one), losses(two)
+    assert sorted(ref) == sorted(got) == [1, 2, 3, 4]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), step
+
+
 def test_distill_teacher_with_a_smaller_vocabulary_is_refused(tmp_path):
     hf_llama(tmp_path / "teacher", vocab=128)
     text = problems(tiny(tmp_path / "r", "objective: {kind: distill, teacher: ../teacher}\n"))
