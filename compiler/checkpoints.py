@@ -29,7 +29,8 @@ def describe(path: Path) -> tuple[dict | None, str | None]:
             return None, f"{path} is a malt run directory without a checkpoint yet"
         return {"kind": "malt", "shape": {
             "d_model": m["d_model"], "n_layers": m["n_layers"], "n_heads": m["n_heads"], "n_kv_heads": m["n_kv_heads"],
-            "d_ff": m["d_ff"], "vocab": m["padded_vocab"], "tie_embeddings": m["tie_embeddings"], "qkv_bias": m["qkv_bias"]}}, None
+            "d_ff": m["d_ff"], "vocab": m["padded_vocab"], "tie_embeddings": m["tie_embeddings"], "qkv_bias": m["qkv_bias"]},
+            "sliding_window": m.get("sliding_window")}, None  # model.sliding_window (plan.json has it when set)
     if (path / "config.json").is_file():
         try:
             c = json.loads((path / "config.json").read_text())
@@ -43,7 +44,8 @@ def describe(path: Path) -> tuple[dict | None, str | None]:
         if c.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and c.get("attention_bias")):
             return None, f"{path}: bias on the output or MLP projections has no counterpart in malt's model"
         if arch != "Qwen2ForCausalLM" and c.get("sliding_window") not in (None, 0) and arch == "MistralForCausalLM":
-            return None, f"{path} uses sliding-window attention ({c['sliding_window']}), which malt's model does not"
+            return None, (f"{path} uses sliding-window attention ({c['sliding_window']}); starting from or distilling a "
+                          "Hugging Face sliding-window checkpoint is not built yet")
         heads = c["num_attention_heads"]
         if c.get("head_dim") not in (None, c["hidden_size"] // heads):
             return None, f"{path} has head_dim {c['head_dim']} ≠ hidden_size / heads; malt's model derives it"

@@ -90,9 +90,16 @@ def galore_state(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, hea
     return n_layers * sum(m * n for m, n in shapes), n_layers * sum(galore_elements(m, n, rank) for m, n in shapes)
 
 
-def flops_per_token(matmul_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> int:
-    """Training FLOPs per token, forward and backward (3 × the forward's 2 FLOPs per weight)."""
-    return 6 * matmul_params + 12 * n_layers * n_heads * head_dim * seq_len
+def flops_per_token(matmul_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int,
+                    window: int | None = None) -> int:
+    """Training FLOPs per token, forward and backward (3 × the forward's 2 FLOPs per weight).
+
+    The attention term counts the keys a query attends to as seq_len (PaLM's accounting, which does not halve
+    for causality); with a sliding window (model.sliding_window) a query attends to at most ``window`` keys,
+    so the term counts min(seq_len, window) keys instead.
+    """
+    keys = seq_len if window is None else min(seq_len, window)
+    return 6 * matmul_params + 12 * n_layers * n_heads * head_dim * keys
 
 
 # positions per chunk of the generated model's training loss (LOSS_CHUNK in model.py, rendered from here)

@@ -145,6 +145,7 @@ class Plan:
                 "pad_vocab_multiple": r.model.pad_vocab_multiple,
                 "activation": r.model.activation, "norm": r.model.norm, "norm_position": r.model.norm_position,
                 "position": r.model.position, "unpad": r.model.unpad,
+                **({"sliding_window": r.model.sliding_window} if r.model.sliding_window is not None else {}),  # set: export writes Mistral
             },
             "batch": {
                 "seq_len": r.train.seq_len, "global_batch": r.train.global_batch, "micro_batch": self.micro_batch,

@@ -172,6 +172,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         const("INIT_STD", m.init_std, "model.init_std"),
         const("MAX_SEQ_LEN", max_seq, "train.seq_len (rotary tables are built for this length)" if not phased
               else "the longest phase's seq_len (rotary tables are built for this length)"),
+        *_window_constants(plan),
     ]
     constants = [
         const("NAME", r.name, "name"),
@@ -305,6 +306,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "parallelism": plan.parallelism,
         "sharded_checkpoints": plan.checkpoint_format == "sharded",
         "attention": plan.attention,
+        "window": m.sliding_window is not None,    # model.sliding_window: one mask function, window & causal (& documents)
         "doc_masks": r.data.packing != "concat",   # document ids ride with every batch (choose_attention)
         "packing": r.data.packing,
         "doc_arg": ", doc_ids=doc_ids" if r.data.packing != "concat" else "",
@@ -317,6 +319,19 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         **objective,
         **render_xla.context(plan),
     }
+
+
+def _window_constants(plan: Plan) -> list[Const]:
+    """SLIDING_WINDOW (model.sliding_window) and, for FlexAttention, the lengths its block masks are built for."""
+    w = plan.recipe.model.sliding_window
+    if w is None:
+        return []
+    out = [const("SLIDING_WINDOW", w, f"model.sliding_window: each position attends to itself and the {w - 1} before it")]
+    if plan.attention == "flex":
+        lens = tuple(sorted({plan.recipe.train.seq_len, *(ph.seq_len for ph in plan.phases)}))
+        out.append(const("FLEX_SEQ_LENS", lens, "train.seq_len" + (" and the phases'" if len(lens) > 1 else "")
+                         + ": FlexAttention block masks at these lengths (one compiled kernel each); others take the dense mask"))
+    return out
 
 
 _DECAY_DOC = {

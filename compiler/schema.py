@@ -107,6 +107,7 @@ class ModelSpec(Section):
     position: Literal["rope", "learned", "alibi"] = "rope"   # llama: rope; bert: learned (BERT) or alibi (MosaicBERT)
     unpad: bool = False                                      # bert: drop padding positions before the dense layers (MosaicBERT)
     rope_theta: Float = 10000.0
+    sliding_window: Optional[Int] = Field(default=None, gt=0)  # llama: attend to the last W positions, itself included (Mistral); None: all earlier
     qkv_bias: bool = False                                   # bert: true (biases on every linear layer, as BERT)
     tie_embeddings: bool = True
     init_std: Float = 0.02

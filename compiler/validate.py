@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 from pydantic import BaseModel, ValidationError
 
-from . import encoder
+from . import encoder, sliding_window
 from .diagnostics import Diagnostic, RecipeError, did_you_mean
 from .loader import Loaded
 from .conditioning import problems as conditioning_problems
@@ -31,9 +31,7 @@ SUPPORTED_SUFFIXES = (".txt", ".txt.gz", ".txt.zst", ".jsonl", ".jsonl.gz", ".js
 
 # Keys and values that name capabilities malt does not have yet. They are rejected
 # with a message that says so, rather than reported as typos or silently ignored.
-NOT_BUILT_KEYS = {
-    ("model", "sliding_window"): "sliding-window attention is not built yet",
-}
+NOT_BUILT_KEYS: dict[tuple, str] = {}
 NOT_BUILT_VALUES = {
     ("model", "family"): ({"t5", "gpt2"}, "families built so far: llama (decoder-only) and bert (encoder)"),
     ("model", "activation"): ({"relu2", "relu"}, "activations built so far: swiglu (llama), gelu and geglu (bert)"),
@@ -353,6 +351,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             if getattr(m, name) <= 0:
                 add(("model", name), f"must be positive, got {getattr(m, name)}", f"remove model.{name} to use the default")
     for path, message, hint in encoder.problems(r, loaded.origins):  # encoders (model.family bert) and mlm/rtd
+        add(path, message, hint)
+    for path, message, hint in sliding_window.problems(r, loaded.base_dir):  # model.sliding_window (and windowed teachers)
         add(path, message, hint)
 
     # tokenizer

@@ -2,7 +2,9 @@
 
 The generated model's parameter names are Hugging Face's without the ``model.``
 prefix, so export is a rename. A recipe with qkv_bias exports as
-Qwen2ForCausalLM (bias on q, k, v only); otherwise as LlamaForCausalLM.
+Qwen2ForCausalLM (bias on q, k, v only); otherwise as LlamaForCausalLM, or with
+model.sliding_window as MistralForCausalLM (Qwen2ForCausalLM with its sliding
+window on every layer when it also has qkv_bias).
 Encoders (model.family bert) with BERT's architecture export as BertForMaskedLM
 (objective mlm) or, the discriminator alone, ElectraForPreTraining (objective rtd);
 MosaicBERT variants (ALiBi, GeGLU, pre-norm) are refused before anything is written.
@@ -142,10 +144,18 @@ def hf_config(plan: dict, eos_id: int, lock: dict | None = None) -> tuple[str, d
         "use_cache": True,
         "torch_dtype": "float32",
     }
+    window = m.get("sliding_window")  # model.sliding_window: query i attends to keys i - window < j <= i, as Mistral's
+    if m["qkv_bias"] and window is not None:  # Qwen2's sliding window on every layer (layers from max_window_layers on)
+        return "Qwen2ForCausalLM", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common,
+                                    "use_sliding_window": True, "sliding_window": window, "max_window_layers": 0,
+                                    "layer_types": ["sliding_attention"] * m["n_layers"], "attention_dropout": 0.0}
     if m["qkv_bias"]:
         return "Qwen2ForCausalLM", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common,
                                     "use_sliding_window": False, "sliding_window": None, "max_window_layers": m["n_layers"],
                                     "attention_dropout": 0.0}
+    if window is not None:  # Mistral is Llama's architecture and parameter names plus the window
+        return "MistralForCausalLM", {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **common,
+                                      "sliding_window": window, "attention_dropout": 0.0}
     return "LlamaForCausalLM", {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
                                 "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1}
 

@@ -5,12 +5,44 @@
   the batch's document ids). On cuda FlexAttention with a block mask (work only where the mask has
   something); elsewhere SDPA with an explicit boolean mask, because FlexAttention has no CPU backward.
 - prefix_lm, span_corruption, ul2: a bidirectional prefix per row: SDPA with an explicit boolean prefix-LM mask.
+- model.sliding_window W (any packing): position i attends to j when i - W < j <= i (and, with document masks, j
+  in i's document). On cuda FlexAttention with a block mask from that rule (blocks outside every window are
+  skipped); elsewhere SDPA with the explicit boolean mask.
 """
 
 from __future__ import annotations
 
-from ..objectives import PREFIX_OBJECTIVES
+from ..objectives import PREFIX_OBJECTIVES, seq_lens
 from ..plan import Plan
+
+BLOCK = 128  # FlexAttention's block size (create_block_mask's default)
+
+
+def window_blocks(seq_len: int, window: int) -> tuple[int, int]:
+    """(BLOCK × BLOCK blocks of a seq_len × seq_len causal mask that hold a (query, key) pair inside the window,
+    all blocks on or below the diagonal). A block `back` blocks left of the diagonal holds one when its closest
+    pair, BLOCK × back - (BLOCK - 1) positions apart, is closer than the window."""
+    n = -(-seq_len // BLOCK)
+    back = min(n - 1, (window + BLOCK - 2) // BLOCK)   # the farthest block to the left of the diagonal that is touched
+    return sum(min(q, back) + 1 for q in range(n)), n * (n + 1) // 2
+
+
+def _sliding_window(plan: Plan, window: int) -> Plan:
+    packing = plan.recipe.data.packing
+    docs = packing != "concat"
+    rule = (f"model.sliding_window {window}: position i attends to position j when i - {window} < j <= i (the last {window} "
+            "positions, itself included, as Mistral)" + (f" and j is in i's document (data.packing {packing})" if docs else ""))
+    if plan.device == "cuda":
+        T = max(seq_lens(plan.recipe))
+        touched, causal = window_blocks(T, window)
+        return plan.decide("attention", "flex",
+                           f"{rule}: on cuda FlexAttention with a block mask built from that rule computes only the "
+                           f"{BLOCK}×{BLOCK} blocks that hold a pair inside a window (at seq_len {T}: at most {touched} of the "
+                           f"{causal} causal blocks) and skips the rest; other lengths than the run's (sampling) take "
+                           "scaled_dot_product_attention with the same rule as a dense mask", attention="flex")
+    return plan.decide("attention", "sdpa_mask",
+                       f"{rule}: scaled_dot_product_attention with an explicit ({'batch' if docs else '1'}, 1, seq, seq) "
+                       f"boolean mask; FlexAttention has no backward on {plan.device}", attention="sdpa_mask")
 
 
 def run(plan: Plan) -> Plan:
@@ -27,6 +59,8 @@ def run(plan: Plan) -> Plan:
                            "bidirectional encoder with learned positions: scaled_dot_product_attention "
                            + (where[2:] if docs else "without a mask (a key-padding mask only when a batch carries padding)"),
                            attention="sdpa_mask" if docs else "sdpa_bidirectional")
+    if m.sliding_window is not None:  # validation keeps windows to the llama family, off TPUs, without prefix objectives
+        return _sliding_window(plan, m.sliding_window)
     kind = plan.recipe.objective.kind
     if kind in PREFIX_OBJECTIVES:  # a bidirectional prefix per row (validation keeps these objectives to concat packing)
         return plan.decide("attention", "sdpa_mask",

@@ -24,7 +24,7 @@ def estimated_eager_seconds(plan: Plan) -> float:
     n_layers = plan.n_layers or m.n_layers
     counts = model_counts(plan)
     fpt = flops_per_token(counts["matmul_params"], n_layers, counts.get("attention_heads", m.n_heads), plan.head_dim,
-                          plan.recipe.train.seq_len)
+                          plan.recipe.train.seq_len, m.sliding_window)
     chip = cpu_chip(plan.host.cpu_cores, plan.host.memory_bytes, plan.host.cpu_bf16)
     return fpt * plan.tokens / (chip.peak_flops[plan.precision] * CPU_MFU)
 

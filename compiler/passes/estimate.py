@@ -31,11 +31,13 @@ def memory_of(plan: Plan) -> tuple[int, str]:
 
 def mask_bytes(plan: Plan, micro_batch: int, seq_len: int) -> int:
     """The attention mask a micro-batch builds once and every layer keeps for its backward (choose_attention):
-    sdpa_mask, a (batch, 1, T, T) bool block mask (documents, prefixes); sdpa_alibi, the (batch, heads, T, T)
-    fp32 ALiBi bias with padding at -inf (ELECTRA's generator has its own). Causal SDPA, FlexAttention's
-    block mask and unmasked encoders keep no (T, T) tensor."""
+    sdpa_mask, a (batch, 1, T, T) bool block mask (documents, prefixes; a sliding window with concat packing is
+    the same for every row: (1, 1, T, T)); sdpa_alibi, the (batch, heads, T, T) fp32 ALiBi bias with padding
+    at -inf (ELECTRA's generator has its own). Causal SDPA, FlexAttention's block mask and unmasked encoders
+    keep no (T, T) tensor."""
     if plan.attention == "sdpa_mask":
-        return micro_batch * seq_len * seq_len
+        shared = plan.recipe.model.sliding_window is not None and plan.recipe.data.packing == "concat"
+        return (1 if shared else micro_batch) * seq_len * seq_len
     if plan.attention == "sdpa_alibi":
         biases = 2 if plan.recipe.objective.kind == "rtd" else 1
         return biases * micro_batch * plan.recipe.model.n_heads * seq_len * seq_len * 4
@@ -94,7 +96,8 @@ def recompute_flops(plan: Plan) -> int:
         return 2 * n_layers * 3 * m.d_model * plan.d_ff
     if plan.activation_checkpointing == "full":
         c = model_counts(plan)
-        return 2 * (c["matmul_params"] - plan.padded_vocab * m.d_model) + 4 * n_layers * m.n_heads * plan.head_dim * plan.recipe.train.seq_len
+        keys = plan.recipe.train.seq_len if m.sliding_window is None else min(plan.recipe.train.seq_len, m.sliding_window)
+        return 2 * (c["matmul_params"] - plan.padded_vocab * m.d_model) + 4 * n_layers * m.n_heads * plan.head_dim * keys
     return 0
 
 
@@ -104,10 +107,12 @@ def run(plan: Plan) -> Plan:
     counts = model_counts(plan)
     n_layers = plan.n_layers or m.n_layers
     heads = counts.get("attention_heads", m.n_heads)  # an ELECTRA generator's heads attend too
-    fpt = flops_per_token(counts["matmul_params"], n_layers, heads, plan.head_dim, tr.seq_len)
+    window = m.sliding_window  # a query attends to at most this many keys (None: all earlier ones)
+    fpt = flops_per_token(counts["matmul_params"], n_layers, heads, plan.head_dim, tr.seq_len, window)
     # each phase at its own depth and sequence length (attention FLOPs grow with it); the peak memory is the largest phase's
     phase_counts = {ph.name: model_counts(plan, ph.n_layers) for ph in plan.phases}
-    phase_flops = {ph.name: flops_per_token(phase_counts[ph.name]["matmul_params"], ph.n_layers, heads, plan.head_dim, ph.seq_len)
+    phase_flops = {ph.name: flops_per_token(phase_counts[ph.name]["matmul_params"], ph.n_layers, heads, plan.head_dim, ph.seq_len,
+                                            window)
                    * ph.steps * ph.tokens_per_step for ph in plan.phases}
     total = sum(phase_flops.values()) if plan.phases else fpt * plan.tokens
     mem = dict(states(plan))
@@ -140,7 +145,9 @@ def run(plan: Plan) -> Plan:
         **({"recompute_flops": recompute} if recompute else {}),
         "basis": {
             "chip": chip.name, "peak_flops": peak, "peak_source": chip.note, "mfu": mfu, "devices": plan.world,
-            "flops": "6 × matmul params + 12 × n_layers × n_heads × head_dim × seq_len per token (PaLM, appendix B)",
+            "flops": "6 × matmul params + 12 × n_layers × n_heads × head_dim × seq_len per token (PaLM, appendix B)"
+                     + (f"; seq_len counted as at most model.sliding_window {window}, the keys a query attends to"
+                        if window is not None else ""),
             "memory": "fp32 weights, gradients and AdamW moments (sharded over the devices with FSDP, over a node's devices "
                       "with HSDP, plus the blocks FSDP gathers whole); activations saved for backward of one micro-batch, with "
                       "the plan's activation checkpointing",
