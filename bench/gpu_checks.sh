@@ -27,6 +27,8 @@ if [ "${1:-}" = compile ]; then
         --set train.eval_every=100 --set train.log_every=20
     malt compile recipes/tiny-distill.yaml -o $out/tiny-distill $cuda $fast --set train.steps=100 \
         --set train.eval_every=50 --set train.log_every=10
+    malt compile recipes/tiny-swa.yaml -o $out/tiny-swa $cuda $fast --set train.steps=200 \
+        --set train.eval_every=100 --set train.log_every=20
     malt compile recipes/tiny.yaml -o $out/tiny-pinned $cuda $fast --set train.steps=400 --set train.eval_every=0 \
         --set train.log_every=20
     # the same program with pageable batches: the training loop's data.to_device replaced by plain copies
@@ -63,6 +65,8 @@ report() {  # report.py on a run directory, with its metrics kept beside the log
 
 check flex 100 "python3 bench/gpu_flex_check.py $out/tiny-packed --batch 16 --steps 20"
 check tiny-packed 80 "python3 $out/tiny-packed/train.py --quiet && $(report $out/tiny-packed)"
+check window 100 "python3 bench/gpu_window_check.py $out/tiny-swa"
+check tiny-swa 70 "python3 $out/tiny-swa/train.py --quiet && $(report $out/tiny-swa)"
 for v in pinned pageable pinned pageable; do   # the tiny data is ready (tiny-packed shares its tokenizer)
     check tiny-$v 45 "rm -rf $out/tiny-$v/checkpoints $out/tiny-$v/metrics.jsonl; python3 $out/tiny-$v/train.py --quiet \
         && $(report $out/tiny-$v 3)"

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 def load_model_module(program: Path):
     spec = importlib.util.spec_from_file_location("model_under_check", program / "model.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile looks the module's globals up by name
     spec.loader.exec_module(module)
     return module
 
