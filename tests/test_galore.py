@@ -34,15 +34,17 @@ def test_without_a_rank_it_is_torch_adamw():
 
 
 def _reference(w, grads, rank, every, scale, lr, betas, eps, wd):
-    """The paper's Algorithm 1 with AdamW's decoupled weight decay, in float64 numpy (all but the SVD independent of the optimizer)."""
+    """The paper's Algorithm 1 with AdamW's decoupled weight decay, in float64 numpy, independent of the optimizer
+    (an SVD where the optimizer takes the Gram matrix's eigenvectors; the same sign convention)."""
     w = w.astype(np.float64).copy()
     m_, v_, proj = None, None, None
     for t, g in enumerate(grads, start=1):
         g = g.astype(np.float64)
         right = g.shape[0] >= g.shape[1]
-        if (t - 1) % every == 0:  # torch's SVD, so both pick the same signs of the singular vectors (LAPACK's choice)
-            u, _, vh = (x.numpy() for x in torch.linalg.svd(torch.tensor(g), full_matrices=False))
+        if (t - 1) % every == 0:  # the top singular vectors (numpy's SVD), each with its largest entry positive
+            u, _, vh = np.linalg.svd(g, full_matrices=False)
             proj = vh[:rank].T if right else u[:, :rank]
+            proj = proj * np.sign(proj[np.abs(proj).argmax(axis=0), np.arange(proj.shape[1])])
         r = g @ proj if right else proj.T @ g
         if m_ is None:
             m_, v_ = np.zeros_like(r), np.zeros_like(r)
@@ -129,3 +131,20 @@ def test_galore_on_two_ddp_processes_follows_one(tmp_path):
     assert sorted(got) == sorted(ref) == list(range(1, 7))
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), step
+
+
+@pytest.mark.parametrize("shape", [(512, 192), (192, 512)])
+def test_fp32_projector_spans_the_top_singular_subspace(shape):
+    """The projector comes from the Gram matrix's eigenvectors: in fp32, on a gradient whose spectrum decays over
+    two decades, it spans the SVD's top-rank subspace and has the fixed signs."""
+    g = torch.Generator().manual_seed(0)
+    k = min(shape)
+    u = torch.linalg.qr(torch.randn(shape[0], k, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(shape[1], k, generator=g, dtype=torch.float64))[0]
+    grad = ((u * torch.logspace(0, -2, k, dtype=torch.float64)) @ v.t()).float()
+    proj = GaLoreAdamW([torch.zeros(1)], lr=1e-3)._projector(grad, 32)
+    want = (v if shape[0] >= shape[1] else u)[:, :32]
+    assert proj.shape == want.shape and proj.dtype == torch.float32
+    gap = (proj.double() @ proj.double().t() - want @ want.t()).abs().max().item()
+    assert gap < 1e-4, gap
+    assert (proj.gather(0, proj.abs().argmax(dim=0, keepdim=True)) > 0).all()
