@@ -30,7 +30,7 @@ KEYS = ["family", "position", "activation", "norm_position", "unpad", "kind", "p
         "validation_path", "accelerator", "precision", "parallelism", "nodes", "devices", "activation_checkpointing",
         "checkpoint_format", "eval_per_source", "mask_rate", "teacher", "rate", "order", "denoisers", "mode_tokens", "growth",
         "objective", "phases", "init_from", "weights", "memory_per_device", "chip", "micro_batch", "global_batch", "seq_len",
-        "n_heads", "n_kv_heads", "d_model", "vocab_size"]
+        "n_heads", "n_kv_heads", "d_model", "vocab_size", "sliding_window"]
 
 
 def _paths(node, prefix=()):
