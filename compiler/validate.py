@@ -557,9 +557,6 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             if m is not None and m.family != "llama":
                 add(("target", "precision"), f"pure_bf16 is built for the llama family only, not {m.family!r}",
                     "use precision: bf16 (autocast with fp32 master weights)")
-            if any(ph.growth is not None for ph in getattr(r, "phases", None) or []):
-                add(("target", "precision"), "pure_bf16 with growth by stacking is not built yet",
-                    "use precision: bf16 (autocast with fp32 master weights)")
             if getattr(getattr(r, "objective", None), "kind", None) == "distill":
                 add(("target", "precision"), "pure_bf16 with objective distill is not built yet",
                     "use precision: bf16 (autocast with fp32 master weights)")

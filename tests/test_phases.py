@@ -240,3 +240,30 @@ def test_growth_by_stacking_preserves_weights_and_resumes_across_it(tmp_path):
         (resumed / "checkpoints" / "latest").write_text(f"step_{at:08d}\n")
         run_program(resumed, cache, "--resume")
         assert losses(resumed) == {s: v for s, v in ref.items() if s > at}
+
+
+def test_growth_by_stacking_under_pure_bf16_stays_bf16_and_resumes(tmp_path):
+    """target.precision pure_bf16: the grown model is bf16 like the small one (no fp32 copy appears at the
+    growth), trains on, and a resume after the growth repeats the uninterrupted run."""
+    from safetensors import safe_open
+
+    recipe = phased_recipe(tmp_path, GROWTH)
+    recipe.write_text(recipe.read_text().replace("eval_batches: 2,", "eval_batches: 2, keep_checkpoints: 20,"))
+    cache = tmp_path / "cache"
+    full = tmp_path / "full"
+    compile_to(recipe, full, sets=["target.precision=pure_bf16"], host=Host())
+    out = run_program(full, cache)
+    assert "growth: stacked to 4 layers" in out.stdout
+    ref = losses(full)
+    assert sorted(ref) == list(range(1, 21)) and all(v == v for v in ref.values())  # no NaN
+    with safe_open(str(full / "checkpoints" / "step_00000020" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+        assert any(k.startswith("layers.3.") for k in f.keys())
+    with safe_open(str(full / "checkpoints" / "step_00000020" / "optimizer.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys() if k.endswith(("exp_avg", "exp_avg_sq"))} == {"torch.bfloat16"}
+    resumed = tmp_path / "resumed"
+    compile_to(recipe, resumed, sets=["target.precision=pure_bf16"], host=Host())
+    shutil.copytree(full / "checkpoints" / "step_00000010", resumed / "checkpoints" / "step_00000010")
+    (resumed / "checkpoints" / "latest").write_text("step_00000010\n")
+    run_program(resumed, cache, "--resume")
+    assert losses(resumed) == {s: v for s, v in ref.items() if s > 10}

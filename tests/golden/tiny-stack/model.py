@@ -198,7 +198,8 @@ def grow_by_stacking(small: Transformer, factor: int) -> Transformer:
     """G_stack ("Stacking Your Transformers", Du et al. 2024): a model `factor` times deeper whose layer
     stack is the small model's stack repeated, [L1..Ln, L1..Ln, ...]; embeddings, final norm and head are copied."""
     n = len(small.layers)
-    big = Transformer(n_layers=n * factor, max_seq_len=small.rope_cos.shape[0]).to(small.rope_cos.device)
+    big = Transformer(n_layers=n * factor, max_seq_len=small.rope_cos.shape[0])
+    big = big.to(device=small.rope_cos.device, dtype=small.embed_tokens.weight.dtype)  # bf16 under target.precision pure_bf16
     big.embed_tokens.load_state_dict(small.embed_tokens.state_dict())
     big.norm.load_state_dict(small.norm.state_dict())
     for i, layer in enumerate(big.layers):
