@@ -406,7 +406,8 @@ def teacher_costs(plan) -> dict | None:
 
     distilling = [ph for ph in plan.phases if phase_objective(plan.recipe, ph.index).kind == "distill"]
     phase_flops = {ph.name: per_token(ph.seq_len) * ph.steps * ph.tokens_per_step for ph in distilling}
-    weights = counts["params"] * (6 if plan.precision == "bf16" else 4)
+    # fp32 weights (with autocast's bf16 copies in bf16); pure_bf16 casts the teacher to bf16
+    weights = counts["params"] * (2 if plan.master_weights == "bf16" else 6 if plan.precision == "bf16" else 4)
     if plan.parallelism in ("fsdp", "hsdp"):  # sharded like the student (distributed.shard_frozen): one shard per device
         weights //= (plan.world or 1) // (plan.recipe.target.nodes if plan.parallelism == "hsdp" else 1)
     logits = max((distill_logits_bytes(plan, ph.micro_batch, ph.seq_len) for ph in distilling), default=0)

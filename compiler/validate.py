@@ -557,9 +557,6 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             if m is not None and m.family != "llama":
                 add(("target", "precision"), f"pure_bf16 is built for the llama family only, not {m.family!r}",
                     "use precision: bf16 (autocast with fp32 master weights)")
-            if getattr(getattr(r, "objective", None), "kind", None) == "distill":
-                add(("target", "precision"), "pure_bf16 with objective distill is not built yet",
-                    "use precision: bf16 (autocast with fp32 master weights)")
         if tg.accelerator == "tpu":  # what the torch-xla program covers (compiler/tpu.py)
             for path, message, hint in tpu_problems(r):
                 add(path, message, hint)

@@ -428,6 +428,28 @@ def test_fsdp_shards_the_teacher_and_trains_as_one_process(tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), step
 
 
+@pytest.mark.slow
+def test_distill_under_pure_bf16_runs_the_teacher_in_bf16(tmp_path):
+    """target.precision pure_bf16 with a teacher: the teacher is cast to bf16 (2 bytes a weight in the plan), the run
+    trains with finite losses and saves bf16 weights."""
+    from safetensors import safe_open
+
+    from .test_run import losses
+
+    hf_llama(tmp_path / "teacher")
+    recipe = tiny(tmp_path / "r", "objective: {kind: distill, teacher: ../teacher, weight: 0.5, temperature: 2}\n", steps=6)
+    run = tmp_path / "run"
+    p = compile_to(recipe, run, sets=["target.precision=pure_bf16"], host=Host())
+    assert "teacher = teacher.to(torch.bfloat16)" in (run / "train.py").read_text()
+    assert p.estimates["memory_per_device_bytes"]["teacher_weights"] == 2 * p.estimates["teacher_params"]
+    out = run_program(run, tmp_path / "cache")
+    assert "distill: teacher" in out.stdout
+    got = losses(run)
+    assert sorted(got) == list(range(1, 7)) and all(v == v and v < 1e4 for v in got.values())
+    with safe_open(str(run / "checkpoints" / "step_00000006" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+
+
 def test_distill_teacher_with_a_smaller_vocabulary_is_refused(tmp_path):
     hf_llama(tmp_path / "teacher", vocab=128)
     text = problems(tiny(tmp_path / "r", "objective: {kind: distill, teacher: ../teacher}\n"))
