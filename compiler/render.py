@@ -250,7 +250,11 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
     constants += objective.pop("objective_constants")
     if r.data.packing != "concat":  # dataset.batch returns each position's document id too
         objective["batch_out"] += ", doc_ids"
-    objective["prefix_arg"] = ", prefix_len=prefix_len" if objective["prefix_lm"] else objective.get("rtd_arg", "")
+    # the batch's tensors the model takes beside (x, y): prefix lengths (prefix objectives) or rtd's uniforms and counts,
+    # and each position's document (document / best_fit packing)
+    rtd_args = objective.pop("rtd_arg", "")
+    objective["batch_args"] = ((", prefix_len=prefix_len" if objective["prefix_lm"] else rtd_args)
+                               + (", doc_ids=doc_ids" if r.data.packing != "concat" else ""))
     schedules, lr_dispatch = _schedules(plan)
     phase_comments, phase_rows = _phase_table(plan) if phased else ([], [])
     e = ({"micro_batch": 'phase["micro_batch"]', "seq_len": 'phase["seq_len"]', "grad_accum": 'phase["grad_accum"]',
@@ -309,7 +313,6 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "window": m.sliding_window is not None,    # model.sliding_window: one mask function, window & causal (& documents)
         "doc_masks": r.data.packing != "concat",   # document ids ride with every batch (choose_attention)
         "packing": r.data.packing,
-        "doc_arg": ", doc_ids=doc_ids" if r.data.packing != "concat" else "",
         "loss_chunk": LOSS_CHUNK,
         "token_weighted": token_weighted,
         "eval_per_source": plan.recipe.train.eval_per_source,

@@ -7,6 +7,7 @@ prefix (`layers.0.self_attn.q_proj.weight` is `model.layers.0.self_attn.q_proj.w
 there), so a checkpoint exports by renaming alone.
 """
 
+import functools
 import math
 
 import torch
@@ -105,6 +106,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@functools.lru_cache(maxsize=8)  # the same for every batch of a length: built once per length, not every forward
 def sliding_window_mask(T: int, device):
     """Sliding-window causal mask (model.sliding_window, as Mistral's), (1, 1, T, T) bool, True = may attend:
     position i attends to position j when i - SLIDING_WINDOW < j <= i, the last SLIDING_WINDOW positions,
