@@ -13,6 +13,21 @@ from pathlib import Path
 HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
+def hf_window(arch: str, c: dict) -> int | None:
+    """The sliding window a Hugging Face config applies to any layer, or None: Mistral windows every layer when
+    sliding_window is set; Qwen2 only with use_sliding_window, from layer max_window_layers on (layer_types where given)."""
+    window = c.get("sliding_window")
+    if not window:
+        return None
+    if arch == "MistralForCausalLM":
+        return window
+    if arch == "Qwen2ForCausalLM" and c.get("use_sliding_window"):
+        if "layer_types" in c:
+            return window if "sliding_attention" in c["layer_types"] else None
+        return window if c.get("max_window_layers", 0) < c["num_hidden_layers"] else None
+    return None
+
+
 def describe(path: Path) -> tuple[dict | None, str | None]:
     """({kind, shape}, None) for a usable checkpoint directory, else (None, what is wrong)."""
     if not path.is_dir():
@@ -43,7 +58,7 @@ def describe(path: Path) -> tuple[dict | None, str | None]:
             return None, f"{path} has no .safetensors weights (pickled .bin checkpoints are not read)"
         if c.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and c.get("attention_bias")):
             return None, f"{path}: bias on the output or MLP projections has no counterpart in malt's model"
-        if arch != "Qwen2ForCausalLM" and c.get("sliding_window") not in (None, 0) and arch == "MistralForCausalLM":
+        if hf_window(arch, c) is not None:
             return None, (f"{path} uses sliding-window attention ({c['sliding_window']}); starting from or distilling a "
                           "Hugging Face sliding-window checkpoint is not built yet")
         heads = c["num_attention_heads"]

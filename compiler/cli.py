@@ -85,7 +85,8 @@ def _plan_text(p) -> str:
          f"model      {m['family']} encoder ({m['position']} positions, {m['activation']}, {m['norm_position']}-norm"
          f"{', unpadded' if m['unpad'] else ''}): {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads, ")
         + f"head_dim {m['head_dim']}, d_ff {m['d_ff']}, vocab {m['vocab_size']:,} → {m['padded_vocab']:,}",
-        f"params     {est['params']:,} ({human_count(est['params'])}; {human_count(est['params_non_embedding'])} non-embedding)",
+        f"params     {est['params']:,} ({human_count(est['params'])}; {human_count(est['params_non_embedding'])} non-embedding"
+        + (f"; {human_count(est['params_generator'])} in the rtd generator" if "params_generator" in est else "") + ")",
         f"run        {j['steps']:,} steps × {b['tokens_per_step']:,} tokens = {j['tokens']:,} tokens ({human_count(j['tokens'])})",
         f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation"
         + (f" × {ex['devices']} devices" if ex['devices'] > 1 else ""),

@@ -79,6 +79,24 @@ def resolve_schedule(spec: ScheduleSpec, lr: float, total: int) -> Schedule:
     return Schedule(spec.decay, lr, min_lr, total, warmup, decay_start, cooldown_end, plateau)
 
 
+def schedule_overlap_problems(spec: ScheduleSpec, total: int, where: tuple) -> list:
+    """wsd and infinite: the warmup (and infinite's cooldown) must end before the final decay starts, or the
+    learning rate jumps where one stage cuts the other short."""
+    if spec.decay not in ("wsd", "infinite") or not 0 < spec.decay_share < 1:
+        return []  # an out-of-range decay_share is a problem of its own
+    if spec.decay == "infinite" and spec.cooldown_share + spec.decay_share >= 1:
+        return []  # reported as leaving no plateau
+    s = resolve_schedule(spec, 1.0, total)
+    end, what = (s.cooldown_end, "warmup and cooldown end") if spec.decay == "infinite" else (s.warmup, "warmup ends")
+    if end <= s.decay_start:
+        return []
+    field = "cooldown_share" if spec.decay == "infinite" and s.warmup <= s.decay_start else "warmup"
+    message = (f"the {what} at step {end}, after the {spec.decay} decay starts at step {s.decay_start} "
+               f"({spec.decay_share:.0%} of {total} steps): the learning rate would jump")
+    return [(where + (field,), message,
+             "shorten the warmup" + (" or cooldown_share" if spec.decay == "infinite" else "") + " or lower decay_share")]
+
+
 @dataclass(frozen=True)
 class PhaseRange:
     index: int
@@ -278,6 +296,8 @@ def resolve(r: Recipe) -> Resolved:
             if warm >= n:
                 problems.append((where + ("schedule", "warmup"), f"warmup ({warm} steps) is not shorter than the phase ({n} steps)",
                                  "use a share such as 5%"))
+            else:
+                problems += schedule_overlap_problems(own, n, where + ("schedule",))
         out.phases.append(PhaseRange(i, ph.name, start, start + n, seq, gb, mb, tuple(weights[k] for k in names), rope,
                                      pick("lr"), tuple(pick("betas")), pick("eps"), pick("weight_decay"), pick("grad_clip"),
                                      own, tuple(changes), n_layers, grow, metadata=metadata))

@@ -127,6 +127,7 @@ class Plan:
             "name": r.name,
             "params": est.get("params"),
             "params_non_embedding": est.get("params_non_embedding"),
+            **({"params_generator": est["params_generator"]} if "params_generator" in est else {}),  # rtd: ELECTRA's generator, in params
             "flops_per_token": est.get("flops_per_token"),
             "tokens": self.tokens,
             "steps": self.steps,

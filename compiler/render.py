@@ -176,7 +176,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
     ]
     constants = [
         const("NAME", r.name, "name"),
-        const("RECIPE_HASH", plan.recipe_hash, "sha256 of the resolved recipe (recipe.lock.yaml)"),
+        const("RECIPE_HASH", plan.recipe_hash, "sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it"),
         const("SEED", r.seed, "seed"),
         _blank(),
     ]

@@ -19,7 +19,7 @@ from .diagnostics import Diagnostic, RecipeError, did_you_mean
 from .loader import Loaded
 from .conditioning import problems as conditioning_problems
 from .objectives import added_tokens, problems as objective_problems
-from .phases import resolve as resolve_phases, schedule_field_problems
+from .phases import resolve as resolve_phases, schedule_field_problems, schedule_overlap_problems
 from .schema import SCHEDULE_FIELD_USERS, ModelSpec, Recipe, steps_of
 from .tpu import problems as tpu_problems
 
@@ -267,6 +267,9 @@ def source_problems(s, base: Path) -> list[tuple[tuple, str, str]]:
                         f"did you mean {guess!r}?" if guess else f"built-in sources: {', '.join(BUILTIN_SOURCES)}"))
         elif wants_fields:
             out.append((("filter", "field"), f"{s.path} is plain text without fields", "remove filter.field"))
+        if s.text_field != "text":
+            out.append((("text_field",), f"{s.path} is plain text without fields: text_field {s.text_field!r} would be ignored",
+                        "remove text_field"))
         return out
     p = base / s.path
     supported = "files of a supported type (.txt, .jsonl, each also .gz or .zst, .parquet)"
@@ -307,6 +310,9 @@ def source_problems(s, base: Path) -> list[tuple[tuple, str, str]]:
     if wants_fields and kind and kind[0] == "txt":
         out.append((("filter", "field"), f"{s.path} is plain text: it has no field {flt['field']!r}",
                     "a field filter needs .jsonl or .parquet records"))
+    if s.text_field != "text" and kind and kind[0] == "txt":
+        out.append((("text_field",), f"{s.path} is plain text: text_field {s.text_field!r} would be ignored",
+                    "remove text_field; it names the key of .jsonl records or the column of .parquet files"))
     return out
 
 
@@ -400,6 +406,9 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                         f"did you mean {guess!r}?" if guess else f"sources are: {', '.join(names)}")
         if t.train_on and t.kind not in ("bpe", "unigram"):
             add(("tokenizer", "train_on"), f"train_on is only used by kind: bpe and unigram (this tokenizer is kind: {t.kind})", "remove tokenizer.train_on")
+        if t.kind not in ("bpe", "unigram") and loaded.origins.get(("tokenizer", "max_chars")) is not None:
+            add(("tokenizer", "max_chars"), f"max_chars is only used when training a tokenizer (kind: bpe or unigram; this one is kind: {t.kind})",
+                "remove tokenizer.max_chars")
         if t.max_chars <= 0:
             add(("tokenizer", "max_chars"), "must be positive", "remove tokenizer.max_chars to use the default (20M)")
 
@@ -457,6 +466,9 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 if getattr(o, key) is not None:
                     add(("optimizer", key), f"{key} is a GaLore setting, used only by optimizer.kind galore", f"remove optimizer.{key}, or set kind: galore")
         else:
+            for key, hint in (("rank", "remove it for d_model / 4, the paper's choice"), ("update_every", "the paper uses 200")):
+                if getattr(o, key) is not None and getattr(o, key) <= 0:
+                    add(("optimizer", key), f"must be positive, got {getattr(o, key)}", hint)
             if o.scale is not None and o.scale <= 0:
                 add(("optimizer", "scale"), f"must be positive, got {o.scale}", "the paper uses 0.25")
             tg, fam = getattr(r, "target", None), getattr(getattr(r, "model", None), "family", "llama")
@@ -489,6 +501,9 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             warm = steps_of(r.schedule.warmup, steps)
             if warm >= steps:
                 add(("schedule", "warmup"), f"warmup ({warm} steps) is not shorter than the run ({steps} steps)", "use a share such as 5%")
+            else:
+                for path, message, hint in schedule_overlap_problems(r.schedule, steps, ("schedule",)):
+                    add(path, message, hint)
         for name in ("eval_every", "checkpoint_every", "log_every", "sample_tokens"):
             if getattr(tr, name) < 0:
                 add(("train", name), "must not be negative", "use 0 to disable it" if name != "log_every" else "use 1 to log every step")
@@ -516,6 +531,9 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 add(path, message, hint)
 
     tg = r.target
+    if tg is not None and tg.mfu != "auto" and not 0 < tg.mfu <= 1:
+        add(("target", "mfu"), f"the assumed model FLOPs utilisation must be above 0% and at most 100%, got {tg.mfu:.0%}",
+            "use auto, or a typical 30%-50% on GPUs")
     if tg is not None and tr is not None:
         n = tg.devices * tg.nodes  # processes over all nodes
         if n > 1 and tr.global_batch % n:

@@ -360,3 +360,29 @@ def test_file_problems_come_before_command_line_problems(recipe):
     out = errors(recipe(lr="lr: -1"), ["model.n_heads=6"])
     assert out[0].startswith("recipe.yaml:15:3: error: optimizer.lr")
     assert out[1].startswith("command line (--set model.n_heads=6): error: model.n_heads")
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["target.mfu=0"], "target.mfu: the assumed model FLOPs utilisation must be above 0%"),   # was a ZeroDivisionError
+    (["optimizer.kind=galore", "optimizer.rank=0"], "optimizer.rank: must be positive, got 0"),  # was replaced by d_model / 4
+    (["optimizer.kind=galore", "optimizer.rank=-4"], "optimizer.rank: must be positive, got -4"),
+    (["optimizer.kind=galore", "optimizer.update_every=0"], "optimizer.update_every: must be positive, got 0"),
+    (["schedule={warmup: 50%, decay: wsd, decay_share: 60%}"],
+     "schedule.warmup: the warmup ends at step 5, after the wsd decay starts at step 4 (60% of 10 steps)"),
+    (["schedule={warmup: 10%, decay: infinite, decay_share: 20%, cooldown_share: 75%}"],
+     "schedule.cooldown_share: the warmup and cooldown end at step 9, after the infinite decay starts at step 8"),
+    (["tokenizer.max_chars=5M"], "tokenizer.max_chars: max_chars is only used when training a tokenizer"),
+    (["data.sources.0.text_field=body"], "data.sources.0.text_field: docs.txt is plain text: text_field 'body' would be ignored"),
+])
+def test_values_that_would_crash_or_be_ignored_are_errors(recipe, sets, expected):
+    assert expected in one(recipe(), sets)
+
+
+def test_a_wsd_schedule_whose_warmup_ends_before_its_decay_is_fine(recipe):
+    check(recipe(), ["schedule={warmup: 30%, decay: wsd, decay_share: 60%}"])
+    check(recipe(), ["schedule={warmup: 10%, decay: infinite, decay_share: 20%, cooldown_share: 60%}"])
+
+
+def test_a_phase_schedule_whose_stages_overlap_is_an_error(recipe):
+    phases = ["phases=[{name: a, share: 50%}, {name: b, share: 50%, schedule: {warmup: 60%, decay: wsd, decay_share: 60%}}]"]
+    assert "phases.1.schedule.warmup: the warmup ends at step 3, after the wsd decay starts at step 2" in one(recipe(), phases)

@@ -151,6 +151,7 @@ def test_rtd_plan_counts_the_generator(tmp_path):
     model = module.Transformer()
     generator = sum(p.numel() for p in model.generator.parameters())
     assert rtd.estimates["params_generator"] == generator > 0
+    assert rtd.to_json()["params_generator"] == generator and "params_generator" not in mlm.to_json()  # `malt plan --json`
     assert rtd.estimates["flops_per_token"] > mlm.estimates["flops_per_token"] * 1.2  # the generator's forward and backward
     g = next(d.value for d in rtd.decisions if d.name == "generator")
     assert g == {"d_model": 32, "n_heads": 2, "head_dim": 16, "d_ff": 64}

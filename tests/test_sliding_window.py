@@ -330,6 +330,34 @@ def test_check_rejects_a_teacher_trained_with_a_window(make_recipe, tmp_path):
         [d.format() for d in info.value.diagnostics]
 
 
+@pytest.mark.parametrize("arch,extra,windowed", [
+    ("MistralForCausalLM", {"sliding_window": 16}, True),
+    ("MistralForCausalLM", {"sliding_window": None}, False),
+    ("Qwen2ForCausalLM", {"sliding_window": 16, "use_sliding_window": True, "max_window_layers": 0}, True),  # malt's export
+    ("Qwen2ForCausalLM", {"sliding_window": 16, "use_sliding_window": True, "max_window_layers": 2}, False),  # no layer past 2
+    ("Qwen2ForCausalLM", {"sliding_window": 16, "use_sliding_window": False}, False),
+    ("Qwen2ForCausalLM", {"sliding_window": 16, "use_sliding_window": True,
+                          "layer_types": ["full_attention", "sliding_attention"]}, True),
+    ("LlamaForCausalLM", {"sliding_window": 16}, False),
+])
+def test_a_hugging_face_windowed_checkpoint_is_refused_as_teacher_or_start(tmp_path, arch, extra, windowed):
+    """init_from and distillation teachers read Hugging Face directories: a windowed one (Mistral, or Qwen2 with
+    use_sliding_window, as malt exports a windowed model with qkv_bias) is refused, not run with full attention."""
+    from malt.compiler.checkpoints import describe
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"")
+    config = {"architectures": [arch], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 320, **extra}
+    (d / "config.json").write_text(json.dumps(config))
+    found, problem = describe(d)
+    if windowed:
+        assert found is None and "sliding-window attention (16)" in problem and "not built yet" in problem
+    else:
+        assert problem is None and found["shape"]["n_layers"] == 2
+
+
 def test_malt_check_cli_points_at_the_line(make_recipe):
     recipe = make_recipe({"model": {"sliding_window": 48}})
     result = CliRunner().invoke(app, ["check", str(recipe)])

@@ -12,11 +12,11 @@ GALORE_SCALE = 0.25        # the paper's α for pre-training
 def run(plan: Plan) -> Plan:
     o = plan.recipe.optimizer
     if o.kind == "galore":
-        rank = o.rank or max(1, plan.recipe.model.d_model // 4)
-        galore = {"rank": rank, "update_every": o.update_every or GALORE_UPDATE_EVERY,
+        rank = o.rank if o.rank is not None else max(1, plan.recipe.model.d_model // 4)
+        galore = {"rank": rank, "update_every": o.update_every if o.update_every is not None else GALORE_UPDATE_EVERY,
                   "scale": o.scale if o.scale is not None else GALORE_SCALE}
-        why = ((f"optimizer.rank {rank}" if o.rank else f"rank d_model {plan.recipe.model.d_model} / 4 = {rank}, as the paper's "
-                "models (128 at d_model 512, 256 at 1024)") + f"; projector from the gradient's SVD every {galore['update_every']} steps, "
+        why = ((f"optimizer.rank {rank}" if o.rank is not None else f"rank d_model {plan.recipe.model.d_model} / 4 = {rank}, as the paper's "
+                "models (128 at d_model 512, 256 at 1024)") + f"; projector from the gradient's top singular vectors every {galore['update_every']} steps, "
                f"update scaled by {galore['scale']:g}; Adam moments of the blocks' matrices in the projected space; "
                "embeddings, head and norms are plain AdamW")
         return plan.decide("optimizer", "galore", why, galore=galore, fused_adamw=False)

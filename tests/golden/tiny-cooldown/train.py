@@ -23,7 +23,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-cooldown'                  # name
-RECIPE_HASH = '7bfb43f244f9c1bd3412582febe769a5507c24572462a50b95032466e185f84b' # sha256 of the resolved recipe (recipe.lock.yaml)
+RECIPE_HASH = '7bfb43f244f9c1bd3412582febe769a5507c24572462a50b95032466e185f84b' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 MAX_STEPS = 488                         # stable 415 + cooldown 73 = 488 steps, 999,424 tokens

@@ -25,7 +25,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-distill'                   # name
-RECIPE_HASH = '3fd69b982f20c0b3af59f13a1fb8ff934985c839fea1a6f013e8145e6f986d18' # sha256 of the resolved recipe (recipe.lock.yaml)
+RECIPE_HASH = '3fd69b982f20c0b3af59f13a1fb8ff934985c839fea1a6f013e8145e6f986d18' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 MAX_STEPS = 97                          # distill 58 + plain 39 = 97 steps, 198,656 tokens

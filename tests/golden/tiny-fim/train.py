@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-fim'                       # name
-RECIPE_HASH = '7b5955b9bc0a4fbc63f5af27375fdd02fd21135a370af91bbce7633dc1b983fa' # sha256 of the resolved recipe (recipe.lock.yaml)
+RECIPE_HASH = '7b5955b9bc0a4fbc63f5af27375fdd02fd21135a370af91bbce7633dc1b983fa' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

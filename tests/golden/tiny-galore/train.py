@@ -25,7 +25,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-galore'                    # name
-RECIPE_HASH = 'fd8ec740dbf6239ab01394c4ab9efd5463ada9d6a697e1162da5eea99ef255d8' # sha256 of the resolved recipe (recipe.lock.yaml)
+RECIPE_HASH = 'fd8ec740dbf6239ab01394c4ab9efd5463ada9d6a697e1162da5eea99ef255d8' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

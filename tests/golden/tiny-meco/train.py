@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-meco'                      # name
-RECIPE_HASH = '687ac06fc2e4f5d2fafcfa6ef871f58b509fc2fa28273c316e0029c79301d3b0' # sha256 of the resolved recipe (recipe.lock.yaml)
+RECIPE_HASH = '687ac06fc2e4f5d2fafcfa6ef871f58b509fc2fa28273c316e0029c79301d3b0' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 MAX_STEPS = 96                          # with-metadata 87 + cooldown 9 = 96 steps, 196,608 tokens

@@ -24,7 +24,7 @@ from model import Transformer, grow_by_stacking  # noqa: E402  (model.py beside 
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-stack'                     # name
-RECIPE_HASH = '7bcb8773a2b647aebca702c8aa48f2341e67ca1304ca9b357f73f2e0781aba19' # sha256 of the resolved recipe (recipe.lock.yaml)
+RECIPE_HASH = '7bcb8773a2b647aebca702c8aa48f2341e67ca1304ca9b357f73f2e0781aba19' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 MAX_STEPS = 488                         # small 122 + grown 366 = 488 steps, 999,424 tokens

@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-ul2'                       # name
-RECIPE_HASH = 'bc1fda077ab91b23fe9cef293df9c5ee59f1b11ee2ab44961243a06bf5f72e82' # sha256 of the resolved recipe (recipe.lock.yaml)
+RECIPE_HASH = 'bc1fda077ab91b23fe9cef293df9c5ee59f1b11ee2ab44961243a06bf5f72e82' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len
