@@ -52,6 +52,15 @@ def _guard(fn):
         raise
 
 
+def checkpoint_hash(path: Path) -> str | None:
+    """The recipe hash a checkpoint was written by (its state.json), None if unreadable (train.py then says why)."""
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state.get("recipe_hash") if isinstance(state, dict) else None
+
+
 def slug(name: str) -> str:
     """A directory name for a recipe name."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
@@ -77,6 +86,7 @@ def _plan_text(p) -> str:
     m, b, ex, est = j["model"], j["batch"], j["execution"], p.estimates
     mem = est["memory_per_device_bytes"]
     basis = est["basis"]
+    shapes_vary = len({(ph.seq_len, ph.global_batch) for ph in p.phases}) > 1  # phases with their own batch shape
     lines = [
         f"{p.recipe.name}  ({p.recipe_file})",
         "",
@@ -87,9 +97,10 @@ def _plan_text(p) -> str:
         + f"head_dim {m['head_dim']}, d_ff {m['d_ff']}, vocab {m['vocab_size']:,} → {m['padded_vocab']:,}",
         f"params     {est['params']:,} ({human_count(est['params'])}; {human_count(est['params_non_embedding'])} non-embedding"
         + (f"; {human_count(est['params_generator'])} in the rtd generator" if "params_generator" in est else "") + ")",
-        f"run        {j['steps']:,} steps × {b['tokens_per_step']:,} tokens = {j['tokens']:,} tokens ({human_count(j['tokens'])})",
+        (f"run        {j['steps']:,} steps × {b['tokens_per_step']:,} tokens = {j['tokens']:,} tokens ({human_count(j['tokens'])})"
+         if not shapes_vary else f"run        {j['steps']:,} steps = {j['tokens']:,} tokens ({human_count(j['tokens'])}); the phases' batches differ (below)"),
         f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation"
-        + (f" × {ex['devices']} devices" if ex['devices'] > 1 else ""),
+        + (f" × {ex['devices']} devices" if ex['devices'] > 1 else "") + (f" (phase {p.phases[0].name})" if shapes_vary else ""),
         f"compute    {human_count(est['flops_per_token'])}FLOPs/token × {human_count(j['tokens'])} tokens"
         + (f" + the teacher's forward passes ({human_count(est['teacher_flops_per_token'])}FLOPs/token distilled)"
            if "teacher_flops_per_token" in est else "") + f" = {est['total_flops']:.3g} FLOPs",
@@ -166,14 +177,31 @@ def compile_(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
              set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP)):
     """Render the training program: train.py, model.py, launch.sh, plan.json, recipe.lock.yaml."""
     from .api import check as do_check
-    from .api import compile_to
 
     def go():
         target = out
         if target is None:
             r, _ = do_check(recipe, set_)
             target = Path("build") / slug(r.name)
-        p = compile_to(recipe, target, set_)
+        from malt.runtime.checkpoint import latest
+        from malt.runtime.run import lock_holder
+
+        from .api import compile_files
+        from .diagnostics import UserError
+        from .render import write
+
+        p, files = compile_files(recipe, target, set_)
+        pid = lock_holder(target)
+        if pid is not None:
+            raise UserError(f"{target} is in use: a training (pid {pid if pid > 0 else '?'}) runs in it",
+                            "compile into another directory, or wait for the training to finish", code=2)
+        found = latest(target)
+        old = checkpoint_hash(found[1]) if found is not None else None
+        if old is not None and old != p.recipe_hash:  # the same recipe for other hardware is fine: it resumes
+            raise UserError(f"{target} holds a run of another recipe (checkpoint at step {found[0]:,}, hash {old[:12]}; this "
+                            f"recipe's is {p.recipe_hash[:12]}): its program would no longer match its checkpoints",
+                            "compile into another directory", code=2)
+        write(files, target)
         typer.echo(f"wrote {target}/: train.py model.py launch.sh {'slurm.sbatch ' if p.nodes > 1 else ''}plan.json recipe.lock.yaml")
     _guard(go)
 
@@ -196,22 +224,27 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         directory = run_dir or Path("runs") / slug(r.name)
         from malt.runtime.checkpoint import latest
 
+        from malt.runtime.run import lock_holder
+
+        pid = lock_holder(directory)
+        if pid is not None:  # before compiling over its program
+            raise UserError(f"{directory} is in use: another training (pid {pid if pid > 0 else '?'}) runs in it",
+                            "wait for it to finish or stop it; or train in another directory (--run-dir)", code=2)
         found = latest(directory)
         p, files = compile_files(recipe, directory, set_)
         if found is not None:
             if not resume:
                 raise UserError(f"{directory} already holds a run (checkpoint at step {found[0]:,})",
                                 "pass --resume to continue it, or --run-dir to start a new run elsewhere", code=2)
-            lock = directory / "plan.json"
-            old = json.loads(lock.read_text()).get("recipe_hash") if lock.is_file() else None
-            if old != p.recipe_hash:
+            old = checkpoint_hash(found[1])
+            if old is not None and old != p.recipe_hash:  # unreadable: train.py's restore says how it is corrupt
                 raise UserError(f"the recipe changed since {directory} was started (hash {str(old)[:12]} → {p.recipe_hash[:12]})",
                                 "resume with the recipe as it was, or start a new run with --run-dir", code=2)
         from .render import write
 
         write(files, directory)
         where = p.device if p.world == 1 else f"{p.world} × {p.device}, {p.parallelism}"
-        typer.echo(f"compiled {p.recipe_file} → {directory}/ ({p.estimates['params']:,} params, {p.steps:,} steps, {where}, {p.precision})")
+        typer.echo(f"compiled {p.recipe_file} → {directory}/ ({p.estimates['params']:,} params, {p.steps:,} steps, {where}, {'pure_bf16' if p.master_weights == 'bf16' else p.precision})")
         if p.nodes > 1:  # one machine cannot start the other nodes' processes: say how to start them
             from .launch import instructions
 
@@ -234,11 +267,18 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         from .render import launch_command
 
         cmd = launch_command(p, str(directory / "train.py")) + (["--resume"] if resume else [])
+        import signal
+
         child = subprocess.Popen(cmd, env=os.environ.copy())
+        forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))  # `kill`, a closed terminal:
+                   for sig in (signal.SIGTERM, signal.SIGHUP)}                             # the program stops with malt
         try:
             code = child.wait()
         except KeyboardInterrupt:  # the program got the same Ctrl-C; let it finish its message
             code = child.wait()
+        finally:
+            for sig, handler in forward.items():
+                signal.signal(sig, handler)
         if code:
             raise typer.Exit(code)
     _guard(go)

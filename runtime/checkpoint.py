@@ -166,11 +166,12 @@ def _save_sharded(run: Run, step: int, model: torch.nn.Module, optimizer: torch.
         tmp.mkdir()
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)  # this process's shards, keyed by parameter name
-    with _one_process_is_fine():
+    with _one_process_is_fine(), _unfinished(tmp, step):
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))  # every file synced; .metadata last
     _barrier()
     if main:
-        _finish(run, step, tmp, {"optimizer": {"layout": "dcp"}}, keep, extra, FORMAT_SHARDED)
+        with _unfinished(tmp, step):
+            _finish(run, step, tmp, {"optimizer": {"layout": "dcp"}}, keep, extra, FORMAT_SHARDED)
     _barrier()
     return run.checkpoints / name
 
@@ -183,9 +184,36 @@ def _write(run: Run, step: int, tensors: dict, opt_tensors: dict, meta: dict, ke
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    _finish(run, step, tmp, {"optimizer": meta}, keep, extra, FORMAT)
+    with _unfinished(tmp, step):
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        _finish(run, step, tmp, {"optimizer": meta}, keep, extra, FORMAT)
+
+
+@contextmanager
+def _unfinished(tmp: Path, step: int):
+    """A checkpoint being written in ``tmp``: if writing fails or is interrupted, remove it (the checkpoints already
+    written stay complete) and say why in words, for a full disk or any other OS error."""
+    try:
+        yield
+    except BaseException as e:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # safetensors reports I/O errors as its own
+            raise RunError(f"cannot write the checkpoint of step {step:,} in {tmp.parent}: {e}",
+                           "free disk space (or lower train.keep_checkpoints); the checkpoints already written are complete: "
+                           "continue with --resume") from None
+        raise
+
+
+def remove_unfinished(run: Run) -> None:
+    """Remove the temporary folders of checkpoints whose writing was killed (SIGKILL, power loss): a run that
+    holds the run directory's lock (Run.acquire) is the only writer, so anything unfinished is dead."""
+    if not run.checkpoints.is_dir():
+        return
+    for d in list(run.checkpoints.glob(".tmp-step_*")) + list(run.checkpoints.glob(".old-step_*")):
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _finish(run: Run, step: int, tmp: Path, fields: dict, keep: int, extra: dict | None, fmt: int) -> None:
@@ -239,8 +267,23 @@ def _set_model(model: torch.nn.Module, tensors: dict, source) -> None:
     try:
         set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=True))
     except (RuntimeError, KeyError, ValueError) as e:
-        raise RunError(f"checkpoint {source} does not fit this model: {str(e).splitlines()[0]}",
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = " ".join(lines[:2])[:400]  # torch's first line is a heading; the second names the tensor that differs
+        raise RunError(f"checkpoint {source} does not fit this model: {detail}",
                        "resume with the recipe that wrote it (same model shape)")
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, or a RunError that says it is corrupt."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (ValueError, OSError) as e:
+        raise RunError(f"checkpoint {path / 'state.json'} is corrupt: {e}", "remove that checkpoint directory to resume from an older one")
+    missing = [k for k in ("format", "step", "recipe_hash", "optimizer") if k not in state] if isinstance(state, dict) else ["all"]
+    if missing:
+        raise RunError(f"checkpoint {path / 'state.json'} is corrupt: it lacks {', '.join(missing)}",
+                       "remove that checkpoint directory to resume from an older one")
+    return state
 
 
 def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
@@ -252,10 +295,7 @@ def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     if found is None:
         return 0
     step, path = found
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except ValueError as e:
-        raise RunError(f"checkpoint {path / 'state.json'} is corrupt: {e}", "remove that checkpoint directory to resume from an older one")
+    state = read_state(path)
     if state.get("format") not in (FORMAT, FORMAT_SHARDED):
         raise RunError(f"checkpoint {path} has format {state.get('format')}, this malt reads formats {FORMAT} and {FORMAT_SHARDED}",
                        "resume it with the malt version that wrote it")
@@ -297,9 +337,10 @@ def _load_rng(path: Path) -> None:
 def is_sharded(path: Path) -> bool:
     """Whether the checkpoint directory ``path`` is a sharded (DCP) one."""
     try:
-        return json.loads((Path(path) / "state.json").read_text()).get("format") == FORMAT_SHARDED
+        state = json.loads((Path(path) / "state.json").read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(state, dict) and state.get("format") == FORMAT_SHARDED
 
 
 def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -384,7 +425,7 @@ def init_from(path: Path, kind: str, model: torch.nn.Module, optimizer: torch.op
                        "make the model section match the checkpoint's shape")
     _set_model(model, {k: state_dict[k] for k in own}, source)
     if optimizer is not None:
-        state = json.loads((ck / "state.json").read_text())
+        state = read_state(ck)
         _load_optimizer(model, optimizer, state, load_file(str(ck / "optimizer.safetensors")))
     n = sum(v.numel() for k, v in own.items() if not (k == "lm_head.weight" and _tied(model)))
     log(f"init_from: {n:,} parameters from {source}" + (" with its optimizer state" if optimizer is not None else ""))

@@ -686,7 +686,14 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
     workers = default_workers() if workers is None else max(1, int(workers))
 
     cache = Path(cache_dir).expanduser().resolve()
-    (cache / "tokens").mkdir(parents=True, exist_ok=True)
+    try:
+        (cache / "tokens").mkdir(parents=True, exist_ok=True)
+        probe = cache / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"cannot use {cache} as malt's data cache: {e.strerror or e}; "
+                        "set MALT_CACHE_DIR to a directory this user can write (tokenizers and token shards go there)") from None
     enc = None
     bar = None
     tok = None

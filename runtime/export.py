@@ -217,6 +217,11 @@ def export_hf(run_dir, out, force: bool = False) -> str:
     if run_dir.exists() and (out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents):
         raise RunError(f"{out} is or contains the run directory {run_dir}; exporting there would replace the run",
                        "choose an output directory outside the run, such as hf/NAME")
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise RunError(f"{out} is or contains the current directory; exporting replaces the whole output directory",
+                       "export into a folder of its own, such as hf/NAME")
+    out = out.resolve()  # absolute: "hf/" and "hf" name the same folder, and its temporary sibling is beside it
     encoder = (run_dir / "plan.json").is_file() and _read_json(run_dir / "plan.json").get("model", {}).get("family") == "bert"
     if encoder:  # refuse before writing anything: never a half-valid directory
         why = encoder_refusal(_read_json(run_dir / "plan.json"), read_lock(run_dir))
@@ -259,19 +264,23 @@ def export_hf(run_dir, out, force: bool = False) -> str:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if not encoder:
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}, indent=2) + "\n")
-    shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
-    specials_map = {"eos_token": eos_token, "bos_token": eos_token} if eos_token is not None else {}
-    if encoder:  # the fill-mask pipeline needs the mask token; the end-of-text token separates (and pads) sequences
-        specials_map = {"mask_token": ((lock.get("objective") or {}).get("mask_token") or "[MASK]"),
-                        **({"sep_token": eos_token, "pad_token": eos_token} if eos_token is not None else {})}
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials_map, "unk_token": None,
-                  "model_max_length": plan["batch"]["seq_len"], "clean_up_tokenization_spaces": False}
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    (tmp / "special_tokens_map.json").write_text(json.dumps(specials_map, indent=2) + "\n")
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if not encoder:
+            (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}, indent=2) + "\n")
+        shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        specials_map = {"eos_token": eos_token, "bos_token": eos_token} if eos_token is not None else {}
+        if encoder:  # the fill-mask pipeline needs the mask token; the end-of-text token separates (and pads) sequences
+            specials_map = {"mask_token": ((lock.get("objective") or {}).get("mask_token") or "[MASK]"),
+                            **({"sep_token": eos_token, "pad_token": eos_token} if eos_token is not None else {})}
+        tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials_map, "unk_token": None,
+                      "model_max_length": plan["batch"]["seq_len"], "clean_up_tokenization_spaces": False}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+        (tmp / "special_tokens_map.json").write_text(json.dumps(specials_map, indent=2) + "\n")
+    except BaseException:  # an interrupted or failed export leaves nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         trash = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, trash)

@@ -62,6 +62,11 @@ class Run:
         self.world_size = world
         self.resume_step = 0  # the step of the checkpoint a resumed run continues
 
+    def acquire(self) -> None:
+        """Hold the run directory's lock (``.lock``, flock) for the life of this process: a second training in the
+        same directory would overwrite this one's checkpoints and metrics, so it is refused while this one runs."""
+        self._lock = hold_lock(self.dir)
+
     # -- output -------------------------------------------------------------
     def log(self, message: str) -> None:
         if not self.is_main:
@@ -97,7 +102,7 @@ class Run:
         if device == "cuda" and torch.cuda.device_count() < here:
             raise RunError(f"{here} processes on this machine but {torch.cuda.device_count()} CUDA devices",
                            f"set target.devices to at most {torch.cuda.device_count()}")
-        if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        if device == "cuda" and precision in ("bf16", "pure_bf16") and not torch.cuda.is_bf16_supported():
             raise RunError(f"{torch.cuda.get_device_name(0)} does not support bf16", "use --set target.precision=fp32")
 
     def adopt_tokenizer(self, path) -> None:
@@ -196,6 +201,52 @@ class Run:
                  + (f", final val loss {self.last_eval:.4f}" if self.last_eval is not None else ""))
 
 
+LOCK = ".lock"
+
+
+def lock_holder(directory: Path) -> int | None:
+    """The pid of the process that trains in ``directory`` now (holds its lock), or None."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return None
+    path = Path(directory) / LOCK
+    if not path.is_file():
+        return None
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            text = fh.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+
+def hold_lock(directory: Path):
+    """Take the run directory's lock for the life of this process (the open file is returned and must be kept)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    fh = open(directory / LOCK, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        pid = fh.read().strip()
+        fh.close()
+        raise RunError(f"{directory} is in use: another training (pid {pid or '?'}) runs in it",
+                       "wait for it to finish or stop it; or train in another directory (--run-dir)") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
 USAGE = "usage: python train.py [--resume] [--quiet]"
 
 
@@ -217,16 +268,36 @@ def start_run(directory: Path, name: str, recipe_hash: str, argv=None, rank: int
         raise RunError(f"{directory} already holds a checkpoint (step {latest[0]:,}); starting over would overwrite it",
                        "pass --resume to continue that run, or remove the directory (or compile to another one) to start over")
     run = Run(directory, name, recipe_hash, resume=resume and latest is not None, quiet="--quiet" in args, rank=rank, world=world)
+    if run.is_main:
+        run.acquire()
+        checkpoint.remove_unfinished(run)  # this process is now the directory's only writer: earlier writes that died are dead
     run.resume_step = latest[0] if run.resume else 0
     if resume and latest is None:
         run.log(f"no checkpoint in {directory}: starting from step 0")
     return run
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler's preemption, a closed terminal, `kill`): stop as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def entry(main) -> None:
-    """Run a program's main() and turn user errors and Ctrl-C into a message and an exit code."""
+    """Run a program's main() and turn user errors, Ctrl-C, SIGTERM and SIGHUP into a message and an exit code."""
+    import signal
+
     from .data import DataError
 
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _terminate)
     try:
         main()
     except (RunError, DataError) as e:
@@ -235,6 +306,10 @@ def entry(main) -> None:
         if hint:
             print(f"    hint: {hint}", file=sys.stderr)
         raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: checkpoints already written are complete; continue with --resume", file=sys.stderr)
-        raise SystemExit(130)
+    except KeyboardInterrupt as e:
+        import signal
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"\n{what}: checkpoints already written are complete; continue with --resume", file=sys.stderr)
+        raise SystemExit(128 + signum)

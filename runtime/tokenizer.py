@@ -93,13 +93,15 @@ def _train(kind: str, texts: Iterable[str], vocab_size: int, specials: list[str]
     return tok
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike, users: bool = False):
+    """A tokenizers Tokenizer from its tokenizer.json; ``users``: the file is the recipe's tokenizer.path, not malt's cache."""
     from tokenizers import Tokenizer
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exception subclasses
-        raise DataError(f"cannot read tokenizer file {path}: {e}; "
-                        f"delete it to rebuild it, or point tokenizer.path at a valid tokenizer.json") from None
+        fix = ("point tokenizer.path at a valid tokenizer.json (one that tokenizers' Tokenizer.save() wrote)" if users else
+               "it is malt's cached tokenizer: delete it and the next run rebuilds it")
+        raise DataError(f"cannot read tokenizer file {path}: {e}; {fix}") from None
 
 
 def tokenizer_hash(path: str | os.PathLike) -> str:
@@ -201,7 +203,7 @@ def build_tokenizer(tspec: dict, sources: list[Source], cache_dir: Path, base_di
         tok = byte_tokenizer(specials)
         log(f"data: built bytes tokenizer (256 bytes + {len(specials)} special tokens)")
     elif kind == "file":
-        tok = load_tokenizer(src_path)
+        tok = load_tokenizer(src_path, users=True)
         missing = [s for s in specials if tok.token_to_id(s) is None]
         if missing:
             log(f"data: adding special tokens {missing} to {src_path.name}")
@@ -221,7 +223,9 @@ def build_tokenizer(tspec: dict, sources: list[Source], cache_dir: Path, base_di
         tok = _train(kind, counted(_training_texts(train_sources, key["max_chars"])),
                      key["vocab_size"], specials)
         if stats["docs"] == 0:
-            raise DataError(f"no text to train the tokenizer on (sources: {names})")
+            raise DataError(f"no text to train the tokenizer on: the sources it trains on ({names}) yield no documents "
+                            "(empty or binary files, or every document filtered out); check their paths, text_field and filter, "
+                            "or name other sources in tokenizer.train_on")
         missing = [s for s in specials if tok.token_to_id(s) is None]
         if missing:
             tok.add_special_tokens(missing)

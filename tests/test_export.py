@@ -165,3 +165,14 @@ def test_cli_sample_continues_the_prompt(llama_run):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ab")
     assert len(proc.stdout.rstrip("\n")) > 2
+
+
+@pytest.mark.parametrize("out", [".", "..", "./"])
+def test_export_refuses_to_replace_the_current_directory(tmp_path, monkeypatch, out):
+    (tmp_path / "runs" / "run").mkdir(parents=True)
+    (tmp_path / "runs" / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "runs" / "work")
+    with pytest.raises(RunError, match="is or contains the (current|run) directory"):
+        export_hf(tmp_path / "runs" / "run", out, force=True)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run", "work"]   # nothing written, nothing left behind
+    assert not list((tmp_path / "runs" / "work").iterdir())

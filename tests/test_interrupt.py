@@ -1,0 +1,136 @@
+"""A training that is stopped (Ctrl-C, SIGTERM from a scheduler or `kill`, SIGHUP) says so, leaves only complete
+checkpoints, and resumes; one run directory has one training at a time; `malt run` takes its program down with it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from malt.compiler.api import compile_to
+from malt.compiler.plan import Host
+from malt.runtime.run import RunError, hold_lock, lock_holder
+
+from .helpers import run_env, run_program, write_tiny_recipe
+
+
+def test_the_run_directory_lock_admits_one_training(tmp_path):
+    held = hold_lock(tmp_path / "run")
+    assert lock_holder(tmp_path / "run") == os.getpid()
+    with pytest.raises(RunError, match="is in use: another training"):
+        hold_lock(tmp_path / "run")
+    held.close()                                               # the process ends: the lock goes with it
+    assert lock_holder(tmp_path / "run") is None
+    hold_lock(tmp_path / "run").close()
+
+
+def _steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if '"loss"' in line) if path.exists() else 0
+
+
+def _start(run_dir: Path, cache: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(run_dir / "train.py"), *args], env=run_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(cond, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_training_says_so_and_resumes(tmp_path, sig):
+    recipe = write_tiny_recipe(tmp_path / "r", steps=400, eval_every=0, checkpoint_every=5)
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    compile_to(recipe, run_dir, host=Host())
+    proc = _start(run_dir, cache)
+    _wait_for(lambda: _steps_logged(run_dir) >= 12 or proc.poll() is not None)
+
+    second = run_program(run_dir, cache, "--resume", check=False)     # meanwhile: the directory is taken
+    assert second.returncode == 2 and f"is in use: another training (pid {proc.pid})" in second.stderr
+
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    name = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"
+    assert proc.returncode == 128 + sig, err
+    assert f"{name}: checkpoints already written are complete; continue with --resume" in err and "Traceback" not in err
+    left = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert all(n.startswith("step_") or n == "latest" for n in left), left    # nothing half-written
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert step >= 10 and lock_holder(run_dir) is None
+
+    resumed = _start(run_dir, cache, "--resume", "--quiet")
+    _wait_for(lambda: _steps_logged(run_dir) >= step + 3 or resumed.poll() is not None)
+    resumed.send_signal(signal.SIGTERM)
+    resumed.communicate(timeout=120)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # resumed after `step`, no gap, no repeat
+
+
+@pytest.mark.slow
+def test_malt_run_stops_its_program_when_it_is_stopped(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "r", steps=400, eval_every=0, checkpoint_every=5)
+    script = Path(sys.executable).with_name("malt")
+    malt = [str(script)] if script.exists() else [sys.executable, "-m", "malt.compiler.cli"]
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(malt + ["run", str(recipe), "--run-dir", str(run_dir)], env=run_env(tmp_path / "cache"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _steps_logged(run_dir) >= 3 or proc.poll() is not None)
+    again = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir), "--resume"], env=run_env(tmp_path / "cache"),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "is in use: another training" in again.stderr
+    proc.send_signal(signal.SIGTERM)                           # only malt's own process, as `kill PID` does
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
+    assert lock_holder(run_dir) is None                        # its train.py is gone too
+    n = _steps_logged(run_dir)
+    time.sleep(1.0)
+    assert _steps_logged(run_dir) == n
+
+
+def test_a_checkpoint_that_cannot_be_written_is_removed_and_explained(tmp_path):
+    from malt.runtime.checkpoint import _unfinished
+
+    tmp = tmp_path / "checkpoints" / ".tmp-step_00000020-1"
+    tmp.mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"half")
+    with pytest.raises(RunError, match="cannot write the checkpoint of step 20 .*No space left on device") as info:
+        with _unfinished(tmp, 20):
+            raise OSError(28, "No space left on device")
+    assert "free disk space" in info.value.hint and not tmp.exists()
+    tmp.mkdir()
+    with pytest.raises(KeyboardInterrupt), _unfinished(tmp, 20):  # interrupted: removed, and the interrupt goes on
+        raise KeyboardInterrupt
+    assert not tmp.exists()
+
+
+def test_a_new_training_removes_what_killed_ones_left_half_written(tmp_path):
+    from malt.runtime.run import start_run
+
+    ck = tmp_path / "run" / "checkpoints"
+    for name in (".tmp-step_00000030-11123", ".old-step_00000010-5", ".tmp-step_00000030-sharded"):
+        (ck / name).mkdir(parents=True)
+    run = start_run(tmp_path / "run", "t", "hash", argv=[])
+    assert not list(ck.iterdir()) and lock_holder(tmp_path / "run") == os.getpid()
+    run._lock.close()
+
+
+@pytest.mark.parametrize("text, says", [("1", "lacks all"), ('{"format": 2, "step": 3, "recipe_hash": "h"}', "lacks optimizer"),
+                                         ("{not json", "is corrupt")])
+def test_a_corrupt_state_json_is_a_clear_error(tmp_path, text, says):
+    from malt.runtime.checkpoint import is_sharded, read_state
+
+    (tmp_path / "state.json").write_text(text)
+    with pytest.raises(RunError, match=says):
+        read_state(tmp_path)
+    assert is_sharded(tmp_path) is False
