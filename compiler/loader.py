@@ -272,6 +272,13 @@ def apply_sets(loaded: Loaded, sets: list[str]) -> Loaded:
         for k in [k for k in loaded.origins if k[: len(path)] == path]:
             del loaded.origins[k]
         loaded.origins[path] = origin
+        # the run's length is one of train.tokens and train.steps: setting one on the command line replaces
+        # the other where a file set it (--set train.steps=100 on a recipe that says tokens: 2M)
+        if tuple(path) in (("train", "steps"), ("train", "tokens")) and value is not None:
+            other = ("train", "tokens" if last == "steps" else "steps")
+            if node.get(other[1]) is not None and not getattr(loaded.origins.get(other), "command_line", None):
+                node.pop(other[1])
+                loaded.origins.pop(other, None)
     if problems:
         raise RecipeError(problems)
     return loaded

@@ -157,8 +157,14 @@ def problems(recipe, base_dir: Path, where: tuple = ("objective",), obj=None) ->
                 try:
                     ul2_raw_length(seq, d, with_mode)
                 except ValueError:
-                    add((), f"seq_len {seq} is too short for the denoiser {d.kind} (mean span {d.mean_span:g}, rate {d.rate:g})",
+                    shape = f" (mean span {d.mean_span:g}, rate {d.rate:g})" if d.mean_span is not None and d.rate is not None else ""
+                    add((), f"seq_len {seq} is too short for the denoiser {d.kind}{shape}",
                         "raise train.seq_len (at least a few dozen tokens)")
+    if obj.kind == "prefix_lm":
+        for seq in seq_lens(recipe):
+            if seq < 2:
+                add((), f"seq_len {seq} is too short for prefix_lm: an example needs a prefix and at least one target",
+                    "raise train.seq_len (at least a few dozen tokens)")
     if obj.kind == "fim":
         if not 0 <= obj.rate <= 1:
             add(("rate",), f"must be between 0% and 100%, got {obj.rate:g}", "the paper uses 50% (90% for its final models)")
@@ -353,7 +359,7 @@ def render_context(plan, base_dir: Path, out_dir: Path) -> dict:
         consts += [Const("# objective.teacher: the frozen teacher; path relative to this file"),
                    Const("TEACHER = " + lit_({"path": _source_path(distill.teacher, base_dir, out_dir),
                                               "kind": (plan.teacher or {}).get("kind", "malt")}))]
-        if kind == "distill":
+        if kind == "distill" and not plan.recipe.phases:  # phased programs read them from their phase (PHASES)
             consts += [const("DISTILL_WEIGHT", obj.weight, "objective.weight: weight × T² × KL + (1 - weight) × cross-entropy"),
                        const("TEMPERATURE", obj.temperature, "objective.temperature T")]
     if consts:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .schema import Recipe
 
@@ -183,9 +184,34 @@ class Plan:
         }
 
 
-def resolved_recipe(recipe: Recipe) -> dict:
-    """The recipe as plain data with every default written out (recipe.lock.yaml)."""
-    return recipe.model_dump(mode="json")
+def resolved_recipe(recipe: Recipe, base_dir: Path | None = None, out_dir: Path | None = None) -> dict:
+    """The recipe as plain data with every default written out (recipe.lock.yaml), less the fields that its
+    choices leave unread (decay_share under a cosine decay, max_chars of a tokenizer that is not trained, ...),
+    which a recipe may not set: so the lock is itself a valid recipe. With ``base_dir`` (the recipe's folder) and
+    ``out_dir`` (the lock's), its relative file paths are rewritten to name the same files from ``out_dir``."""
+    from .loader import _rebase_paths
+    from .schema import SCHEDULE_FIELD_USERS
+
+    data = recipe.model_dump(mode="json")
+    sch = data["schedule"]
+    readers = {sch["decay"]} | {(ph.get("schedule") or {}).get("decay") or sch["decay"]
+                                for ph in data.get("phases") or [] if ph.get("schedule")}
+    for name, users in SCHEDULE_FIELD_USERS.items():
+        if not readers & set(users):
+            sch.pop(name, None)
+    if data["optimizer"]["kind"] != "galore":
+        for key in ("rank", "update_every", "scale"):
+            data["optimizer"].pop(key, None)
+    if data["tokenizer"]["kind"] not in ("bpe", "unigram"):
+        data["tokenizer"].pop("max_chars", None)
+    if data["model"].get("position", "rope") != "rope":
+        data["model"].pop("rope_theta", None)
+    if data["model"]["family"] == "bert":  # an encoder does not sample at the end of its run
+        data["train"].pop("sample_tokens", None)
+        data["train"].pop("sample_prompt", None)
+    if base_dir is not None and out_dir is not None:
+        _rebase_paths(data, Path(base_dir).resolve(), Path(out_dir).resolve())
+    return data
 
 
 # Bump when the value of an existing default changes (what a recipe that leaves it out trains): runs started

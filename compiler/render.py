@@ -76,7 +76,7 @@ class Const:
 
 def const(name: str, value, note: str) -> Const:
     code = f"{name} = {lit(value)}"
-    pad = max(1, COMMENT_COLUMN - len(code))
+    pad = max(2, COMMENT_COLUMN - len(code))  # PEP 8: at least two spaces before an inline comment
     return Const(f"{code}{' ' * pad}# {comment(note)}" if note else code)
 
 
@@ -211,13 +211,13 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         const("EPS", o.eps, "optimizer.eps"),
         const("WEIGHT_DECAY", o.weight_decay, "optimizer.weight_decay"),
     ]
-    if o.grad_clip:
+    if o.grad_clip and not phased:  # phased programs clip with their phase's grad_clip (PHASES)
         constants.append(const("GRAD_CLIP", o.grad_clip, "optimizer.grad_clip, max global gradient norm"))
     if plan.galore:
         g = plan.galore
         constants += [
             const("GALORE_RANK", g["rank"], f"optimizer.rank {g['rank']}" if o.rank else f"d_model {plan.recipe.model.d_model} / 4 (optimizer.rank unset)"),
-            const("GALORE_UPDATE_EVERY", g["update_every"], "optimizer.update_every: steps between projector updates (SVD of the gradient)"),
+            const("GALORE_UPDATE_EVERY", g["update_every"], "optimizer.update_every: steps between projector updates (the gradient's top singular vectors, via eigh of its Gram matrix)"),
             const("GALORE_SCALE", g["scale"], "optimizer.scale: α, the projected-back update's scale"),
         ]
     constants += [
@@ -232,7 +232,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
            const("SAMPLE_PROMPT", tr.sample_prompt, "train.sample_prompt")] if m.family != "bert" else []),  # encoders do not generate
         _blank(),
         const("DEVICE", plan.device, _decision(plan, "device")),
-        const("PRECISION", plan.precision, _decision(plan, "precision")),
+        const("PRECISION", "pure_bf16" if plan.master_weights == "bf16" else plan.precision, _decision(plan, "precision")),
         *render_xla.constants(plan, const, _decision),
         *([const("WORLD", plan.world, "target.devices: processes, one per device" if plan.nodes == 1 else
                  f"target.nodes {plan.nodes} × target.devices {r.target.devices}: processes, one per device")] if distributed else []),
@@ -348,16 +348,42 @@ _DECAY_DOC = {
 }
 
 
-def _schedule_ctx(fn: str, head: str, S, names: dict | None, t: str) -> dict:
-    """Template values for one schedule function: constant names (the recipe's schedule) or literals (a phase's own)."""
+# what each schedule constant of a phase's own schedule is, for its comment
+_PHASE_SCHEDULE_NOTES = {
+    "lr": "peak learning rate: phases[{i}].optimizer.lr, else optimizer.lr",
+    "min_lr": "lr × schedule.min_lr_ratio (phases[{i}].schedule, else the recipe's)",
+    "warmup": "phases[{i}].schedule.warmup (else the recipe's), in steps of the phase",
+    "total": "the phase's steps",
+    "decay_start": "step of the phase where the final decay starts: steps × (1 - decay_share)",
+    "cooldown_end": "step of the phase where the cooldown ends: warmup + steps × cooldown_share",
+    "plateau": "lr × schedule.constant_ratio",
+}
+# the schedule values each decay reads (a phase's own schedule gets constants for these only)
+_DECAY_READS = {"cosine": ("lr", "min_lr", "total"), "linear": ("lr", "min_lr", "total"), "constant": ("lr",),
+                "wsd": ("lr", "min_lr", "total", "decay_start"), "inverse_sqrt": ("lr",),
+                "infinite": ("lr", "min_lr", "total", "decay_start", "cooldown_end", "plateau")}
+
+
+def _schedule_ctx(fn: str, head: str, S, names: dict | None, t: str, phase: int | None = None) -> dict:
+    """Template values for one schedule function: the recipe's schedule reads the constants block (``names``);
+    a phase's own (``phase``: its index) gets named constants of its own, written just above its function."""
+    consts = []
     if names is None:
-        names = {"lr": lit(S.lr), "min_lr": lit(S.min_lr), "warmup": lit(S.warmup), "total": lit(S.total),
-                 "decay_start": lit(S.decay_start), "cooldown_end": lit(S.cooldown_end), "plateau": lit(S.plateau_lr)}
+        values = {"lr": S.lr, "min_lr": S.min_lr, "warmup": S.warmup, "total": S.total, "decay_start": S.decay_start,
+                  "cooldown_end": S.cooldown_end, "plateau": S.plateau_lr}
+        reads = set(_DECAY_READS[S.decay]) | ({"warmup"} if S.warmup else set())
+        names = {k: (f"PHASE_{phase + 1}_{k.upper()}" if k in reads else lit(v)) for k, v in values.items()}
+        consts = [const(names[k], values[k], _PHASE_SCHEDULE_NOTES[k].format(i=phase)) for k in values if k in reads]
     warm = f"Linear warmup over {names['warmup']} steps, " if S.warmup else ""
     doc = _DECAY_DOC[S.decay].format(**names)
-    doc = warm + doc if S.warmup else doc.replace("then ", "", 1).capitalize()
-    return {"fn": fn, "t": t, "decay": S.decay, "doc_head": head, "doc": doc, "warmup_nonzero": S.warmup > 0,
-            "timescale": f"max(1, {names['warmup']})", **names}
+    doc = warm + doc if S.warmup else doc.replace("then ", "", 1)
+    doc = doc[0].upper() + doc[1:]  # not str.capitalize(): it would lower the constants' names
+    since_warmup = f"({t} - {names['warmup']})" if S.warmup else t                    # steps since the warmup ended
+    def after_warmup(end: str) -> str:
+        return f"{end} - {names['warmup']}" if S.warmup else end
+    return {"fn": fn, "t": t, "decay": S.decay, "doc_head": head, "doc": doc, "warmup_nonzero": S.warmup > 0, "consts": consts,
+            "since_warmup": since_warmup, "decay_span": after_warmup(names["total"]), "cool_span": after_warmup(names["cooldown_end"]),
+            "timescale": f"max(1, {names['warmup']})" if S.warmup or names["warmup"] != "0" else "1", **names}
 
 
 def _schedules(plan: Plan) -> tuple[list, list]:
@@ -376,7 +402,7 @@ def _schedules(plan: Plan) -> tuple[list, list]:
         else:
             fn = f"lr_phase_{ph.index + 1}"
             schedules.append(_schedule_ctx(fn, f"Phase {ph.index + 1}'s own schedule; t counts steps from the phase's start ({ph.start:,}).",
-                                           ph.schedule, None, "t"))
+                                           ph.schedule, None, "t", phase=ph.index))
             dispatch.append({"end": ph.end, "name": f"{ph.name}: its own schedule", "call": f"{fn}(step - {ph.start})"})
     return schedules, dispatch
 
@@ -495,8 +521,9 @@ def render(plan: Plan, base_dir: Path, out_dir: Path) -> dict[str, str]:
         "model.py": env.get_template("encoder.py.j2" if ctx["encoder"] else "model.py.j2").render(ctx),
         "launch.sh": launch_script(plan),
         "plan.json": json.dumps(plan.to_json(), indent=2) + "\n",
-        "recipe.lock.yaml": f"# recipe.lock.yaml: {comment(plan.recipe_file)} with every default written out (malt {MALT_VERSION})\n"
-                            + yaml.safe_dump(resolved_recipe(plan.recipe), sort_keys=False, allow_unicode=False, width=100),
+        "recipe.lock.yaml": f"# recipe.lock.yaml: {comment(plan.recipe_file)} with every default written out, paths relative to this "
+                            f"folder (malt {MALT_VERSION})\n"
+                            + yaml.safe_dump(resolved_recipe(plan.recipe, base_dir, out_dir), sort_keys=False, allow_unicode=False, width=100),
     }
     if plan.nodes > 1:
         from .launch import slurm_sbatch
@@ -505,8 +532,28 @@ def render(plan: Plan, base_dir: Path, out_dir: Path) -> dict[str, str]:
     return files
 
 
+def _written_by_malt(path: Path) -> bool:
+    """Whether an existing file is one malt wrote (so compiling again may replace it)."""
+    try:
+        head = path.read_text(encoding="utf-8", errors="replace")[:600]
+    except OSError:
+        return False
+    if path.name == "plan.json":
+        return '"malt_version"' in head
+    return "generated by malt" in head or head.startswith(f"# {path.name}: ")
+
+
 def write(files: dict[str, str], out_dir: Path) -> None:
-    """Write each file atomically (temporary file, then rename)."""
+    """Write each file atomically (temporary file, then rename). A file of the same name that malt did not
+    write (a hand-written train.py in the output folder) is never replaced: that is an error, before any write."""
+    from .diagnostics import UserError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file, not a folder", "choose another output folder (-o / --run-dir)")
+    foreign = [name for name in files if (out_dir / name).exists() and not _written_by_malt(out_dir / name)]
+    if foreign:
+        raise UserError(f"{out_dir} already holds {', '.join(foreign)} that malt did not write; compiling there would replace "
+                        f"{'them' if len(foreign) > 1 else 'it'}", "choose another output folder (-o / --run-dir), or move those files")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         target = out_dir / name

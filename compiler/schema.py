@@ -410,7 +410,7 @@ class InitFrom(Section):
 
 class Recipe(Section):
     name: str = Field(min_length=1)
-    seed: Int = 1337
+    seed: Int = Field(default=1337, ge=0, lt=2**63)  # torch.manual_seed takes any int64; numpy's generators need >= 0
     model: ModelSpec
     tokenizer: TokenizerSpec
     data: DataSpec

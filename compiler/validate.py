@@ -118,7 +118,9 @@ def _untagged(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
 
 
 def _value_hint(msg: str) -> str:
-    """A hint for a value the unit parsers (or a validator) rejected, from what the message says was expected."""
+    """A hint for a value the unit parsers (or a validator) rejected, from what the message says was expected
+    (the words before ", got": the rejected value itself, such as '70%' or 'auto', says nothing about that)."""
+    msg = msg.split(", got ")[0]
     if "memory size" in msg:
         return "write a size with its unit: 80GB, 40GiB or 512MiB"
     if "auto" in msg:
@@ -188,6 +190,9 @@ def _schema_problems(loaded: Loaded, err: ValidationError) -> list[Diagnostic]:
         elif kind == "string_too_short":
             msg = "must not be empty"
             hint = "write a non-empty name"
+        elif kind in ("model_type", "dict_type", "model_attributes_type") and e["input"] is None:
+            msg = "the section is empty"
+            hint = "give it its fields as indented `key: value` lines, or remove it (or write {}) to use its defaults"
         elif kind in ("model_type", "dict_type", "model_attributes_type"):
             msg = f"expected a section (a mapping of keys), got {e['input']!r}"
             hint = "write the section as indented `key: value` lines, or as {key: value, ...}"
@@ -200,7 +205,7 @@ def _schema_problems(loaded: Loaded, err: ValidationError) -> list[Diagnostic]:
                    else f"takes at most {ctx.get('max_length')} items, got {n}")
             hint = ("list at least one source, such as `- {name: docs, path: docs.txt}`" if loc == ("data", "sources")
                     else "see docs/recipes.md for what this list holds")
-        elif kind in ("greater_than", "greater_than_equal"):
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
             bound = msg.split("should be ", 1)[-1]
             msg = f"must be {bound}, got {e['input']!r}"
             hint = f"use a value {bound}"
@@ -226,6 +231,17 @@ def tokenizer_file_tokens(path: Path) -> set[str]:
     out = set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab if isinstance(v, list) and v}
     out.update(t["content"] for t in data.get("added_tokens", []))
     return out
+
+
+def tokenizer_file_problem(path: Path) -> str | None:
+    """Why tokenizers cannot load a tokenizer.json (None: it can). Imports tokenizers, so only for kind: file."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001  tokenizers raises plain Exception subclasses
+        return str(e).splitlines()[0][:200]
+    return None if tok.get_vocab_size() > 0 else "its vocabulary is empty"
 
 
 def tokenizer_vocab(recipe: Recipe, base_dir: Path) -> int | None:
@@ -382,6 +398,11 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                     "paths are relative to the recipe file")
             elif tokenizer_vocab(r, base) is None:
                 add(("tokenizer", "path"), f"{t.path} is not a readable tokenizers tokenizer.json", "export one with tokenizers' Tokenizer.save()")
+            else:
+                problem = tokenizer_file_problem(base / t.path)
+                if problem:
+                    add(("tokenizer", "path"), f"{t.path} is not a tokenizer that tokenizers can load: {problem}",
+                        "export one with tokenizers' Tokenizer.save()")
             if t.vocab_size is not None:
                 add(("tokenizer", "vocab_size"), "vocab_size is read from the tokenizer file and cannot be set", "remove tokenizer.vocab_size")
         elif t.path is not None:
@@ -406,7 +427,10 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                         f"did you mean {guess!r}?" if guess else f"sources are: {', '.join(names)}")
         if t.train_on and t.kind not in ("bpe", "unigram"):
             add(("tokenizer", "train_on"), f"train_on is only used by kind: bpe and unigram (this tokenizer is kind: {t.kind})", "remove tokenizer.train_on")
-        if t.kind not in ("bpe", "unigram") and loaded.origins.get(("tokenizer", "max_chars")) is not None:
+        set_in, kind_in = loaded.origins.get(("tokenizer", "max_chars")), loaded.origins.get(("tokenizer", "kind"))
+        # a parent's max_chars is fine when the child (or --set) switches to a kind that trains nothing, as for schedules
+        from_parent = set_in is not None and kind_in is not None and set_in.file != kind_in.file and not set_in.command_line
+        if t.kind not in ("bpe", "unigram") and set_in is not None and not from_parent:
             add(("tokenizer", "max_chars"), f"max_chars is only used when training a tokenizer (kind: bpe or unigram; this one is kind: {t.kind})",
                 "remove tokenizer.max_chars")
         if t.max_chars <= 0:
@@ -655,7 +679,7 @@ def validate(loaded: Loaded) -> Recipe:
         problems += _cross_checks(_valid_sections(tree, err), loaded)
         raise RecipeError(_in_order(problems, loaded))
     problems += _cross_checks(recipe, loaded)
-    if not problems:
+    if not problems:  # these assume a recipe whose other parts are consistent (they would repeat its problems otherwise)
         problems += _phase_checks(recipe, loaded)
     if not problems and recipe.init_from is not None:
         problems += _init_from_checks(recipe, loaded)

@@ -106,3 +106,21 @@ def test_masked_loss_is_rendered_only_where_targets_can_be_ignored(make_recipe, 
     assert next(d for d in plain.decisions if d.name == "loss").value == "every position"
     p, _ = make_plan(_masked_recipe(make_recipe, tmp_path / "m"), host=host)
     assert p.masked_targets and "metadata tokens" in next(d for d in p.decisions if d.name == "loss").reason
+
+
+def test_bf16_weights_sum_the_head_gradient_in_fp32(make_recipe, load_model_module, host, tmp_path):
+    """pure_bf16: the head's gradient is a sum over many chunks. Summed in bf16 its error grows with the number
+    of chunks; summed in fp32 (cast to bf16 once) it stays at one bf16 rounding of the exact sum."""
+    compile_to(make_recipe({"model": {"d_model": 64, "n_layers": 1, "n_heads": 4, "d_ff": 128}}), tmp_path / "b", host=host)
+    module = load_model_module(tmp_path / "b")
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(16384, 64, generator=g)
+    weight = torch.randn(320, 64, generator=g) * 0.05
+    targets = torch.randint(0, 320, (16384,), generator=g)
+    hb, wb = h.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    module.ChunkedCrossEntropy.apply(hb, wb, targets, 128).backward()     # 128 chunks
+    h64, w64 = hb.detach().double().requires_grad_(), wb.detach().double().requires_grad_()
+    F.cross_entropy(h64 @ w64.t(), targets).backward()                    # the exact gradient of the same bf16 values
+    assert wb.grad.dtype == torch.bfloat16
+    error = ((wb.grad.double() - w64.grad).norm() / w64.grad.norm()).item()
+    assert error < 6e-3, error   # one bf16 rounding of the chunks' products and of the result; summed in bf16: 1.3e-2

@@ -218,3 +218,19 @@ def test_console_script_errors_without_traceback(recipe, tmp_path):
     r = subprocess.run(_malt_command() + ["check", "missing.yaml"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
     assert "recipe file not found: missing.yaml" in r.stderr
+
+
+def test_compile_never_replaces_files_malt_did_not_write(recipe, tmp_path):
+    path = recipe()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.py").write_text("# my own training script\n")
+    r = malt("compile", path, "-o", "mine")
+    assert r.exit_code != 0 and "mine already holds train.py that malt did not write" in r.output
+    assert (tmp_path / "mine" / "train.py").read_text() == "# my own training script\n"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["train.py"]    # nothing written beside it
+    (tmp_path / "a-file").write_text("x")
+    r = malt("compile", path, "-o", "a-file")
+    assert r.exit_code != 0 and "a-file is a file, not a folder" in r.output
+    assert malt("compile", path, "-o", "build").exit_code == 0
+    assert malt("compile", path, "-o", "build", "--set", "optimizer.lr=1e-3").exit_code == 0  # malt's own files: replaced
+    assert "LR = 0.001" in (tmp_path / "build" / "train.py").read_text()

@@ -386,3 +386,23 @@ def test_a_wsd_schedule_whose_warmup_ends_before_its_decay_is_fine(recipe):
 def test_a_phase_schedule_whose_stages_overlap_is_an_error(recipe):
     phases = ["phases=[{name: a, share: 50%}, {name: b, share: 50%, schedule: {warmup: 60%, decay: wsd, decay_share: 60%}}]"]
     assert "phases.1.schedule.warmup: the warmup ends at step 3, after the wsd decay starts at step 2" in one(recipe(), phases)
+
+
+def test_set_of_the_run_length_replaces_the_other_one_from_the_file(recipe):
+    path = recipe(steps="tokens: 2560")
+    r, _ = check(path, ["train.steps=3"])
+    assert (r.train.steps, r.train.tokens) == (3, None)
+    r, _ = check(recipe(), ["train.tokens=2560"])
+    assert (r.train.steps, r.train.tokens) == (None, 2560)
+    assert "set exactly one of train.tokens and train.steps (both are set)" in one(path, ["train.steps=3", "train.tokens=2560"])
+
+
+def test_a_tokenizer_file_that_tokenizers_cannot_load_is_a_recipe_error(recipe, tmp_path):
+    (tmp_path / "tok.json").write_text('{"model": {"vocab": {"a": 0, "b": 1}}}')   # JSON with a vocabulary, not a tokenizer
+    out = one(recipe(), ["tokenizer={kind: file, path: tok.json}"])
+    assert "tokenizer.path: tok.json is not a tokenizer that tokenizers can load" in out
+
+
+def test_a_parents_max_chars_is_fine_when_the_child_trains_no_tokenizer(recipe):
+    recipe(kind="kind: bpe\n  vocab_size: 300\n  max_chars: 1M", name="parent.yaml")
+    check(recipe("extends: parent.yaml\ntokenizer: {kind: bytes, vocab_size: null}\n", name="child.yaml"))

@@ -35,7 +35,9 @@ def runs(tmp_path_factory):
     for name, sets in {"single": [], "ddp": ["target.devices=2", "target.parallelism=ddp"],
                        "fsdp": ["target.devices=2", "target.parallelism=fsdp"]}.items():
         out[name] = tmp / name
-        compile_to(recipe, out[name], sets=sets, host=Host())
+        # 3 validation batches on 2 devices: one gets two, the other one (under FSDP every forward is a collective:
+        # the device with one batch must still take part in the other's second forward, or evaluation hangs)
+        compile_to(recipe, out[name], sets=[*sets, "train.eval_batches=3"], host=Host())
     run_program(out["single"], cache, "--quiet")
     torchrun(out["ddp"], cache)
     torchrun(out["fsdp"], cache)

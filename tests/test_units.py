@@ -112,7 +112,7 @@ def test_human_formats():
 RECIPE = """\
 name: units
 model: {d_model: 64, n_layers: 2, n_heads: 4}
-tokenizer: {kind: bytes, max_chars: 2M}
+tokenizer: {kind: bpe, vocab_size: 300, max_chars: 2M}
 data:
   sources:
     - {name: docs, path: docs.txt}

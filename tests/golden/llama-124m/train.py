@@ -23,7 +23,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'llama-124m'                     # name
-RECIPE_HASH = '2284ae6a7ace7f32114843e395922911340dab4f7e61fdae2afdebe37cea51af' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = '2284ae6a7ace7f32114843e395922911340dab4f7e61fdae2afdebe37cea51af'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 1024                          # train.seq_len

@@ -23,7 +23,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'llama-350m'                     # name
-RECIPE_HASH = 'f8baea4afe8b1a5967c15f8771fa6ca45a09bfa44e19cfaf2bf56c86e969e601' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'f8baea4afe8b1a5967c15f8771fa6ca45a09bfa44e19cfaf2bf56c86e969e601'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 1024                          # train.seq_len
@@ -117,11 +117,13 @@ def main(argv=None):
         """Mean loss over EVAL_BATCHES validation micro-batches."""
         model.eval()
         total = 0.0
+        rounds = -(-EVAL_BATCHES // dist.world)  # HSDP gathers weights in each forward, a collective: every device runs as many forwards
         with torch.no_grad(), autocast:
-            for i in range(dist.rank, EVAL_BATCHES, dist.world):  # the devices share the batches
-                x, y = dataset.batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
+            for i in range(dist.rank, rounds * dist.world, dist.world):  # the devices share the batches
+                x, y = dataset.batch("val", 0, (i % EVAL_BATCHES) * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
                 x, y = data.to_device(device, x, y)
-                total += forward(x, y).item()  # the model returns the mean cross-entropy
+                loss = forward(x, y).item()  # the model returns the mean cross-entropy
+                total += loss if i < EVAL_BATCHES else 0.0  # past EVAL_BATCHES: a repeat that only keeps the collectives in step
         model.train()
         return distributed.total(total, device) / EVAL_BATCHES
 
@@ -139,8 +141,9 @@ def main(argv=None):
             # this device's sequences of the step: its slice of the global batch; gradients sync on the last micro-step
             x, y = dataset.batch("train", step, dist.rank * DEVICE_BATCH + micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
             x, y = data.to_device(device, x, y)  # via pinned memory: the GPU computes while the host builds the next micro-batch
-            with distributed.grad_sync(wrapped, PARALLELISM, sync=micro == GRAD_ACCUM - 1), autocast:
-                loss = forward(x, y)  # next-token loss, fp32
+            with distributed.grad_sync(wrapped, PARALLELISM, sync=micro == GRAD_ACCUM - 1):
+                with autocast:  # the forward only; backward runs in the dtypes the forward chose
+                    loss = forward(x, y)  # next-token loss, fp32
                 (loss / GRAD_ACCUM).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

@@ -23,7 +23,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'llama-350m'                     # name
-RECIPE_HASH = 'f8baea4afe8b1a5967c15f8771fa6ca45a09bfa44e19cfaf2bf56c86e969e601' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'f8baea4afe8b1a5967c15f8771fa6ca45a09bfa44e19cfaf2bf56c86e969e601'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 1024                          # train.seq_len

@@ -27,7 +27,6 @@ TYPE_VOCAB_SIZE = 2                     # BERT's two segments (A, B); every toke
 IGNORE = -100                           # label of a position without loss (unselected tokens)
 
 
-
 def attention_bias(attention_mask=None):
     """None (every token attends to every token) or a bool mask, True = may attend: never to padding
     (attention_mask 0)."""

@@ -23,7 +23,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-bert'                      # name
-RECIPE_HASH = 'eae64a859c1e471aa29ed5f3d1f66a76909334469da1ac0eb3b3a41f5e89cc00' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'eae64a859c1e471aa29ed5f3d1f66a76909334469da1ac0eb3b3a41f5e89cc00'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

@@ -23,7 +23,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-cooldown'                  # name
-RECIPE_HASH = '7bfb43f244f9c1bd3412582febe769a5507c24572462a50b95032466e185f84b' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = '7bfb43f244f9c1bd3412582febe769a5507c24572462a50b95032466e185f84b'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 MAX_STEPS = 488                         # stable 415 + cooldown 73 = 488 steps, 999,424 tokens
@@ -33,7 +33,6 @@ WARMUP_STEPS = 24                       # schedule.warmup 5% of 488 steps, round
 BETAS = (0.9, 0.95)                     # optimizer.betas
 EPS = 1e-08                             # optimizer.eps
 WEIGHT_DECAY = 0.1                      # optimizer.weight_decay
-GRAD_CLIP = 1.0                         # optimizer.grad_clip, max global gradient norm
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 100                        # train.eval_every (steps; 0 = never)
@@ -116,13 +115,18 @@ def lr_recipe(step: int) -> float:
     return LR
 
 
+PHASE_2_LR = 0.003                      # peak learning rate: phases[1].optimizer.lr, else optimizer.lr
+PHASE_2_MIN_LR = 0.0003                 # lr × schedule.min_lr_ratio (phases[1].schedule, else the recipe's)
+PHASE_2_TOTAL = 73                      # the phase's steps
+
+
 def lr_phase_2(t: int) -> float:
     """Phase 2's own schedule; t counts steps from the phase's start (415).
 
-    Linear decay from 0.003 to 0.0003 at 73.
+    Linear decay from PHASE_2_LR to PHASE_2_MIN_LR at PHASE_2_TOTAL.
     """
-    progress = (t - 0) / max(1, 73 - 0)
-    return 0.003 - (0.003 - 0.0003) * progress
+    progress = t / max(1, PHASE_2_TOTAL)
+    return PHASE_2_LR - (PHASE_2_LR - PHASE_2_MIN_LR) * progress
 
 
 def lr_at(step: int) -> float:
@@ -139,8 +143,7 @@ def main(argv=None):
     dataset = data.prepare({**DATA, "base_dir": str(run.dir)}, cache_dir=run.cache_dir, log=run.log)
     run.adopt_tokenizer(dataset.tokenizer_path)
 
-    # the model has the depth of the phase of the last trained step (a checkpoint from before a growth is small)
-    model = Transformer(n_layers=next(p for p in PHASES if p["start"] <= max(0, run.resume_step - 1) < p["end"])["n_layers"]).to(DEVICE)
+    model = Transformer().to(DEVICE)
     forward = model
 
     def make_optimizer(model):

@@ -25,7 +25,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-distill'                   # name
-RECIPE_HASH = '3fd69b982f20c0b3af59f13a1fb8ff934985c839fea1a6f013e8145e6f986d18' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = '3fd69b982f20c0b3af59f13a1fb8ff934985c839fea1a6f013e8145e6f986d18'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 MAX_STEPS = 97                          # distill 58 + plain 39 = 97 steps, 198,656 tokens
@@ -36,7 +36,6 @@ WARMUP_STEPS = 5                        # schedule.warmup 5% of 97 steps, rounde
 BETAS = (0.9, 0.95)                     # optimizer.betas
 EPS = 1e-08                             # optimizer.eps
 WEIGHT_DECAY = 0.1                      # optimizer.weight_decay
-GRAD_CLIP = 1.0                         # optimizer.grad_clip, max global gradient norm
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 25                         # train.eval_every (steps; 0 = never)
@@ -71,8 +70,6 @@ DATA = {
 # objective (distill)
 # objective.teacher: the frozen teacher; path relative to this file
 TEACHER = {'path': '../../../recipes/teachers/tiny-teacher', 'kind': 'hf'}
-DISTILL_WEIGHT = 0.5                    # objective.weight: weight × T² × KL + (1 - weight) × cross-entropy
-TEMPERATURE = 2.0                       # objective.temperature T
 
 # ---- phases (phases section): each row applies to steps [start, end) --------
 # distill  steps 0-58 (58 steps, 118,784 tokens): the recipe as written
@@ -139,8 +136,7 @@ def main(argv=None):
     check_tokenizer(run.dir / TEACHER["path"], dataset.tokenizer, log=run.log)
     teacher = load_teacher(run.dir / TEACHER["path"], TEACHER["kind"], DEVICE, log=run.log)
 
-    # the model has the depth of the phase of the last trained step (a checkpoint from before a growth is small)
-    model = Transformer(n_layers=next(p for p in PHASES if p["start"] <= max(0, run.resume_step - 1) < p["end"])["n_layers"]).to(DEVICE)
+    model = Transformer().to(DEVICE)
     forward = model
 
     def distill_loss(x, y, weight, temperature):

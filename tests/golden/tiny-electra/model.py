@@ -33,7 +33,6 @@ DISCRIMINATOR_WEIGHT = 50.0             # objective.discriminator_weight (ELECTR
 IGNORE = -100                           # label of a position without loss (unselected tokens)
 
 
-
 def attention_bias(attention_mask=None):
     """None (every token attends to every token) or a bool mask, True = may attend: never to padding
     (attention_mask 0)."""

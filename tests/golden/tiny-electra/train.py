@@ -23,7 +23,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-electra'                   # name
-RECIPE_HASH = 'ee7e35c015992e5d72bf4f0b39be58dbed5c73f24ee71d7516d2c706d09f2a9a' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'ee7e35c015992e5d72bf4f0b39be58dbed5c73f24ee71d7516d2c706d09f2a9a'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

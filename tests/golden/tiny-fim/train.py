@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-fim'                       # name
-RECIPE_HASH = '7b5955b9bc0a4fbc63f5af27375fdd02fd21135a370af91bbce7633dc1b983fa' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = '7b5955b9bc0a4fbc63f5af27375fdd02fd21135a370af91bbce7633dc1b983fa'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len
@@ -77,7 +77,7 @@ DATA = {
 FIM_RATE = 0.5                          # objective.rate, share of documents transformed
 FIM_ORDER = 'both'                      # objective.order: PSM or SPM, half the time each
 FIM_SOURCES = ['code']                  # objective.sources
-FIM_TOKENS = ['<fim_prefix>', '<fim_middle>', '<fim_suffix>'] # objective.prefix_token, middle_token, suffix_token
+FIM_TOKENS = ['<fim_prefix>', '<fim_middle>', '<fim_suffix>']  # objective.prefix_token, middle_token, suffix_token
 
 
 def lr_at(step: int) -> float:

@@ -25,7 +25,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-galore'                    # name
-RECIPE_HASH = 'fd8ec740dbf6239ab01394c4ab9efd5463ada9d6a697e1162da5eea99ef255d8' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'fd8ec740dbf6239ab01394c4ab9efd5463ada9d6a697e1162da5eea99ef255d8'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len
@@ -43,7 +43,7 @@ EPS = 1e-08                             # optimizer.eps
 WEIGHT_DECAY = 0.0                      # optimizer.weight_decay
 GRAD_CLIP = 1.0                         # optimizer.grad_clip, max global gradient norm
 GALORE_RANK = 48                        # optimizer.rank 48
-GALORE_UPDATE_EVERY = 200               # optimizer.update_every: steps between projector updates (SVD of the gradient)
+GALORE_UPDATE_EVERY = 200               # optimizer.update_every: steps between projector updates (the gradient's top singular vectors, via eigh of its Gram matrix)
 GALORE_SCALE = 0.25                     # optimizer.scale: α, the projected-back update's scale
 
 LOG_EVERY = 10                          # train.log_every (steps)

@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-meco'                      # name
-RECIPE_HASH = '687ac06fc2e4f5d2fafcfa6ef871f58b509fc2fa28273c316e0029c79301d3b0' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = '687ac06fc2e4f5d2fafcfa6ef871f58b509fc2fa28273c316e0029c79301d3b0'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 MAX_STEPS = 96                          # with-metadata 87 + cooldown 9 = 96 steps, 196,608 tokens
@@ -35,7 +35,6 @@ WARMUP_STEPS = 5                        # schedule.warmup 5% of 96 steps, rounde
 BETAS = (0.9, 0.95)                     # optimizer.betas
 EPS = 1e-08                             # optimizer.eps
 WEIGHT_DECAY = 0.1                      # optimizer.weight_decay
-GRAD_CLIP = 1.0                         # optimizer.grad_clip, max global gradient norm
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 25                         # train.eval_every (steps; 0 = never)
@@ -134,8 +133,7 @@ def main(argv=None):
     dataset = data.prepare({**DATA, "base_dir": str(run.dir)}, cache_dir=run.cache_dir, log=run.log)
     run.adopt_tokenizer(dataset.tokenizer_path)
 
-    # the model has the depth of the phase of the last trained step (a checkpoint from before a growth is small)
-    model = Transformer(n_layers=next(p for p in PHASES if p["start"] <= max(0, run.resume_step - 1) < p["end"])["n_layers"]).to(DEVICE)
+    model = Transformer().to(DEVICE)
     forward = model
 
     def make_optimizer(model):

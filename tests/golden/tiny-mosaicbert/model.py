@@ -68,7 +68,6 @@ class Unpadded:
         return out.view(self.B, self.T, *x.shape[1:])
 
 
-
 def attention_bias(alibi, attention_mask=None):
     """The attention scores' bias: the ALiBi table `alibi` (heads, T, T), -inf where a key is padding
     (attention_mask 0)."""

@@ -23,7 +23,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-mosaicbert'                # name
-RECIPE_HASH = '9101bf5e46ee3c3a7792325e96db76a328e70bf12b8f3abca9672c6656478c0c' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = '9101bf5e46ee3c3a7792325e96db76a328e70bf12b8f3abca9672c6656478c0c'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-packed'                    # name
-RECIPE_HASH = '17387efca51a7e8b924c52bd85aef3dbd19da49426cf6004eddadb5850c276e7' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = '17387efca51a7e8b924c52bd85aef3dbd19da49426cf6004eddadb5850c276e7'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-prefix-lm'                 # name
-RECIPE_HASH = 'cdfb96d98477d0269a3acddc252223aeb3ddf9a7f0ead9248b70f4c3f5033652' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'cdfb96d98477d0269a3acddc252223aeb3ddf9a7f0ead9248b70f4c3f5033652'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-span-corruption'           # name
-RECIPE_HASH = '203a1ee66e02c35bbe0cf57d5dfc28046852dc1ed28361882f732ca193c70deb' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = '203a1ee66e02c35bbe0cf57d5dfc28046852dc1ed28361882f732ca193c70deb'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

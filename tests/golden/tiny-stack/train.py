@@ -24,7 +24,7 @@ from model import Transformer, grow_by_stacking  # noqa: E402  (model.py beside 
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-stack'                     # name
-RECIPE_HASH = '7bcb8773a2b647aebca702c8aa48f2341e67ca1304ca9b357f73f2e0781aba19' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = '7bcb8773a2b647aebca702c8aa48f2341e67ca1304ca9b357f73f2e0781aba19'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 MAX_STEPS = 488                         # small 122 + grown 366 = 488 steps, 999,424 tokens
@@ -35,7 +35,6 @@ WARMUP_STEPS = 24                       # schedule.warmup 5% of 488 steps, round
 BETAS = (0.9, 0.95)                     # optimizer.betas
 EPS = 1e-08                             # optimizer.eps
 WEIGHT_DECAY = 0.1                      # optimizer.weight_decay
-GRAD_CLIP = 1.0                         # optimizer.grad_clip, max global gradient norm
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 100                        # train.eval_every (steps; 0 = never)

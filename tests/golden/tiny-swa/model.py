@@ -67,7 +67,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D_MODEL, N_KV_HEADS * HEAD_DIM, bias=False)
         self.o_proj = nn.Linear(N_HEADS * HEAD_DIM, D_MODEL, bias=False)
 
-    def forward(self, x, cos, sin, mask=None):
+    def forward(self, x, cos, sin, mask):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, N_HEADS, HEAD_DIM).transpose(1, 2)     # (B, heads, T, head_dim)
         k = self.k_proj(x).view(B, T, N_KV_HEADS, HEAD_DIM).transpose(1, 2)  # (B, kv_heads, T, head_dim)
@@ -101,7 +101,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(D_MODEL, NORM_EPS)
         self.mlp = MLP()
 
-    def forward(self, x, cos, sin, mask=None):
+    def forward(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -135,7 +135,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         n = h.shape[0]
         hs, w = h.to(dtype), weight.to(dtype)
-        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)         # summed over the chunks in fp32, also for bf16 weights
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(device, enabled=False):
             for s in range(0, h.shape[0], chunk):
@@ -147,11 +148,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 p.scatter_add_(1, tc, torch.full_like(lse, -1.0))      # d(loss)/d(logits) = softmax - one_hot
                 p = p.mul_(1.0 / n).to(dtype)
                 grad_h[s:s + chunk] = p @ w
-                if dtype == grad_w.dtype:
+                if dtype == torch.float32:
                     grad_w.addmm_(p.t(), hc)
                 else:                                                  # bf16 products, fp32 sum
                     grad_w += p.t() @ hc
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / n
 
     @staticmethod

@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-swa'                       # name
-RECIPE_HASH = 'c7038ac2bfc966e094122322a7e91f7050c8e8c8c612559df07370cb9f3baea6' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'c7038ac2bfc966e094122322a7e91f7050c8e8c8c612559df07370cb9f3baea6'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-tpu'                       # name
-RECIPE_HASH = 'cc3ea4b029bfc367042d3369dccf7eda67d344824ec77b4f86c20024823639cd' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'cc3ea4b029bfc367042d3369dccf7eda67d344824ec77b4f86c20024823639cd'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-ul2'                       # name
-RECIPE_HASH = 'bc1fda077ab91b23fe9cef293df9c5ee59f1b11ee2ab44961243a06bf5f72e82' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'bc1fda077ab91b23fe9cef293df9c5ee59f1b11ee2ab44961243a06bf5f72e82'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len
@@ -89,7 +89,7 @@ DENOISERS = [
     ('X', 64.0, 0.5, 1.0),  # 14.3% of examples, 124 raw tokens at seq_len 128
     ('S', None, None, 1.0),  # 14.3% of examples, 126 raw tokens at seq_len 128
 ]
-MODE_TOKENS = {'R': '[NLU]', 'X': '[NLG]', 'S': '[S2S]'} # objective.mode_tokens, the paradigm token that starts each row
+MODE_TOKENS = {'R': '[NLU]', 'X': '[NLG]', 'S': '[S2S]'}  # objective.mode_tokens, the paradigm token that starts each row
 N_SENTINELS = 16                        # <extra_id_0> ... <extra_id_15>: the most spans an example makes at seq_len 128
 
 

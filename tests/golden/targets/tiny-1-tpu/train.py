@@ -24,7 +24,7 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-llama'                     # name
-RECIPE_HASH = 'c03e13f9e27d3b5fdd2f274dc5928570016f3d59ac201030bbf96e1230862cc1' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'c03e13f9e27d3b5fdd2f274dc5928570016f3d59ac201030bbf96e1230862cc1'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len

@@ -24,12 +24,12 @@ from model import Transformer  # noqa: E402  (model.py beside this file)
 
 # ---- recipe constants --------------------------------------------------------
 NAME = 'tiny-llama'                     # name
-RECIPE_HASH = 'c03e13f9e27d3b5fdd2f274dc5928570016f3d59ac201030bbf96e1230862cc1' # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
+RECIPE_HASH = 'c03e13f9e27d3b5fdd2f274dc5928570016f3d59ac201030bbf96e1230862cc1'  # sha256 of what the recipe sets apart from defaults, target and monitoring; --resume checks it
 SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len
 GLOBAL_BATCH = 16                       # train.global_batch, sequences per optimizer step
-MICRO_BATCH = 4                         # train.micro_batch auto: 16 / 4 devices = 4 per device; the whole device batch (4) fits in 80% of this machine's memory shared by 2 processes memory
+MICRO_BATCH = 4                         # train.micro_batch auto: 16 / 4 devices = 4 per device; the whole device batch (4) fits in 80% of this machine (its memory shared by 2 processes) memory
 DEVICE_BATCH = 4                        # global_batch 16 / 4 devices: sequences per device per step
 GRAD_ACCUM = 1                          # DEVICE_BATCH 4 / micro_batch 4
 TOKENS_PER_STEP = 2048                  # global_batch 16 × seq_len 128 = 2,048
@@ -118,11 +118,13 @@ def main(argv=None):
         """Mean loss over EVAL_BATCHES validation micro-batches."""
         model.eval()
         total = 0.0
+        rounds = -(-EVAL_BATCHES // dist.world)  # HSDP gathers weights in each forward, a collective: every device runs as many forwards
         with torch.no_grad(), autocast:
-            for i in range(dist.rank, EVAL_BATCHES, dist.world):  # the devices share the batches
-                x, y = dataset.batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
+            for i in range(dist.rank, rounds * dist.world, dist.world):  # the devices share the batches
+                x, y = dataset.batch("val", 0, (i % EVAL_BATCHES) * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
                 x, y = data.to_device(device, x, y)
-                total += forward(x, y).item()  # the model returns the mean cross-entropy
+                loss = forward(x, y).item()  # the model returns the mean cross-entropy
+                total += loss if i < EVAL_BATCHES else 0.0  # past EVAL_BATCHES: a repeat that only keeps the collectives in step
         model.train()
         return distributed.total(total, device) / EVAL_BATCHES
 
@@ -140,8 +142,9 @@ def main(argv=None):
             # this device's sequences of the step: its slice of the global batch; gradients sync on the last micro-step
             x, y = dataset.batch("train", step, dist.rank * DEVICE_BATCH + micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
             x, y = data.to_device(device, x, y)
-            with distributed.grad_sync(wrapped, PARALLELISM, sync=micro == GRAD_ACCUM - 1), autocast:
-                loss = forward(x, y)  # next-token loss, fp32
+            with distributed.grad_sync(wrapped, PARALLELISM, sync=micro == GRAD_ACCUM - 1):
+                with autocast:  # the forward only; backward runs in the dtypes the forward chose
+                    loss = forward(x, y)  # next-token loss, fp32
                 (loss / GRAD_ACCUM).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
