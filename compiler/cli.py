@@ -41,6 +41,10 @@ def _guard(fn):
         raise typer.Exit(2)
     except UserError as e:
         _fail(e.message, e.hint, e.code)
+    except KeyboardInterrupt:  # Ctrl-C while this process works (preparing data): files are written whole or not at all
+        typer.echo("\ninterrupted: what is already written (data cache, checkpoints) is complete; run the command again to go on",
+                   err=True)
+        raise typer.Exit(130)
     except OSError as e:
         _fail(str(e))
     except Exception as e:  # errors from the runtime (data, checkpoints) are user errors too
@@ -256,20 +260,19 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
                 raise UserError("this recipe trains on a TPU (target.accelerator: tpu), and torch-xla is not installed here",
                                 "pip install 'malt[tpu]' (torch 2.9.0 with torch-xla 2.9.0), "
                                 "or train on this machine: --set target.accelerator=cpu (or auto)", code=2)
-        if p.world > 1 and p.device != "tpu":  # torch-xla SPMD runs one process
-            # data first, in this process: a data problem is then one message, not one per process from torchrun
-            from malt.runtime.data import prepare
-            from malt.runtime.run import default_cache_dir
-
+        if p.device != "tpu":  # the TPU program prepares its data itself (torch-xla's environment)
+            # data first, in this process: a problem with a source is shown at its line in the recipe, and is one
+            # message, not one per process from torchrun; the program then finds the data in the cache
             from .render import data_spec
 
-            prepare({**data_spec(p, loaded.base_dir, directory), "base_dir": str(directory)}, cache_dir=default_cache_dir(), log=typer.echo)
+            prepare_located({**data_spec(p, loaded.base_dir, directory), "base_dir": str(directory)}, p.recipe, loaded, log=typer.echo)
         from .render import launch_command
 
         cmd = launch_command(p, str(directory / "train.py")) + (["--resume"] if resume else [])
         import signal
 
-        child = subprocess.Popen(cmd, env=os.environ.copy())
+        env = {**os.environ, **({"MALT_DATA_PREPARED": "1"} if p.device != "tpu" else {})}  # logged above: not again
+        child = subprocess.Popen(cmd, env=env)
         forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))  # `kill`, a closed terminal:
                    for sig in (signal.SIGTERM, signal.SIGHUP)}                             # the program stops with malt
         try:
@@ -320,25 +323,45 @@ def sample(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)
     _guard(go)
 
 
-def _data_spec(recipe: Path, set_):
-    """(plan, the data spec a run of this recipe prepares), paths relative to the recipe's folder."""
+def located_data_error(e: Exception, recipe, loaded):
+    """A data error about one of the recipe's sources (its message starts "source 'NAME'") as a diagnostic at that
+    source's line in the recipe; None for any other error, which is then shown as it is."""
+    from .diagnostics import Diagnostic, RecipeError
+
+    text = getattr(e, "message", None) or str(e)
+    m = re.match(r"source '([^']+)'", text)
+    names = [s.name for s in recipe.data.sources]
+    if m is None or m.group(1) not in names:
+        return None
+    i = names.index(m.group(1))
+    message, _, fix = text.rpartition("; ") if "; " in text else (text, "", "")
+    hint = fix or "fix this source's path, text_field or filter"
+    return RecipeError([Diagnostic(f"data.sources.{i}", message, loaded.origin(("data", "sources", i)), hint=hint)])
+
+
+def prepare_located(spec: dict, recipe, loaded, **kwargs):
+    """runtime.data.prepare, with errors about a source pointed at its line in the recipe."""
+    from malt.runtime.data import prepare as do_prepare
+    from malt.runtime.run import default_cache_dir
+    from malt.runtime.sources import DataError
+
+    try:
+        return do_prepare(spec, default_cache_dir(), log=kwargs.pop("log", lambda m: typer.echo(m, err=True)), **kwargs)
+    except DataError as e:
+        located = located_data_error(e, recipe, loaded)
+        if located is None:
+            raise
+        raise located from None
+
+
+def _prepare(recipe: Path, set_, workers, verify):
     from .api import plan as do_plan
     from .render import data_spec
 
     p, loaded = do_plan(recipe, set_, check_fit=False)  # the data does not depend on whether the run fits its devices
     base = Path(loaded.base_dir)
-    spec = data_spec(p, base, base)
-    spec["base_dir"] = str(base)
-    return p, spec
-
-
-def _prepare(recipe: Path, set_, workers, verify):
-    from malt.runtime.data import prepare as do_prepare
-    from malt.runtime.run import default_cache_dir
-
-    p, spec = _data_spec(recipe, set_)
-    ds = do_prepare(spec, default_cache_dir(), log=lambda m: typer.echo(m, err=True), workers=workers, verify=verify)
-    return p, ds
+    spec = {**data_spec(p, base, base), "base_dir": str(base)}
+    return p, prepare_located(spec, p.recipe, loaded, workers=workers, verify=verify)
 
 
 WORKERS_HELP = "Tokenizer processes (default: $MALT_DATA_WORKERS or the CPU count, at most 16)."

@@ -31,6 +31,10 @@ class Loaded:
         while True:
             if path in self.origins:
                 return self.origins[path]
+            # a mapping key written as a number (--set model.0=1) reaches the schema as the text '0'
+            alt = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in path)
+            if alt in self.origins:
+                return self.origins[alt]
             if not path:
                 return Origin(self.file, 1, 1)
             path = path[:-1]

@@ -655,8 +655,15 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
     at most 16; none are started for less than POOL_MIN_BYTES of input).
     ``verify``: check the sha256 of every shard (default ``spec["verify_cache"]`` or
     ``$MALT_VERIFY_CACHE``). ``progress``: a progress bar (default: when stderr is a terminal).
-    Raises :class:`DataError` for every user-facing problem.
+    Raises :class:`DataError` for every user-facing problem. ``$MALT_DATA_PREPARED=1`` (set by `malt run`, which
+    prepared the data just before starting the program): the cache hits are not logged a second time.
     """
+    if os.environ.get("MALT_DATA_PREPARED") == "1":
+        shown = log
+
+        def log(message: str) -> None:
+            if not message.startswith(("data: cache hit", "data: tokenizer cache hit")) and "filtered out" not in message:
+                shown(message)
     spec = dict(spec)
     base_dir = spec.get("base_dir") or "."
     entries = spec.get("sources") or []
@@ -780,7 +787,8 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                            else (": no files" if not s.files() else ""))
                         + (f" (e.g. {notes[0]})" if notes else "")
                         + "; check the path"
-                        + (f", text_field '{s.text_field}'" if not s.builtin else "")
+                        + (f", text_field '{s.text_field}'" if not s.builtin and any(  # records with fields only
+                            not f.rel.endswith((".txt", ".txt.gz", ".txt.zst")) for f in s.files()) else "")
                         + (" and the filter" if s.filter or s.dedupe else ""))
                 if built:
                     log(f"data: tokenized {s.name}: {totals['documents']:,} documents, {totals['chars']:,} characters"

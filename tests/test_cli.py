@@ -234,3 +234,15 @@ def test_compile_never_replaces_files_malt_did_not_write(recipe, tmp_path):
     assert malt("compile", path, "-o", "build").exit_code == 0
     assert malt("compile", path, "-o", "build", "--set", "optimizer.lr=1e-3").exit_code == 0  # malt's own files: replaced
     assert "LR = 0.001" in (tmp_path / "build" / "train.py").read_text()
+
+
+def test_a_source_without_text_is_shown_at_its_line_in_the_recipe(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("MALT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "empty.txt").write_text("")
+    path = recipe(RECIPE.replace("    - {name: docs, path: docs.txt}", "    - {name: docs, path: docs.txt}\n    - {name: none, path: empty.txt}"))
+    for command in (["data", path], ["run", path, "--run-dir", "run"]):
+        r = malt(*command)
+        assert r.exit_code == 2, r.output
+        assert "recipe.yaml:11:7: error: data.sources.1: source 'none'" in r.output and "yields no text" in r.output, r.output
+        assert "hint: check the path" in r.output
+    assert not (tmp_path / "run" / "checkpoints").exists()

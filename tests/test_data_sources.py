@@ -318,6 +318,6 @@ def test_cli_prepare_and_data(tmp_path, monkeypatch):
     (tmp_path / "d.jsonl").write_bytes(b"{broken\n")
     res = runner.invoke(app, ["prepare", str(path)])
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert "error: source 'd'" in res.output and "yields no text" in res.output
+    assert ".yaml:" in res.output and "error: data.sources.1: source 'd'" in res.output and "yields no text" in res.output
     res = runner.invoke(app, ["data", str(path), "--set", "data.sources.1.path=nope/*.jsonl"])
     assert res.exit_code == 2 and "matches no files" in res.output
