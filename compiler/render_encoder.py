@@ -73,7 +73,6 @@ def context(plan: Plan) -> dict:
         "documents": r.data.packing != "concat",   # batches carry doc_ids: attention within documents
         "unpad_note": ("; with model.unpad it is\n        dropped before the dense layers" if m.unpad else ""),
     }
-    dev = "device" if plan.world > 1 or plan.parallelism == "fsdp" else "DEVICE"
     return {
         "encoder": True,
         "family_doc": "BERT-family encoder" + (" (ELECTRA)" if rtd else ""),
