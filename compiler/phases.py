@@ -186,17 +186,20 @@ def resolve(r: Recipe) -> Resolved:
         if ph.optimizer and ph.optimizer.lr is not None and ph.schedule is None:
             problems.append((where + ("optimizer", "lr"), "a phase that changes the learning rate needs its own schedule",
                              "add `schedule: {warmup: 1%, decay: cosine}` to the phase (re-warming), or remove optimizer.lr"))
-    if problems:
-        return out
+    # the checks below go on past these problems (one `malt check` shows them all); a phase without a valid length
+    # (amounts None) is left out of the checks of lengths and coverage
 
     # step ranges
     start = 0
     steps_list = []
-    for ph, (kind, value) in zip(specs, amounts):
+    for ph, amount in zip(specs, amounts):
         seq = (ph.train.seq_len if ph.train and ph.train.seq_len else None) or tr.seq_len
         gb = (ph.train.global_batch if ph.train and ph.train.global_batch else None) or tr.global_batch
         tps = seq * gb
-        if kind == "steps":
+        kind, value = amount or (None, None)
+        if amount is None:
+            n = None
+        elif kind == "steps":
             n = value
         elif kind == "tokens":
             n = value // tps
@@ -207,11 +210,11 @@ def resolve(r: Recipe) -> Resolved:
         else:
             n = 0
         steps_list.append((n, seq, gb, tps))
-    i_bad = [i for i, (n, *_rest) in enumerate(steps_list) if n <= 0]
+    i_bad = [i for i, (n, *_rest) in enumerate(steps_list) if n is not None and n <= 0]
     for i in i_bad:
         problems.append((("phases", i), f"phase {specs[i].name!r} is shorter than one step",
                          "give it a larger share, or more tokens or steps"))
-    if r.phases:
+    if r.phases and None not in amounts:
         if tr.tokens is None and tr.steps is None and any(k == "share" for k, _ in amounts):
             problems.append((("phases",), "phases with a share need train.tokens or train.steps to take it of",
                              "set train.tokens, or give each phase tokens or steps"))
@@ -230,8 +233,6 @@ def resolve(r: Recipe) -> Resolved:
             if abs(covered - tr.steps) > len(steps_list):
                 problems.append((("phases",), f"the phases cover {covered:,} steps but train.steps is {tr.steps:,}",
                                  "make the phases add up to the run, or remove train.steps and let them define it"))
-    if problems:
-        return out
 
     base_weights = {s.name: s.weight for s in r.data.sources}
     n_layers = r.model.n_layers
@@ -292,12 +293,14 @@ def resolve(r: Recipe) -> Resolved:
             own = _merged_schedule(r.schedule, ph.schedule)
             changes.append("schedule")
             problems += schedule_field_problems(ph.schedule, own.decay, where + ("schedule",))
-            warm = steps_of(own.warmup, n)
-            if warm >= n:
-                problems.append((where + ("schedule", "warmup"), f"warmup ({warm} steps) is not shorter than the phase ({n} steps)",
-                                 "use a share such as 5%"))
-            else:
-                problems += schedule_overlap_problems(own, n, where + ("schedule",))
+            if n is not None:  # (a phase without a valid length is reported as such; its warmup waits for it)
+                warm = steps_of(own.warmup, n)
+                if warm >= n:
+                    problems.append((where + ("schedule", "warmup"), f"warmup ({warm} steps) is not shorter than the phase ({n} steps)",
+                                     "use a share such as 5%"))
+                else:
+                    problems += schedule_overlap_problems(own, n, where + ("schedule",))
+        n = n or 0  # with problems above, the ranges are only a sketch (a plan is made only without problems)
         out.phases.append(PhaseRange(i, ph.name, start, start + n, seq, gb, mb, tuple(weights[k] for k in names), rope,
                                      pick("lr"), tuple(pick("betas")), pick("eps"), pick("weight_decay"), pick("grad_clip"),
                                      own, tuple(changes), n_layers, grow, metadata=metadata))

@@ -33,7 +33,6 @@ def context(plan: Plan) -> dict:
         const("D_MODEL", m.d_model, "model.d_model"),
         const("N_LAYERS", plan.n_layers or m.n_layers, "model.n_layers"),
         const("N_HEADS", m.n_heads, "model.n_heads"),
-        const("HEAD_DIM", plan.head_dim, f"d_model {m.d_model} / n_heads {m.n_heads}"),
         const("D_FF", plan.d_ff, "model.d_ff" if m.d_ff is not None else f"4 × d_model {m.d_model} (BERT)"),
         const("NORM_EPS", m.norm_eps, "model.norm_eps (LayerNorm)"),
         const("INIT_STD", m.init_std, "model.init_std"),

@@ -406,3 +406,13 @@ def test_a_tokenizer_file_that_tokenizers_cannot_load_is_a_recipe_error(recipe, 
 def test_a_parents_max_chars_is_fine_when_the_child_trains_no_tokenizer(recipe):
     recipe(kind="kind: bpe\n  vocab_size: 300\n  max_chars: 1M", name="parent.yaml")
     check(recipe("extends: parent.yaml\ntokenizer: {kind: bytes, vocab_size: null}\n", name="child.yaml"))
+
+
+def test_the_problems_of_phases_come_in_one_round(recipe):
+    phases = ["phases=[{name: main, share: 50%}, {name: cool, share: 30%, data: {weights: {nope: 1}}}, "
+              "{name: main, steps: 3, share: 20%}]"]
+    out = "\n".join(errors(recipe(), phases))
+    for text in ("phases.1.data.weights.nope: no data source is named 'nope'", "phase 'cool' gives every source weight 0",
+                 "phases.2: phase 'main' needs exactly one of share, tokens or steps (has share, steps)",
+                 "phases.2.name: another phase is already named 'main'"):
+        assert text in out, out

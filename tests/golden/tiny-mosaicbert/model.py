@@ -19,7 +19,6 @@ VOCAB_SIZE = 4160                       # tokenizer's 4,097 tokens padded to a m
 D_MODEL = 128                           # model.d_model
 N_LAYERS = 4                            # model.n_layers
 N_HEADS = 4                             # model.n_heads
-HEAD_DIM = 32                           # d_model 128 / n_heads 4
 D_FF = 512                              # model.d_ff
 NORM_EPS = 1e-12                        # model.norm_eps (LayerNorm)
 INIT_STD = 0.02                         # model.init_std
