@@ -91,6 +91,9 @@ def _plan_text(p) -> str:
     mem = est["memory_per_device_bytes"]
     basis = est["basis"]
     shapes_vary = len({(ph.seq_len, ph.global_batch) for ph in p.phases}) > 1  # phases with their own batch shape
+    grows = any(ph.grow_factor for ph in p.phases)
+    per_token = [ph["flops"] / ph["tokens"] for ph in j.get("phases") or [] if ph.get("flops") and ph.get("tokens")]
+    flops_vary = "teacher_flops_per_token" not in est and len(per_token) > 1 and max(per_token) > 1.005 * min(per_token)
     lines = [
         f"{p.recipe.name}  ({p.recipe_file})",
         "",
@@ -100,12 +103,15 @@ def _plan_text(p) -> str:
          f"{', unpadded' if m['unpad'] else ''}): {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads, ")
         + f"head_dim {m['head_dim']}, d_ff {m['d_ff']}, vocab {m['vocab_size']:,} → {m['padded_vocab']:,}",
         f"params     {est['params']:,} ({human_count(est['params'])}; {human_count(est['params_non_embedding'])} non-embedding"
-        + (f"; {human_count(est['params_generator'])} in the rtd generator" if "params_generator" in est else "") + ")",
+        + (f"; {human_count(est['params_generator'])} in the rtd generator" if "params_generator" in est else "")
+        + ("; the grown model's, phases below" if grows else "") + ")",
         (f"run        {j['steps']:,} steps × {b['tokens_per_step']:,} tokens = {j['tokens']:,} tokens ({human_count(j['tokens'])})"
          if not shapes_vary else f"run        {j['steps']:,} steps = {j['tokens']:,} tokens ({human_count(j['tokens'])}); the phases' batches differ (below)"),
         f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation"
         + (f" × {ex['devices']} devices" if ex['devices'] > 1 else "") + (f" (phase {p.phases[0].name})" if shapes_vary else ""),
-        f"compute    {human_count(est['flops_per_token'])}FLOPs/token × {human_count(j['tokens'])} tokens"
+        (f"compute    {human_count(est['total_flops'] / j['tokens'])}FLOPs/token on average (the phases' models or lengths differ) "
+         f"× {human_count(j['tokens'])} tokens" if flops_vary else
+         f"compute    {human_count(est['flops_per_token'])}FLOPs/token × {human_count(j['tokens'])} tokens")
         + (f" + the teacher's forward passes ({human_count(est['teacher_flops_per_token'])}FLOPs/token distilled)"
            if "teacher_flops_per_token" in est else "") + f" = {est['total_flops']:.3g} FLOPs",
         f"memory     {human_bytes(mem['total'])} per device: weights {human_bytes(mem['weights'])}, gradients {human_bytes(mem['gradients'])}, "
@@ -117,7 +123,8 @@ def _plan_text(p) -> str:
         f"time       ≈ {human_seconds(est['estimated_seconds'])} on {basis['chip']} at {basis['mfu']:.0%} MFU of {basis['peak_flops'] / 1e12:g} TFLOP/s "
         f"({ex['precision']}; {basis['peak_source']})",
         f"execution  {ex['device'] if ex['devices'] == 1 else str(ex['devices']) + ' × ' + ex['device'] + ' (' + ex['parallelism'] + ')'}, {'pure bf16' if ex.get('master_weights') == 'bf16' else ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
-        f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW"
+        + (f"GaLore AdamW (rank {p.galore['rank']}, projector every {p.galore['update_every']} steps)" if p.galore else
+           f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW")
         + (f", activation checkpointing {ex['activation_checkpointing']}" if ex.get("activation_checkpointing", "none") != "none" else "")
         + (f", {ex['checkpoint_format']} checkpoints" if ex.get("checkpoint_format") == "sharded" else ""),
     ]

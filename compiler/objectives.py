@@ -294,7 +294,8 @@ def describe_objective(recipe, obj=None, teacher: dict | None = None) -> dict:
         out["derived"] = rows
         n = sentinel_count(recipe, obj)
         out["sentinels"] = {"count": n, "first": SENTINEL.format(0), "last": SENTINEL.format(n - 1)} if n else {"count": 0}
-        out["attention"] = "bidirectional over [mode] + inputs, causal over the targets"
+        out["attention"] = ("bidirectional over [mode] + inputs" if mode_tokens(obj) is not None else
+                            "bidirectional over the inputs") + ", causal over the targets"
         out["loss"] = "the targets and their EOS"
     if obj.kind == "fim":
         out["loss"] = "every token, sentinels included (Bavarian et al. 2022)"

@@ -745,8 +745,14 @@ def _init_from_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
             hint = (f"set model.{field}: {theirs}" if key != "vocab" else
                     f"the checkpoint's vocabulary is {theirs}: use its tokenizer (tokenizer: {{kind: file, path: ...}}) and "
                     f"model.vocab_size / pad_vocab_multiple that give {theirs}")
-            out.append(Diagnostic(_dotted(path), f"{key} is {mine[key]} here but {theirs} in {r.init_from.path}",
-                                  loaded.origin(path if path in loaded.origins else ("model",)), hint=hint))
+            message = f"{key} is {mine[key]} here but {theirs} in {r.init_from.path}"
+            extra = added_tokens(r)
+            if key == "vocab" and extra and mine[key] > theirs:  # the objective's (or control) tokens grow the vocabulary
+                shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+                message += (f": this recipe adds {len(extra)} special token(s) to the tokenizer ({shown}), and starting from "
+                            "a checkpoint whose embeddings lack them (new embedding rows) is not built yet")
+                hint = "start from a checkpoint trained with the same objective (same tokens), or use an objective that adds none"
+            out.append(Diagnostic(_dotted(path), message, loaded.origin(path if path in loaded.origins else ("model",)), hint=hint))
     return out
 
 

@@ -80,7 +80,7 @@ def metadata_problems(meta: dict) -> list[tuple[str, str]]:
     """Problems of a metadata mapping as (key, message): empty when it is usable."""
     out = []
     for k in meta:
-        if k not in METADATA_KEYS:
+        if k not in METADATA_KEYS and k != "write_prefix":  # write_prefix: set by the runtime for metadata-off phases
             out.append((k, f"unknown key {k!r}; metadata takes {', '.join(METADATA_KEYS)}"))
     tpl = meta.get("template")
     if not isinstance(tpl, str) or not tpl.strip():
@@ -162,6 +162,8 @@ class Conditioner:
             self.names = template_fields(self.template)
             self.url_field = self.metadata.get("url_field") or "url"
             self.drop_missing = self.metadata.get("missing", "keep") == "drop"
+            # False: the documents a metadata-off phase reads (the same ones: drop still drops), without their prefixes
+            self.write_prefix = self.metadata.get("write_prefix", True)
             for n in self.names:
                 self.fields.append(self.url_field if n in DERIVED else n)
         if self.control:
@@ -213,6 +215,7 @@ class Conditioner:
                     return None
             else:
                 self.stats["with_metadata"] += 1
+                prefix = prefix if self.write_prefix else None
         if not self.control:
             return prefix, [(None, text)]
         score = fields.get(self.control["field"])

@@ -873,8 +873,14 @@ def _attach_conditioning(ds: Dataset, spec: dict, prefix_masks: dict, prepare_ag
         k = int(np.searchsorted(offsets, info["train_tokens"]))
         if k < len(offsets) and int(offsets[k]) == info["train_tokens"] and not info.get("val_index_files"):
             keep[info["name"]] = k
-    plain = [{k: v for k, v in e.items() if k != "metadata"} for e in spec["sources"]]
-    off = prepare_again({**spec, "sources": plain, "metadata_off": False, "val_documents": keep})
+    # the same documents without their prefixes: with `missing: drop` the documents without metadata are still dropped
+    # (the prefix is only not written); the tokenizer is the one just built, read back as a file (not trained again)
+    plain = [{**e, "metadata": {**e["metadata"], "write_prefix": False}} if (e.get("metadata") or {}).get("missing") == "drop"
+             else {k: v for k, v in e.items() if k != "metadata"} for e in spec["sources"]]
+    tokenizer = {**(spec.get("tokenizer") or {}), "kind": "file", "path": str(Path(ds.tokenizer_path).resolve())}
+    for key in ("vocab_size", "max_chars", "train_on"):
+        tokenizer.pop(key, None)
+    off = prepare_again({**spec, "sources": plain, "tokenizer": tokenizer, "metadata_off": False, "val_documents": keep})
     for i, (m, _) in ((i, v["train"]) for i, v in ds._prefix_masks.items()):
         want = len(ds.tokens(i)) - m.total
         if len(off.tokens(i)) != want:

@@ -163,6 +163,22 @@ def test_missing_metadata_can_drop_the_document(tmp_path):
     assert "12 dropped" in ds.summary()
 
 
+def test_a_metadata_off_phase_reads_the_same_documents_when_missing_ones_are_dropped(tmp_path):
+    """MeCo's cooldown: the same documents without their prefixes. With `missing: drop` the documents without a url are
+    dropped there too (they were kept before, and the two variants' token counts could not agree), and the tokenizer
+    is the one already built, not trained a second time."""
+    write_records(tmp_path / "web.jsonl")
+    logs = []
+    ds = prepare(spec_for(tmp_path, {"metadata": {"template": "URL: {domain}\n\n", "missing": "drop"}}, metadata_off=True),
+                 tmp_path / "cache", log=logs.append, workers=1)
+    off = ds._without_metadata
+    assert ds.sources[0]["documents"] == off.sources[0]["documents"] == 108
+    prefix = sum(int(np.load(p).sum()) for p in (tmp_path / "cache" / "tokens" / "web").glob("*.prefix.npy") if np.load(p).any())
+    assert len(off.tokens(0)) == len(ds.tokens(0)) - prefix and "URL:" not in off.decode(off.tokens(0).numpy())
+    assert off.tokenizer.get_vocab() == ds.tokenizer.get_vocab()
+    assert sum("training" in m and "tokenizer" in m for m in logs) <= 1
+
+
 @pytest.mark.parametrize("loss", [False, True])
 def test_control_tokens_by_threshold_are_special_and_inputs_only(tmp_path, loss):
     write_records(tmp_path / "web.jsonl")

@@ -101,3 +101,17 @@ def test_hugging_face_layouts_load_with_identical_logits(tmp_path, arch):
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
     sys.modules.pop(f"m_{arch}", None)
+
+
+def test_tokens_the_recipe_adds_are_named_when_they_grow_the_vocabulary(trained, tmp_path):
+    """FIM, UL2's sentinels or control tokens append to the tokenizer: from a checkpoint without them the vocabulary
+    grows, which is not built yet; the error says so instead of only suggesting the checkpoint's tokenizer."""
+    tmp, _ = trained
+    recipe = with_init(write_tiny_recipe(tmp_path / "r"), f"init_from: {tmp / 'run'}\n")
+    tokens = ", ".join(f"'<|t{i}|>'" for i in range(70))           # 257 + 70 tokens: padded to 384, the checkpoint has 320
+    recipe.write_text(recipe.read_text().replace("tokenizer: {kind: bytes}", f"tokenizer: {{kind: bytes, add_special_tokens: [{tokens}]}}"))
+    with pytest.raises(RecipeError) as err:
+        check(recipe)
+    text = str(err.value)
+    assert "vocab is 384 here but 320 in" in text and "this recipe adds 70 special token(s) to the tokenizer (<|t0|>, <|t1|>, <|t2|>, ...)" in text
+    assert "start from a checkpoint trained with the same objective" in text
