@@ -113,7 +113,8 @@ def _plan_text(p) -> str:
          f"× {human_count(j['tokens'])} tokens" if flops_vary else
          f"compute    {human_count(est['flops_per_token'])}FLOPs/token × {human_count(j['tokens'])} tokens")
         + (f" + the teacher's forward passes ({human_count(est['teacher_flops_per_token'])}FLOPs/token distilled)"
-           if "teacher_flops_per_token" in est else "") + f" = {est['total_flops']:.3g} FLOPs",
+           if "teacher_flops_per_token" in est else "") + f" = {est['total_flops']:.3g} FLOPs"
+        + (f" (+ {est['recompute_flops']:.3g} recomputed by activation checkpointing)" if est.get("recompute_flops") else ""),
         f"memory     {human_bytes(mem['total'])} per device: weights {human_bytes(mem['weights'])}, gradients {human_bytes(mem['gradients'])}, "
         f"optimizer {human_bytes(mem['optimizer'])}, "
         + (f"gathered {human_bytes(mem['gathered'])}, " if "gathered" in mem else "")

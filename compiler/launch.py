@@ -24,8 +24,9 @@ LAUNCH_MULTINODE_SH = """#!/usr/bin/env bash
 #   MASTER_PORT  a free TCP port there (default {port})
 #   RDZV_ID      an id shared by the nodes of one job (default: $SLURM_JOB_ID, else malt-{slug})
 # Usage: MASTER_ADDR=node-0 ./launch.sh [--resume]
+# malt.runtime.launch is torchrun (torch.distributed.run) that ends with the failing process's own exit code
 set -euo pipefail
-exec "${{PYTHON:-python3}}" -m torch.distributed.run \\
+exec "${{PYTHON:-python3}}" -m malt.runtime.launch \\
     --nnodes {nodes} --nproc-per-node {devices} \\
     --rdzv-backend c10d --rdzv-endpoint "${{MASTER_ADDR:-localhost}}:${{MASTER_PORT:-{port}}}" \\
     --rdzv-id "${{RDZV_ID:-${{SLURM_JOB_ID:-malt-{slug}}}}}" \\
@@ -40,6 +41,8 @@ SLURM_SBATCH = """#!/usr/bin/env bash
 #SBATCH --job-name={slug}
 #SBATCH --nodes={nodes}
 #SBATCH --ntasks-per-node=1
+# whole nodes: the one task per node needs all their cores ({devices} processes and their data loading)
+#SBATCH --exclusive
 {gpus}#SBATCH --output=slurm-%j.out
 set -euo pipefail
 # the first node of the allocation hosts the rendezvous

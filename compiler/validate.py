@@ -571,7 +571,7 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             add(("target", "parallelism"), "ddp needs more than one device", "set target.devices, or parallelism: single (or auto)")
         if n > 1 and tg.parallelism == "single":
             add(("target", "parallelism"), f"parallelism single runs one process, but target.devices is {n}"
-                if tg.nodes == 1 else f"parallelism single runs one process, but the target has {n} devices", "use auto, ddp or fsdp")
+                if tg.nodes == 1 else f"parallelism single runs one process, but the target has {n} devices", "use auto or fsdp" if tg.accelerator == "tpu" else "use auto, ddp or fsdp")
         if tg.parallelism == "hsdp" and (tg.nodes < 2 or tg.devices < 2):
             add(("target", "parallelism"), f"hsdp shards within a node and replicates across nodes: it needs several nodes of several "
                 f"devices, not {tg.nodes} node(s) × {tg.devices} device(s)", "use fsdp (or auto)")

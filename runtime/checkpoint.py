@@ -364,10 +364,26 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
             state = {"model": model_sd, "optimizer": optim_sd}
             with _one_process_is_fine():
                 dcp.load(state, checkpoint_id=str(path / "dcp"))
+            _keep_implementation(state["optimizer"].get("param_groups") or [], optimizer)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     except (RuntimeError, KeyError, ValueError, OSError, CheckpointException) as e:  # DCP wraps each process's failure
         raise RunError(f"sharded checkpoint {path} cannot be loaded into this model: {str(e).strip().splitlines()[0][:300]}",
                        "resume with the recipe that wrote it (same model shape), or remove that checkpoint to use an older one")
+
+
+# how an optimizer computes, not what it has learned: the running program's choice (fused AdamW on CPU and CUDA,
+# foreach on a TPU), never the one of the program that wrote the checkpoint
+IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _keep_implementation(groups: list, optimizer: torch.optim.Optimizer) -> None:
+    """Give saved param_groups the running optimizer's implementation flags (a CPU or CUDA checkpoint resumes on a TPU)."""
+    for saved, mine in zip(groups, optimizer.param_groups):
+        for key in IMPLEMENTATION:
+            if key in mine:
+                saved[key] = mine[key]
+            else:
+                saved.pop(key, None)
 
 
 def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, tensors: dict) -> None:
@@ -382,6 +398,7 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, st
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
+    _keep_implementation(groups, optimizer)
     try:
         set_optimizer_state_dict(model, optimizer, {"state": opt_state, "param_groups": groups},
                                  options=StateDictOptions(full_state_dict=True))

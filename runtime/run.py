@@ -213,10 +213,14 @@ def lock_holder(directory: Path) -> int | None:
     path = Path(directory) / LOCK
     if not path.is_file():
         return None
+    import errno
+
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock on this filesystem: cannot tell
+                return None
             fh.seek(0)
             text = fh.read().strip()
             return int(text) if text.isdigit() else -1
@@ -230,11 +234,16 @@ def hold_lock(directory: Path):
         import fcntl
     except ImportError:
         return None
+    import errno
+
     directory.mkdir(parents=True, exist_ok=True)
     fh = open(directory / LOCK, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without flock (some NFS, Lustre)
+            print(f"warning: {directory} cannot be locked ({e.strerror}): nothing stops a second training in it", file=sys.stderr)
+            return fh
         fh.seek(0)
         pid = fh.read().strip()
         fh.close()
@@ -298,10 +307,12 @@ def entry(main) -> None:
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             signal.signal(sig, _terminate)
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's processes: the first speaks for all, the others say who they are
     try:
         main()
     except (RunError, DataError) as e:
-        print(f"error: {getattr(e, 'message', str(e))}", file=sys.stderr)
+        who = f"[process {rank}] " if rank else ""
+        print(f"{who}error: {getattr(e, 'message', str(e))}", file=sys.stderr)
         hint = getattr(e, "hint", None)
         if hint:
             print(f"    hint: {hint}", file=sys.stderr)
@@ -311,5 +322,6 @@ def entry(main) -> None:
 
         signum = getattr(e, "signum", signal.SIGINT)
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        print(f"\n{what}: checkpoints already written are complete; continue with --resume", file=sys.stderr)
+        if not rank:  # every process gets the signal: one message
+            print(f"\n{what}: checkpoints already written are complete; continue with --resume", file=sys.stderr)
         raise SystemExit(128 + signum)

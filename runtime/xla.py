@@ -9,8 +9,9 @@ mesh); this module holds what every TPU program shares:
   whose axis is named ``fsdp``;
 - :func:`shard`: FSDPv2 (torch-xla's ``SpmdFullyShardedDataParallel``): every weight
   sharded along its largest dimension over the mesh; gradients and AdamW state follow;
-- :func:`loader`: torch-xla's ``MpDeviceLoader`` over the program's batches: moved to
-  the device in a background thread, each batch sharded along its batch dimension;
+- :func:`loader`: torch-xla's ``ParallelLoader`` over the program's batches (its items taken
+  with ``next_item``, not through ``MpDeviceLoader``): moved to the device in a background
+  thread, each batch sharded along its batch dimension;
 - :func:`save` and :func:`host_state`: checkpoints from CPU copies (a sharded tensor
   is assembled on the host from its local shards, which compiles no XLA program);
 - :func:`compiled_graphs`: how many graphs XLA has compiled (metrics.jsonl records it,
@@ -71,13 +72,17 @@ def setup(devices: int):
     return device, mesh
 
 
-def shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
+def shard(model: torch.nn.Module, mesh, optimizer: torch.optim.Optimizer | None = None) -> torch.nn.Module:
     """The module the step calls: FSDPv2 around ``model`` on a mesh, or ``model`` itself on one device.
 
     FSDPv2 annotates each parameter with a sharding along its largest dimension; XLA's SPMD
     partitioner then all-gathers weights for the matmuls and reduce-scatters gradients. The
     wrapper keeps the parameters (and their names in ``model``), so the optimizer, checkpoints
     and export see the plain model. The loss (a scalar) is left replicated.
+
+    After a resume the restored weights and AdamW moments arrive replicated (loading annotates them so),
+    and FSDPv2 would leave an annotated weight as it is: their annotations are cleared first, and each
+    restored moment then takes its weight's sharding (fresh moments are made from the sharded weights).
     """
     if mesh is None:
         return model
@@ -85,10 +90,18 @@ def shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
         SpmdFullyShardedDataParallel as FSDPv2,
     )
 
-    return FSDPv2(model, mesh=mesh, shard_output=lambda output, mesh: None)
+    for p in model.parameters():
+        torch_xla._XLAC._xla_clear_sharding(p)
+    wrapped = FSDPv2(model, mesh=mesh, shard_output=lambda output, mesh: None)
+    for p in model.parameters():
+        for value in (optimizer.state.get(p, {}) if optimizer is not None else {}).values():
+            if torch.is_tensor(value) and value.device.type == "xla" and value.shape == p.shape:
+                torch_xla._XLAC._xla_clear_sharding(value)
+                torch_xla._XLAC._xla_mark_sharding(value, torch_xla._XLAC._get_xla_op_sharding(p))
+    return wrapped
 
 
-def loader(batches, device, mesh):
+def loader(batches, device, mesh, expected: int | None = None):
     """(x, y) on the device, from an iterable of CPU batches, through torch-xla's ParallelLoader.
 
     Background threads move the next batches to the device while it computes; on a mesh each
@@ -96,14 +109,20 @@ def loader(batches, device, mesh):
     ``next_item`` rather than through MpDeviceLoader's iterator, which marks a step every
     ``batches_per_execution`` batches by itself and would cut a step of several micro-batches
     in two: the program marks its steps itself (``torch_xla.sync()`` after the optimizer step).
+    ``expected``: how many batches there are; fewer (the loader's thread failed) is a RunError, not a bare StopIteration.
     """
     sharding = {"input_sharding": xs.ShardingSpec(mesh, (MESH_AXIS, None))} if mesh is not None else {}
     feeder = parallel_loader.ParallelLoader(batches, [device], **sharding)
+    given = 0
     try:
         while True:
             item = feeder.next_item(device)
             if item is None:  # the batches are exhausted, or their thread failed (its error is printed above)
+                if expected is not None and given < expected:
+                    raise RunError(f"the batches stopped after {given:,} of {expected:,}: the loader's thread failed "
+                                   "(its error is above)", "fix what it says (often the data), then continue with --resume")
                 return
+            given += 1
             yield item
     finally:
         feeder.close()

@@ -122,3 +122,25 @@ def test_init_from_a_sharded_run(tmp_path):
     p0, q0 = next(iter(model.parameters())), next(iter(fresh.parameters()))
     assert torch.equal(opt.state[p0]["exp_avg"], fresh_opt.state[q0]["exp_avg"])
     assert logged and "sharded" in logged[0] and "with its optimizer state" in logged[0]
+
+
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_a_resumed_optimizer_keeps_its_own_implementation(tmp_path, fmt):
+    """A CPU or CUDA run saves fused AdamW's param_groups ("fused": True); the TPU program runs foreach AdamW, on which
+    a fused flag fails (torch-xla's functionalization). Resuming takes the state, and keeps the running optimizer's kind."""
+    torch.manual_seed(0)
+    model = Tiny()
+    fused = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(torch.arange(6).view(2, 3)).sum().backward()
+    fused.step()
+    run = make_run(tmp_path)
+    checkpoint.save(run, 1, model, fused, fmt=fmt)
+    other = Tiny()
+    foreach = torch.optim.AdamW(other.parameters(), lr=1e-2, foreach=True)
+    assert checkpoint.restore(run, other, foreach) == 1
+    group = foreach.param_groups[0]
+    assert group["foreach"] is True and not group.get("fused")
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(fused.state[p]["exp_avg"], foreach.state[q]["exp_avg"])
+    other(torch.arange(6).view(2, 3)).sum().backward()
+    foreach.step()                                             # and it steps as foreach

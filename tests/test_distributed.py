@@ -86,14 +86,14 @@ def test_parallelism_and_memory_plan(tmp_path):
     assert (small.parallelism, small.world, small.micro_batch * small.grad_accum) == ("ddp", 4, 4)
     big_sets = ["model.d_model=4096", "model.n_layers=32", "model.n_heads=32", "model.n_kv_heads=8", "model.d_ff=11008",
                 "train.seq_len=2048", "train.global_batch=64", "target.accelerator=cuda", "target.chip=h100", "target.precision=bf16",
-                "target.activation_checkpointing=none"]
+                "target.activation_checkpointing=none", "train.micro_batch=2"]
     one, _ = make_plan(recipe, big_sets, host=Host(), check_fit=False)  # 7B does not fit one H100 (tests/test_memory_planner.py)
     eight, _ = make_plan(recipe, big_sets + ["target.devices=8"], host=Host())
     assert eight.parallelism == "fsdp" and "FSDP2" in next(d.reason for d in eight.decisions if d.name == "parallelism")
     m1, m8 = one.estimates["memory_per_device_bytes"], eight.estimates["memory_per_device_bytes"]
     assert m8["optimizer"] == -(-m1["optimizer"] // 8) and m8["weights"] == -(-m1["weights"] // 8)
     assert eight.estimates["estimated_seconds"] == pytest.approx(one.estimates["estimated_seconds"] / 8, rel=1e-3)
-    assert launch_command(eight, "train.py")[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8"]
+    assert launch_command(eight, "train.py")[1:6] == ["-m", "malt.runtime.launch", "--standalone", "--nproc_per_node", "8"]
 
 
 def test_devices_must_split_the_batch(tmp_path):

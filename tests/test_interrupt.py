@@ -78,20 +78,23 @@ def test_a_stopped_training_says_so_and_resumes(tmp_path, sig):
 
 
 @pytest.mark.slow
-def test_malt_run_stops_its_program_when_it_is_stopped(tmp_path):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_malt_run_stops_its_program_when_it_is_stopped(tmp_path, devices):
+    """Also with torchrun's processes (malt.runtime.launch): one message, the signal's exit code, no traceback."""
     recipe = write_tiny_recipe(tmp_path / "r", steps=400, eval_every=0, checkpoint_every=5)
     script = Path(sys.executable).with_name("malt")
     malt = [str(script)] if script.exists() else [sys.executable, "-m", "malt.compiler.cli"]
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(malt + ["run", str(recipe), "--run-dir", str(run_dir)], env=run_env(tmp_path / "cache"),
+    sets = ["--set", "target.devices=2", "--set", "target.parallelism=ddp"] if devices == 2 else []
+    proc = subprocess.Popen(malt + ["run", str(recipe), "--run-dir", str(run_dir), *sets], env=run_env(tmp_path / "cache"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: _steps_logged(run_dir) >= 3 or proc.poll() is not None)
-    again = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir), "--resume"], env=run_env(tmp_path / "cache"),
+    again = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir), "--resume", *sets], env=run_env(tmp_path / "cache"),
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "is in use: another training" in again.stderr
     proc.send_signal(signal.SIGTERM)                           # only malt's own process, as `kill PID` does
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
+    assert proc.returncode == 128 + signal.SIGTERM and err.count("stopped by SIGTERM") == 1 and "Traceback" not in err, err
     assert lock_holder(run_dir) is None                        # its train.py is gone too
     n = _steps_logged(run_dir)
     time.sleep(1.0)
@@ -134,3 +137,20 @@ def test_a_corrupt_state_json_is_a_clear_error(tmp_path, text, says):
     with pytest.raises(RunError, match=says):
         read_state(tmp_path)
     assert is_sharded(tmp_path) is False
+
+
+@pytest.mark.slow
+def test_an_error_in_torchruns_processes_ends_with_its_message_and_code(tmp_path):
+    """launch.sh (malt.runtime.launch): a user error in every process is its message (once per process, the others
+    say which they are) and exit code 2, not torchrun's traceback and exit code 1."""
+    recipe = write_tiny_recipe(tmp_path / "r", steps=4, eval_every=0, checkpoint_every=4)
+    run_dir = tmp_path / "run"
+    compile_to(recipe, run_dir, sets=["target.devices=2", "target.parallelism=ddp"], host=Host())
+    env = {**run_env(tmp_path / "cache"), "PYTHON": sys.executable}
+    first = subprocess.run([str(run_dir / "launch.sh"), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir / "checkpoints" / "step_00000004" / "state.json").write_text("{")
+    again = subprocess.run([str(run_dir / "launch.sh"), "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert "error: checkpoint" in again.stderr and "[process 1] error: checkpoint" in again.stderr
+    assert "launch: process 0 of the run ended with exit code 2" in again.stderr

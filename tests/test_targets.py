@@ -45,6 +45,7 @@ def test_multinode_target_writes_rendezvous_and_slurm_scripts(tmp_path):
     assert '"${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}"' in launch
     sbatch = (out / "slurm.sbatch").read_text()
     assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n" in sbatch and "--gpus-per-node" not in sbatch  # cpu target
+    assert "\n#SBATCH --exclusive\n" in sbatch  # whole nodes: Slurm would otherwise give the one task one core
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in sbatch and "srun" in sbatch
     train = (out / "train.py").read_text()
     assert "NODES = 2" in train and "distributed.wrap(model, PARALLELISM, dist, nodes=NODES)" in train

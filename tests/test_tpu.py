@@ -72,7 +72,7 @@ def test_passes_decide_for_one_tpu_device(make_recipe, tmp_path, host):
     assert ".item()" not in step_loop and "float(" not in step_loop
     # the model is the shared Llama with the plain loss (XLA fuses it), no chunked loss
     assert "ChunkedCrossEntropy" not in files["model.py"] and "F.cross_entropy(" in files["model.py"]
-    assert 'PJRT_DEVICE="${PJRT_DEVICE:-TPU}"' in files["launch.sh"] and "torch.distributed.run" not in files["launch.sh"]
+    assert 'PJRT_DEVICE="${PJRT_DEVICE:-TPU}"' in files["launch.sh"] and "torch.distributed.run" not in files["launch.sh"] and "malt.runtime.launch" not in files["launch.sh"]
     assert p.to_json()["execution"]["device"] == "tpu"
 
 
@@ -83,7 +83,7 @@ def test_several_tpu_devices_are_one_spmd_program(make_recipe, tmp_path, host):
     assert "XLA SPMD" in next(x.reason for x in p.decisions if x.name == "parallelism")
     train = files["train.py"]
     assert "DEVICES = 2" in train and "GRAD_ACCUM = 2" in train and "2 devices × micro_batch 2" in train
-    assert "forward = xla.shard(model, mesh)" in train
+    assert "forward = xla.shard(model, mesh, optimizer)" in train
     assert 'dataset.batch("train", step, micro * MICRO_BATCH * DEVICES, MICRO_BATCH * DEVICES, SEQ_LEN)' in train
     assert "DEVICE_BATCH" not in train and "torchrun" not in files["launch.sh"] and "SPMD over 2 devices" in files["launch.sh"]
     # memory is planned per device with the state sharded over the mesh

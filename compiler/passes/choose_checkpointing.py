@@ -10,6 +10,7 @@ the smallest micro-batch the batch split may choose fits the memory budget.
 from __future__ import annotations
 
 from ..plan import Plan
+from ..units import human_bytes
 from .batch_split import BUDGET_SHARE
 from .estimate import activations, memory_of, states
 
@@ -56,10 +57,10 @@ def run(plan: Plan) -> Plan:
         ok, peak = fits(plan, m)
         if ok:
             if m == "none":
-                why = f"auto: micro_batch {mb} fits in {BUDGET_SHARE:.0%} of the {budget / 2**30:.1f} GiB of {where} without it"
+                why = f"auto: micro_batch {mb} fits in {BUDGET_SHARE:.0%} of the {human_bytes(budget)} of {where} without it"
             else:
-                why = (f"auto: micro_batch {mb} needs more than {BUDGET_SHARE:.0%} of the {budget / 2**30:.1f} GiB of {where} "
-                       f"with less; {WHAT[m]} brings it to {peak / 2**30:.2f} GiB")
+                why = (f"auto: micro_batch {mb} needs more than {BUDGET_SHARE:.0%} of the {human_bytes(budget)} of {where} "
+                       f"with less; {WHAT[m]} brings it to {human_bytes(peak)}")
             return plan.decide("activation_checkpointing", m, why, activation_checkpointing=m)
-    why = f"auto: even with full checkpointing micro_batch {mb} needs {peak / 2**30:.2f} GiB, over {BUDGET_SHARE:.0%} of {where}"
+    why = f"auto: even with full checkpointing micro_batch {mb} needs {human_bytes(peak)}, over {BUDGET_SHARE:.0%} of {where}"
     return plan.decide("activation_checkpointing", "full", why, activation_checkpointing="full")

@@ -179,3 +179,53 @@ def test_spmd_shards_weights_batches_and_optimizer_state(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SPMD_CHECK], check=False, env=_env(tmp_path, 2), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+RESUME_SHARDING_CHECK = """
+import sys
+from pathlib import Path
+
+import torch, torch_xla
+from malt.runtime import checkpoint, xla
+from malt.runtime.run import Run
+
+spec = torch_xla._XLAC._get_xla_sharding_spec
+device, mesh = xla.setup(2)
+
+
+def build():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6)).to(device)
+    return model, torch.optim.AdamW(model.parameters(), foreach=True)
+
+
+def step(forward, optimizer):
+    x, y = next(xla.loader([(torch.randn(4, 8), torch.randn(4, 6))], device, mesh))
+    ((forward(x) - y) ** 2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    torch_xla.sync()
+
+
+model, optimizer = build()
+step(xla.shard(model, mesh, optimizer), optimizer)
+run = Run(Path(sys.argv[1]), "t", "h", resume=True, quiet=True)
+xla.save(run, 1, model, optimizer)
+again, again_opt = build()
+assert checkpoint.restore(run, again, again_opt) == 1                      # as the TPU program resumes: restore, then shard
+forward = xla.shard(again, mesh, again_opt)
+for (name, p), q in zip(again.named_parameters(), model.parameters()):
+    assert "devices=[" in spec(p) and spec(p) == spec(q), (name, spec(p), spec(q))      # sharded as in the first run
+    assert spec(again_opt.state[p]["exp_avg"]) == spec(p), name                       # and its moments with it
+    assert torch.equal(again_opt.state[p]["exp_avg"].cpu(), optimizer.state[q]["exp_avg"].cpu()), name
+step(forward, again_opt)                                                    # and it trains on
+print("ok")
+"""
+
+
+def test_a_resumed_run_on_a_mesh_is_sharded_like_the_first(tmp_path):
+    """Restored weights and AdamW moments arrive replicated: xla.shard must still shard them (FSDPv2 would leave an
+    annotated tensor as it is), or a model that fits only sharded runs out of memory on resume."""
+    proc = subprocess.run([sys.executable, "-c", RESUME_SHARDING_CHECK, str(tmp_path / "run")], check=False,
+                          env=_env(tmp_path / "cache", 2), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

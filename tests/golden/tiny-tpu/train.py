@@ -107,7 +107,7 @@ def main(argv=None):
 
     optimizer = make_optimizer(model)
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0  # CPU tensors copied onto the device
-    forward = xla.shard(model, mesh)  # FSDPv2: each weight sharded along its largest dimension over the mesh
+    forward = xla.shard(model, mesh, optimizer)  # FSDPv2: each weight (and its AdamW moments) sharded along its largest dimension
     autocast = torch.autocast("xla", dtype=torch.bfloat16)  # bf16 compute, fp32 weights and optimizer state
 
     def evaluate():
@@ -116,7 +116,7 @@ def main(argv=None):
         total = 0.0
         batches = (dataset.batch("val", 0, i * MICRO_BATCH * DEVICES, MICRO_BATCH * DEVICES, SEQ_LEN) for i in range(EVAL_BATCHES))
         with torch.no_grad(), autocast:
-            for x, y in xla.loader(batches, device, mesh):
+            for x, y in xla.loader(batches, device, mesh, expected=EVAL_BATCHES):
                 total += forward(x, y).item()  # the mean cross-entropy; .item() runs the (once compiled) eval graph
         model.train()
         return total / EVAL_BATCHES
@@ -128,7 +128,7 @@ def main(argv=None):
                 yield dataset.batch("train", step, micro * MICRO_BATCH * DEVICES, MICRO_BATCH * DEVICES, SEQ_LEN)
 
     # moved to the device ahead of use by a background thread, each batch sharded along its batch dimension
-    batches = xla.loader(train_batches(), device, mesh)
+    batches = xla.loader(train_batches(), device, mesh, expected=(MAX_STEPS - start_step) * GRAD_ACCUM)
     run.begin(start_step, MAX_STEPS, TOKENS_PER_STEP)
     if EVAL_EVERY and start_step == 0 and DATA["validation"] > 0:
         run.log_eval(0, val_loss=evaluate())

@@ -115,7 +115,7 @@ def main(argv=None):
         total = 0.0
         batches = (dataset.batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN) for i in range(EVAL_BATCHES))
         with torch.no_grad(), autocast:
-            for x, y in xla.loader(batches, device, mesh):
+            for x, y in xla.loader(batches, device, mesh, expected=EVAL_BATCHES):
                 total += forward(x, y).item()  # the mean cross-entropy; .item() runs the (once compiled) eval graph
         model.train()
         return total / EVAL_BATCHES
@@ -127,7 +127,7 @@ def main(argv=None):
                 yield dataset.batch("train", step, micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
 
     # moved to the device ahead of use by a background thread
-    batches = xla.loader(train_batches(), device, mesh)
+    batches = xla.loader(train_batches(), device, mesh, expected=(MAX_STEPS - start_step) * GRAD_ACCUM)
     run.begin(start_step, MAX_STEPS, TOKENS_PER_STEP)
     if EVAL_EVERY and start_step == 0 and DATA["validation"] > 0:
         run.log_eval(0, val_loss=evaluate())

@@ -6,8 +6,9 @@
 #   MASTER_PORT  a free TCP port there (default 29500)
 #   RDZV_ID      an id shared by the nodes of one job (default: $SLURM_JOB_ID, else malt-tiny-llama)
 # Usage: MASTER_ADDR=node-0 ./launch.sh [--resume]
+# malt.runtime.launch is torchrun (torch.distributed.run) that ends with the failing process's own exit code
 set -euo pipefail
-exec "${PYTHON:-python3}" -m torch.distributed.run \
+exec "${PYTHON:-python3}" -m malt.runtime.launch \
     --nnodes 2 --nproc-per-node 2 \
     --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}" \
     --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-malt-tiny-llama}}" \

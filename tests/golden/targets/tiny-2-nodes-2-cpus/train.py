@@ -118,7 +118,7 @@ def main(argv=None):
         """Mean loss over EVAL_BATCHES validation micro-batches."""
         model.eval()
         total = 0.0
-        rounds = -(-EVAL_BATCHES // dist.world)  # HSDP gathers weights in each forward, a collective: every device runs as many forwards
+        rounds = -(-EVAL_BATCHES // dist.world)  # HSDP's forward may be a collective (it gathers the weights): every device runs as many
         with torch.no_grad(), autocast:
             for i in range(dist.rank, rounds * dist.world, dist.world):  # the devices share the batches
                 x, y = dataset.batch("val", 0, (i % EVAL_BATCHES) * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)

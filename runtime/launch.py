@@ -1,0 +1,33 @@
+"""torchrun for the generated programs: `python -m malt.runtime.launch [torchrun arguments] train.py [--resume]`.
+
+The same as `python -m torch.distributed.run`, but the way a run ends reads like a one-process run: when a process
+fails, its own message (`error: ...`, `stopped by SIGTERM: ...`) is above, and this launcher exits with that process's
+code (2 for a user error, 128 + the signal for a signal) instead of torchrun's Python traceback and exit code 1; a
+SIGTERM or SIGHUP to the launcher itself (which torchrun passes on to its processes) ends it with 128 + the signal.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items())  # the first process to fail (by rank): its exit code
+        code = failure.exitcode
+        code = 128 - code if code < 0 else code  # killed by a signal: -signum
+        print(f"launch: process {rank} of the run ended with exit code {code}; its messages are above", file=sys.stderr)
+        return code or 1
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
