@@ -204,8 +204,11 @@ def resolved_recipe(recipe: Recipe, base_dir: Path | None = None, out_dir: Path 
     if data["optimizer"]["kind"] != "galore":
         for key in ("rank", "update_every", "scale"):
             data["optimizer"].pop(key, None)
-    if data["tokenizer"]["kind"] not in ("bpe", "unigram"):
-        data["tokenizer"].pop("max_chars", None)
+    if data["tokenizer"]["kind"] not in ("bpe", "unigram"):  # a tokenizer that is not trained (a parent's settings for one)
+        for key in ("max_chars", "train_on"):
+            data["tokenizer"].pop(key, None)
+    if data["tokenizer"]["kind"] in ("file", "bytes"):  # the file's, or 256 + the special tokens
+        data["tokenizer"].pop("vocab_size", None)
     if data["model"].get("position", "rope") != "rope":
         data["model"].pop("rope_theta", None)
     if data["model"]["family"] == "bert":  # an encoder does not sample at the end of its run

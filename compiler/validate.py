@@ -379,6 +379,13 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
 
     # tokenizer
     t = r.tokenizer
+
+    def parents(field: str) -> bool:
+        """A tokenizer setting of a parent recipe that the child (or --set) leaves unread by switching tokenizer.kind:
+        fine, as for schedule fields (the parent's tokenizer is the parent's; the child's kind does not read it)."""
+        set_in, kind_in = loaded.origins.get(("tokenizer", field)), loaded.origins.get(("tokenizer", "kind"))
+        return set_in is not None and kind_in is not None and set_in.file != kind_in.file and not set_in.command_line
+
     base = loaded.base_dir
     if t is not None:
         if t.kind in ("bpe", "unigram"):
@@ -387,7 +394,7 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             elif t.vocab_size < 256 + len(t.special_tokens):
                 add(("tokenizer", "vocab_size"), f"a byte-level {t.kind} vocabulary needs at least 256 + {len(t.special_tokens)} special tokens, got {t.vocab_size}",
                     f"set tokenizer.vocab_size to at least {256 + len(t.special_tokens)}")
-        if t.kind == "bytes" and t.vocab_size is not None and t.vocab_size != 256 + len(t.special_tokens):
+        if t.kind == "bytes" and t.vocab_size is not None and t.vocab_size != 256 + len(t.special_tokens) and not parents("vocab_size"):
             add(("tokenizer", "vocab_size"), f"a bytes tokenizer has exactly 256 + {len(t.special_tokens)} special tokens = {256 + len(t.special_tokens)} entries, got {t.vocab_size}",
                 "remove tokenizer.vocab_size (it is implied for kind: bytes)")
         if t.kind == "file":
@@ -403,9 +410,9 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 if problem:
                     add(("tokenizer", "path"), f"{t.path} is not a tokenizer that tokenizers can load: {problem}",
                         "export one with tokenizers' Tokenizer.save()")
-            if t.vocab_size is not None:
+            if t.vocab_size is not None and not parents("vocab_size"):
                 add(("tokenizer", "vocab_size"), "vocab_size is read from the tokenizer file and cannot be set", "remove tokenizer.vocab_size")
-        elif t.path is not None:
+        elif t.path is not None and not parents("path"):
             add(("tokenizer", "path"), f"path is only used by kind: file (this tokenizer is kind: {t.kind})", "remove tokenizer.path or set kind: file")
         if not t.special_tokens:
             add(("tokenizer", "special_tokens"), "at least one special token is needed: the first separates documents (end of text)",
@@ -425,12 +432,9 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                     guess = did_you_mean(name, names)
                     add(("tokenizer", "train_on", i), f"no data source is named {name!r}",
                         f"did you mean {guess!r}?" if guess else f"sources are: {', '.join(names)}")
-        if t.train_on and t.kind not in ("bpe", "unigram"):
+        if t.train_on and t.kind not in ("bpe", "unigram") and not parents("train_on"):
             add(("tokenizer", "train_on"), f"train_on is only used by kind: bpe and unigram (this tokenizer is kind: {t.kind})", "remove tokenizer.train_on")
-        set_in, kind_in = loaded.origins.get(("tokenizer", "max_chars")), loaded.origins.get(("tokenizer", "kind"))
-        # a parent's max_chars is fine when the child (or --set) switches to a kind that trains nothing, as for schedules
-        from_parent = set_in is not None and kind_in is not None and set_in.file != kind_in.file and not set_in.command_line
-        if t.kind not in ("bpe", "unigram") and set_in is not None and not from_parent:
+        if t.kind not in ("bpe", "unigram") and loaded.origins.get(("tokenizer", "max_chars")) is not None and not parents("max_chars"):
             add(("tokenizer", "max_chars"), f"max_chars is only used when training a tokenizer (kind: bpe or unigram; this one is kind: {t.kind})",
                 "remove tokenizer.max_chars")
         if t.max_chars <= 0:

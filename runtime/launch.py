@@ -8,6 +8,7 @@ SIGTERM or SIGHUP to the launcher itself (which torchrun passes on to its proces
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -19,9 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())  # the first process to fail (by rank): its exit code
-        code = failure.exitcode
-        code = 128 - code if code < 0 else code  # killed by a signal: -signum
+        # torchrun stops the other processes with SIGTERM once one fails: the cause is a failure that is not such a stop
+        # (the earliest of them), unless every process was stopped so
+        def code_of(failure) -> int:
+            return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode  # killed by a signal: -signum
+        causes = {r: f for r, f in e.failures.items() if code_of(f) != 128 + signal.SIGTERM} or e.failures
+        rank, failure = min(causes.items(), key=lambda item: (item[1].timestamp, item[0]))
+        code = code_of(failure)
         print(f"launch: process {rank} of the run ended with exit code {code}; its messages are above", file=sys.stderr)
         return code or 1
     except SignalException as e:

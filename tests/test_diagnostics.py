@@ -403,9 +403,14 @@ def test_a_tokenizer_file_that_tokenizers_cannot_load_is_a_recipe_error(recipe, 
     assert "tokenizer.path: tok.json is not a tokenizer that tokenizers can load" in out
 
 
-def test_a_parents_max_chars_is_fine_when_the_child_trains_no_tokenizer(recipe):
-    recipe(kind="kind: bpe\n  vocab_size: 300\n  max_chars: 1M", name="parent.yaml")
-    check(recipe("extends: parent.yaml\ntokenizer: {kind: bytes, vocab_size: null}\n", name="child.yaml"))
+def test_a_parents_tokenizer_settings_are_fine_when_the_child_trains_no_tokenizer(recipe):
+    """A child that switches tokenizer.kind leaves the parent's max_chars, vocab_size and train_on unread: not errors
+    (as for schedule fields), where the same settings in the child's own file are."""
+    recipe(kind="kind: bpe\n  vocab_size: 300\n  max_chars: 1M\n  train_on: [docs]", name="parent.yaml")
+    check(recipe("extends: parent.yaml\ntokenizer: {kind: bytes}\n", name="child.yaml"))
+    out = "\n".join(errors(recipe("extends: parent.yaml\ntokenizer: {kind: bytes, vocab_size: 300, train_on: [docs]}\n",
+                                   name="own.yaml")))
+    assert "tokenizer.train_on: train_on is only used by kind: bpe and unigram" in out, out
 
 
 def test_the_problems_of_phases_come_in_one_round(recipe):

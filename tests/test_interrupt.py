@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,4 +154,4 @@ def test_an_error_in_torchruns_processes_ends_with_its_message_and_code(tmp_path
     again = subprocess.run([str(run_dir / "launch.sh"), "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-3000:]
     assert "error: checkpoint" in again.stderr and "[process 1] error: checkpoint" in again.stderr
-    assert "launch: process 0 of the run ended with exit code 2" in again.stderr
+    assert re.search(r"launch: process [01] of the run ended with exit code 2;", again.stderr)  # either may fail first
