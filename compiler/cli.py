@@ -56,13 +56,31 @@ def _guard(fn):
         raise
 
 
-def checkpoint_hash(path: Path) -> str | None:
-    """The recipe hash a checkpoint was written by (its state.json), None if unreadable (train.py then says why)."""
-    try:
-        state = json.loads((Path(path) / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return state.get("recipe_hash") if isinstance(state, dict) else None
+def check_run_dir(directory: Path, recipe_hash: str, resume: bool | None) -> None:
+    """Before writing a program into ``directory``: no training may run in it, and checkpoints there must be of
+    this recipe (its hash; an unreadable state.json is left to train.py, which says how it is corrupt).
+    ``resume``: `malt run`'s flag (without it a directory with a checkpoint is refused); None: `malt compile`,
+    which may recompile a run of the same recipe (for other hardware)."""
+    from malt.runtime.checkpoint import latest, state_of
+    from malt.runtime.run import in_use, lock_holder
+
+    from .diagnostics import UserError
+
+    pid = lock_holder(directory)
+    if pid is not None:
+        raise in_use(directory, pid)
+    found = latest(directory)
+    if found is None:
+        return
+    if resume is False:
+        raise UserError(f"{directory} already holds a run (checkpoint at step {found[0]:,})",
+                        "pass --resume to continue it, or --run-dir to start a new run elsewhere", code=2)
+    old = (state_of(found[1]) or {}).get("recipe_hash")
+    if old is not None and old != recipe_hash:
+        what = "the recipe changed since {d} was started" if resume else "{d} holds a run of another recipe"
+        raise UserError(what.format(d=directory) + f" (checkpoint at step {found[0]:,}: hash {old[:12]}, this recipe's "
+                        f"{recipe_hash[:12]}): its program would no longer match its checkpoints",
+                        "resume with the recipe as it was, or use another directory (--run-dir, -o)", code=2)
 
 
 def slug(name: str) -> str:
@@ -195,24 +213,11 @@ def compile_(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         if target is None:
             r, _ = do_check(recipe, set_)
             target = Path("build") / slug(r.name)
-        from malt.runtime.checkpoint import latest
-        from malt.runtime.run import lock_holder
-
         from .api import compile_files
-        from .diagnostics import UserError
         from .render import write
 
         p, files = compile_files(recipe, target, set_)
-        pid = lock_holder(target)
-        if pid is not None:
-            raise UserError(f"{target} is in use: a training (pid {pid if pid > 0 else '?'}) runs in it",
-                            "compile into another directory, or wait for the training to finish", code=2)
-        found = latest(target)
-        old = checkpoint_hash(found[1]) if found is not None else None
-        if old is not None and old != p.recipe_hash:  # the same recipe for other hardware is fine: it resumes
-            raise UserError(f"{target} holds a run of another recipe (checkpoint at step {found[0]:,}, hash {old[:12]}; this "
-                            f"recipe's is {p.recipe_hash[:12]}): its program would no longer match its checkpoints",
-                            "compile into another directory", code=2)
+        check_run_dir(target, p.recipe_hash, resume=None)
         write(files, target)
         typer.echo(f"wrote {target}/: train.py model.py launch.sh {'slurm.sbatch ' if p.nodes > 1 else ''}plan.json recipe.lock.yaml")
     _guard(go)
@@ -234,24 +239,8 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     def go():
         r, loaded = do_check(recipe, set_)
         directory = run_dir or Path("runs") / slug(r.name)
-        from malt.runtime.checkpoint import latest
-
-        from malt.runtime.run import lock_holder
-
-        pid = lock_holder(directory)
-        if pid is not None:  # before compiling over its program
-            raise UserError(f"{directory} is in use: another training (pid {pid if pid > 0 else '?'}) runs in it",
-                            "wait for it to finish or stop it; or train in another directory (--run-dir)", code=2)
-        found = latest(directory)
         p, files = compile_files(recipe, directory, set_)
-        if found is not None:
-            if not resume:
-                raise UserError(f"{directory} already holds a run (checkpoint at step {found[0]:,})",
-                                "pass --resume to continue it, or --run-dir to start a new run elsewhere", code=2)
-            old = checkpoint_hash(found[1])
-            if old is not None and old != p.recipe_hash:  # unreadable: train.py's restore says how it is corrupt
-                raise UserError(f"the recipe changed since {directory} was started (hash {str(old)[:12]} → {p.recipe_hash[:12]})",
-                                "resume with the recipe as it was, or start a new run with --run-dir", code=2)
+        check_run_dir(directory, p.recipe_hash, resume=resume)
         from .render import write
 
         write(files, directory)

@@ -276,6 +276,8 @@ def source_problems(s, base: Path) -> list[tuple[tuple, str, str]]:
         if flt.get(key) is not None and flt[key] < 0:
             out.append((("filter", key), f"must not be negative, got {flt[key]}", "use a number of characters such as 200"))
     wants_fields = flt.get("field") is not None
+    ignored_text_field = (("text_field",), f"{s.path} is plain text: text_field {s.text_field!r} would be ignored",
+                          "remove text_field; it names the key of .jsonl records or the column of .parquet files")
     if s.path.startswith("builtin:"):
         if s.path not in BUILTIN_SOURCES:
             guess = did_you_mean(s.path, BUILTIN_SOURCES)
@@ -284,8 +286,7 @@ def source_problems(s, base: Path) -> list[tuple[tuple, str, str]]:
         elif wants_fields:
             out.append((("filter", "field"), f"{s.path} is plain text without fields", "remove filter.field"))
         if s.text_field != "text":
-            out.append((("text_field",), f"{s.path} is plain text without fields: text_field {s.text_field!r} would be ignored",
-                        "remove text_field"))
+            out.append(ignored_text_field)
         return out
     p = base / s.path
     supported = "files of a supported type (.txt, .jsonl, each also .gz or .zst, .parquet)"
@@ -327,8 +328,7 @@ def source_problems(s, base: Path) -> list[tuple[tuple, str, str]]:
         out.append((("filter", "field"), f"{s.path} is plain text: it has no field {flt['field']!r}",
                     "a field filter needs .jsonl or .parquet records"))
     if s.text_field != "text" and kind and kind[0] == "txt":
-        out.append((("text_field",), f"{s.path} is plain text: text_field {s.text_field!r} would be ignored",
-                    "remove text_field; it names the key of .jsonl records or the column of .parquet files"))
+        out.append(ignored_text_field)
     return out
 
 
@@ -341,6 +341,14 @@ def _first_supported(folder) -> str | None:
             if not fn.startswith(".") and classify(fn):
                 return os.path.join(dirpath, fn)
     return None
+
+
+def unread_parent_setting(loaded: Loaded, path: tuple, switch: tuple) -> bool:
+    """Whether the setting at ``path`` comes from a parent recipe (extends:) while ``switch`` (the choice that decides
+    whether it is read, such as schedule.decay or tokenizer.kind) comes from the child or --set: a field the child's
+    choice does not read is then the parent's business, not an error."""
+    set_in, switch_in = loaded.origins.get(path), loaded.origins.get(switch)
+    return set_in is not None and switch_in is not None and set_in.file != switch_in.file and not set_in.command_line
 
 
 def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnostic]:
@@ -380,11 +388,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
     # tokenizer
     t = r.tokenizer
 
-    def parents(field: str) -> bool:
-        """A tokenizer setting of a parent recipe that the child (or --set) leaves unread by switching tokenizer.kind:
-        fine, as for schedule fields (the parent's tokenizer is the parent's; the child's kind does not read it)."""
-        set_in, kind_in = loaded.origins.get(("tokenizer", field)), loaded.origins.get(("tokenizer", "kind"))
-        return set_in is not None and kind_in is not None and set_in.file != kind_in.file and not set_in.command_line
+    def parents(field: str) -> bool:  # a parent's tokenizer setting that the child's tokenizer.kind leaves unread
+        return unread_parent_setting(loaded, ("tokenizer", field), ("tokenizer", "kind"))
 
     base = loaded.base_dir
     if t is not None:
@@ -553,8 +558,7 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
         for path, message, hint in schedule_field_problems(sch, sch.decay, ("schedule",)):
             field = path[-1]
             readers = {ps.decay or sch.decay for ps in inheriting if getattr(ps, field) is None}
-            set_in, decay_in = loaded.origins.get(path), loaded.origins.get(("schedule", "decay"))
-            from_parent = set_in is not None and decay_in is not None and set_in.file != decay_in.file and not set_in.command_line
+            from_parent = unread_parent_setting(loaded, path, ("schedule", "decay"))
             if not readers & set(SCHEDULE_FIELD_USERS[field]) and not from_parent:  # a parent's setting that the child's decay does not read is fine
                 add(path, message, hint)
 

@@ -334,13 +334,18 @@ def _load_rng(path: Path) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def is_sharded(path: Path) -> bool:
-    """Whether the checkpoint directory ``path`` is a sharded (DCP) one."""
+def state_of(path: Path) -> dict | None:
+    """A checkpoint's state.json, or None if it cannot be read as one (read_state says why)."""
     try:
         state = json.loads((Path(path) / "state.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and state.get("format") == FORMAT_SHARDED
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint directory ``path`` is a sharded (DCP) one."""
+    return (state_of(path) or {}).get("format") == FORMAT_SHARDED
 
 
 def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:

@@ -664,12 +664,8 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
     Raises :class:`DataError` for every user-facing problem. ``$MALT_DATA_PREPARED=1`` (set by `malt run`, which
     prepared the data just before starting the program): the cache hits are not logged a second time.
     """
-    if os.environ.get("MALT_DATA_PREPARED") == "1":
-        shown = log
-
-        def log(message: str) -> None:
-            if not message.startswith(("data: cache hit", "data: tokenizer cache hit")) and "filtered out" not in message:
-                shown(message)
+    # what a cache hit says about the tokenizer and each source: said already when `malt run` prepared the data
+    known = (lambda message: None) if os.environ.get("MALT_DATA_PREPARED") == "1" else log
     spec = dict(spec)
     base_dir = spec.get("base_dir") or "."
     entries = spec.get("sources") or []
@@ -713,7 +709,7 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
     try:
         with _locked(cache, log):
             tok, tok_path, tok_hash, specials = build_tokenizer(
-                spec.get("tokenizer") or {}, srcs, cache, base_dir, log)
+                spec.get("tokenizer") or {}, srcs, cache, base_dir, log, hit_log=known)
             eos_id = tok.token_to_id(specials[0])
             vocab = tok.get_vocab_size()
             model_vocab = spec.get("model_vocab")
@@ -801,12 +797,12 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                         f" -> {totals['tokens']:,} tokens in {time.time() - t0:.1f}s"
                         + (f" ({built} of {len(shards)} shards)" if len(shards) > 1 else ""))
                 else:
-                    log(f"data: cache hit {s.name}: {totals['tokens']:,} tokens")
+                    known(f"data: cache hit {s.name}: {totals['tokens']:,} tokens")
                 if skipped:
-                    log(f"data: {s.name}: skipped {sum(skipped.values()):,} broken record(s) ({_counts(skipped)}), e.g. "
+                    (log if built else known)(f"data: {s.name}: skipped {sum(skipped.values()):,} broken record(s) ({_counts(skipped)}), e.g. "
                         + "; ".join(notes[:3]))
                 if filtered:
-                    log(f"data: {s.name}: filtered out {sum(filtered.values()):,} document(s): {_counts(filtered)}")
+                    (log if built else known)(f"data: {s.name}: filtered out {sum(filtered.values()):,} document(s): {_counts(filtered)}")
                 view = Tokens(arrays)
                 n = len(view)
                 if s.metadata:

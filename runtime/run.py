@@ -204,51 +204,55 @@ class Run:
 LOCK = ".lock"
 
 
-def lock_holder(directory: Path) -> int | None:
-    """The pid of the process that trains in ``directory`` now (holds its lock), or None."""
+def _try_flock(fh) -> str:
+    """Lock an open file without waiting: "locked", "busy" (another process holds it) or "unsupported" (a
+    filesystem without flock, such as some NFS or Lustre mounts, or not POSIX)."""
+    import errno
+
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock
-        return None
+    except ImportError:
+        return "unsupported"
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return "busy" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else "unsupported"
+    return "locked"
+
+
+def in_use(directory: Path, pid) -> RunError:
+    """The error for a run directory in which another training runs."""
+    return RunError(f"{directory} is in use: another training (pid {pid or '?'}) runs in it",
+                    "wait for it to finish or stop it; or train (or compile) in another directory")
+
+
+def _pid_in(fh) -> int:
+    fh.seek(0)
+    text = fh.read().strip()
+    return int(text) if text.isdigit() else 0
+
+
+def lock_holder(directory: Path) -> int | None:
+    """The pid (0 if unknown) of the process that trains in ``directory`` now (holds its lock), or None."""
     path = Path(directory) / LOCK
     if not path.is_file():
         return None
-    import errno
-
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock on this filesystem: cannot tell
-                return None
-            fh.seek(0)
-            text = fh.read().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return None
+    with open(path, "a+") as fh:  # closing it drops a lock this probe took
+        return _pid_in(fh) if _try_flock(fh) == "busy" else None
 
 
 def hold_lock(directory: Path):
     """Take the run directory's lock for the life of this process (the open file is returned and must be kept)."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    import errno
-
     directory.mkdir(parents=True, exist_ok=True)
     fh = open(directory / LOCK, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without flock (some NFS, Lustre)
-            print(f"warning: {directory} cannot be locked ({e.strerror}): nothing stops a second training in it", file=sys.stderr)
-            return fh
-        fh.seek(0)
-        pid = fh.read().strip()
+    got = _try_flock(fh)
+    if got == "busy":
+        pid = _pid_in(fh)
         fh.close()
-        raise RunError(f"{directory} is in use: another training (pid {pid or '?'}) runs in it",
-                       "wait for it to finish or stop it; or train in another directory (--run-dir)") from None
+        raise in_use(directory, pid)
+    if got == "unsupported":
+        print(f"warning: {directory} cannot be locked here: nothing stops a second training in it", file=sys.stderr)
+        return fh
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")

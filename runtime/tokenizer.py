@@ -143,8 +143,9 @@ def _training_texts(sources: list[Source], max_chars: int) -> Iterator[str]:
 
 
 def build_tokenizer(tspec: dict, sources: list[Source], cache_dir: Path, base_dir,
-                    log: Callable[[str], None] = print):
-    """Return (tokenizer, path of its saved tokenizer.json, content hash, specials)."""
+                    log: Callable[[str], None] = print, hit_log: Callable[[str], None] | None = None):
+    """Return (tokenizer, path of its saved tokenizer.json, content hash, specials). ``hit_log``: where a cache hit
+    is said (default ``log``)."""
     tspec = dict(tspec or {})
     kind = tspec.get("kind", "bpe")
     if kind not in KINDS:
@@ -195,7 +196,7 @@ def build_tokenizer(tspec: dict, sources: list[Source], cache_dir: Path, base_di
     path = tdir / "tokenizer.json"
     if path.is_file():
         tok = load_tokenizer(path)
-        log(f"data: tokenizer cache hit ({kind}, vocab {tok.get_vocab_size():,}): {path}")
+        (hit_log or log)(f"data: tokenizer cache hit ({kind}, vocab {tok.get_vocab_size():,}): {path}")
         return tok, str(path), tokenizer_hash(path), specials
 
     t0 = time.time()

@@ -246,3 +246,22 @@ def test_a_source_without_text_is_shown_at_its_line_in_the_recipe(recipe, tmp_pa
         assert "recipe.yaml:11:7: error: data.sources.1: source 'none'" in r.output and "yields no text" in r.output, r.output
         assert "hint: check the path" in r.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_directory_takes_only_its_own_recipe(recipe, tmp_path):
+    """malt compile and malt run over a directory with checkpoints: the same recipe may be recompiled (for other
+    hardware) and resumed; another recipe is refused by both, and malt run without --resume refuses any."""
+    path = recipe()
+    assert malt("compile", path, "-o", "run").exit_code == 0
+    own = json.loads((tmp_path / "run" / "plan.json").read_text())["recipe_hash"]
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"format": 2, "step": 4, "recipe_hash": own, "optimizer": {}}))
+    assert malt("compile", path, "-o", "run", "--set", "target.devices=2").exit_code == 0   # same recipe, other hardware
+    r = malt("compile", path, "-o", "run", "--set", "optimizer.lr=1e-3")
+    assert r.exit_code == 2 and "run holds a run of another recipe (checkpoint at step 4" in r.output, r.output
+    r = malt("run", path, "--run-dir", "run", "--set", "optimizer.lr=1e-3", "--resume")
+    assert r.exit_code == 2 and "the recipe changed since run was started" in r.output, r.output
+    r = malt("run", path, "--run-dir", "run")
+    assert r.exit_code == 2 and "run already holds a run (checkpoint at step 4)" in r.output, r.output
+    assert "LR = 0.0003" in (tmp_path / "run" / "train.py").read_text()                       # nothing replaced it
