@@ -124,3 +124,30 @@ def test_bf16_weights_sum_the_head_gradient_in_fp32(make_recipe, load_model_modu
     assert wb.grad.dtype == torch.bfloat16
     error = ((wb.grad.double() - w64.grad).norm() / w64.grad.norm()).item()
     assert error < 6e-3, error   # one bf16 rounding of the chunks' products and of the result; summed in bf16: 1.3e-2
+
+
+def test_a_compiled_program_renders_the_plain_loss_only(make_recipe, load_model_module, host, tmp_path):
+    """target.compile on: torch.compile fuses the loss with the model, so model.py has no chunked loss to read.
+    Its loss (run eagerly here) equals the chunked loss of the same recipe compiled off: value and gradients,
+    with targets of -100 (metadata)."""
+    over = {"model": {"d_model": 64, "n_layers": 1, "n_heads": 4, "d_ff": 96}}
+    recipe = _masked_recipe(make_recipe, tmp_path, over)
+    compile_to(recipe, tmp_path / "on", sets=["target.compile=on"], host=host)
+    compile_to(recipe, tmp_path / "off", sets=["target.compile=off"], host=host)
+    text = (tmp_path / "on" / "model.py").read_text()
+    assert "ChunkedCrossEntropy" not in text and "LOSS_CHUNK" not in text and "\n\n\n\n" not in text
+    on, off = load_model_module(tmp_path / "on"), load_model_module(tmp_path / "off")
+    off.LOSS_CHUNK = 50
+    torch.manual_seed(0)
+    a, b = on.Transformer(), off.Transformer()
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 257, (4, 32), generator=g)
+    y = torch.randint(0, 257, (4, 32), generator=g)
+    y[torch.rand(4, 32, generator=g) < 0.3] = -100
+    la, lb = a(x, y), b(x, y)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-7, msg=name)

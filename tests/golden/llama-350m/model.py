@@ -103,51 +103,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-LOSS_CHUNK = 512  # positions per chunk of the chunked training loss (512 × VOCAB_SIZE fp32 logits at a time)
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean next-token cross-entropy of (h @ weight.T) against targets, LOSS_CHUNK positions at a time.
-
-    The forward pass computes the loss and both gradients chunk by chunk, so the (tokens, VOCAB_SIZE)
-    logits and their gradient never exist whole (on a 2-core CPU, 1.07× the tokens/s of logits +
-    F.cross_entropy in fp32 and 1.24× in bf16, bench/ablate.py); backward only scales them.
-    Every position counts (concat packing, no metadata or control tokens without loss: no target is -100).
-    Under autocast the matmuls run in its dtype and the softmax in fp32, as in the unchunked loss.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int):
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        n = h.shape[0]
-        hs, w = h.to(dtype), weight.to(dtype)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)         # summed over the chunks in fp32, also for bf16 weights
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        with torch.autocast(device, enabled=False):
-            for s in range(0, h.shape[0], chunk):
-                hc, tc = hs[s:s + chunk], targets[s:s + chunk, None]
-                logits = (hc @ w.t()).float()                          # (chunk, VOCAB_SIZE)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                total += (lse - logits.gather(1, tc)).sum()
-                p = logits.sub_(lse).exp_()                            # softmax
-                p.scatter_add_(1, tc, torch.full_like(lse, -1.0))      # d(loss)/d(logits) = softmax - one_hot
-                p = p.mul_(1.0 / n).to(dtype)
-                grad_h[s:s + chunk] = p @ w
-                if dtype == torch.float32:
-                    grad_w.addmm_(p.t(), hc)
-                else:                                                  # bf16 products, fp32 sum
-                    grad_w += p.t() @ hc
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
-
-
 class Transformer(nn.Module):
     def __init__(self, n_layers: int = N_LAYERS, max_seq_len: int = MAX_SEQ_LEN):
         super().__init__()
@@ -187,8 +142,6 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            # compiled, the compiler fuses the loss itself; without gradients there is nothing to chunk for
-            logits = self.lm_head(x).float()
-            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), LOSS_CHUNK)
+        # target.compile: torch.compile fuses the loss with the model, so it needs no chunking
+        logits = self.lm_head(x).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

@@ -218,8 +218,8 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            # compiled, the compiler fuses the loss itself; without gradients there is nothing to chunk for
+        if not torch.is_grad_enabled():
+            # evaluation: no gradients, so nothing to chunk for
             logits = self.lm_head(x).float()
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
             return loss / (targets != IGNORE).sum().clamp(min=1)  # the mean over the positions with a target
