@@ -231,9 +231,10 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         *([const("SAMPLE_TOKENS", tr.sample_tokens, "train.sample_tokens, printed at the end"),
            const("SAMPLE_PROMPT", tr.sample_prompt, "train.sample_prompt")] if m.family != "bert" else []),  # encoders do not generate
         _blank(),
-        const("DEVICE", plan.device, _decision(plan, "device")),
-        const("PRECISION", "pure_bf16" if plan.master_weights == "bf16" else plan.precision, _decision(plan, "precision")),
-        *render_xla.constants(plan, const, _decision),
+        *([const("DEVICE", plan.device, _decision(plan, "device")),
+           const("PRECISION", "pure_bf16" if plan.master_weights == "bf16" else plan.precision, _decision(plan, "precision"))]
+          if not render_xla.is_xla(plan) else []),
+        *render_xla.constants(plan, const, _decision, lambda text: Const("# " + comment(text))),
         *([const("WORLD", plan.world, "target.devices: processes, one per device" if plan.nodes == 1 else
                  f"target.nodes {plan.nodes} × target.devices {r.target.devices}: processes, one per device")] if distributed else []),
         *([const("NODES", plan.nodes, "target.nodes: HSDP replicates across nodes, shards within each")] if plan.parallelism == "hsdp" else []),

@@ -22,15 +22,21 @@ def context(plan: Plan) -> dict:
     return {"xla": xla, "spmd": spmd, "batch_size": "MICRO_BATCH * DEVICES" if spmd else "MICRO_BATCH"}
 
 
-def constants(plan: Plan, const, decision) -> list:
-    """The TPU program's constants after DEVICE and PRECISION (``const`` and ``decision`` from render)."""
+def constants(plan: Plan, const, decision, note) -> list:
+    """The TPU program's device constants (``const``, ``decision`` and ``note``, a comment line, from render). The device, precision and
+    parallelism are decisions the program acts on in one place each (xla.setup, the autocast, xla.shard), so
+    they are comments here, with the pass's reason, not constants nothing reads."""
     if not is_xla(plan):
         return []
+    chosen = [note("chosen by malt's passes (plan.json has each decision):"),
+              note(f"device tpu: {decision(plan, 'device')}"),
+              note(f"precision {plan.precision}: {decision(plan, 'precision')} (the autocast in main())")]
     if plan.world == 1:
-        return [const("DEVICES", 1, "target.devices: one TPU device, no mesh")]
-    return [const("DEVICES", plan.world, f"target.devices: one SPMD program over {plan.world} TPU devices, MICRO_BATCH sequences "
-                  "each per micro-step"),
-            const("PARALLELISM", plan.parallelism, decision(plan, "parallelism"))]
+        return [*chosen, const("DEVICES", 1, "target.devices: one TPU device, no mesh")]
+    return [*chosen,
+            note(f"parallelism {plan.parallelism}: {decision(plan, 'parallelism')} (xla.shard in main())"),
+            const("DEVICES", plan.world, f"target.devices: one SPMD program over {plan.world} TPU devices, MICRO_BATCH sequences "
+                  "each per micro-step")]
 
 
 def grad_accum_note(plan: Plan) -> str | None:

@@ -50,10 +50,11 @@ KEEP_CHECKPOINTS = 2                    # train.keep_checkpoints, newest kept
 SAMPLE_TOKENS = 64                      # train.sample_tokens, printed at the end
 SAMPLE_PROMPT = 'def '                  # train.sample_prompt
 
-DEVICE = 'tpu'                          # target.accelerator tpu
-PRECISION = 'bf16'                      # auto on tpu: the TPU's matrix units multiply bf16; bf16 autocast (XLA), fp32 master weights and optimizer state
+# chosen by malt's passes (plan.json has each decision):
+# device tpu: target.accelerator tpu
+# precision bf16: auto on tpu: the TPU's matrix units multiply bf16; bf16 autocast (XLA), fp32 master weights and optimizer state (the autocast in main())
+# parallelism fsdp: tpu with 4 devices: XLA SPMD in one process over a mesh of the 4 devices (axis fsdp), FSDPv2 sharding: each weight and its AdamW state sharded along its largest dimension, each batch split along the batch dimension (xla.shard in main())
 DEVICES = 4                             # target.devices: one SPMD program over 4 TPU devices, MICRO_BATCH sequences each per micro-step
-PARALLELISM = 'fsdp'                    # tpu with 4 devices: XLA SPMD in one process over a mesh of the 4 devices (axis fsdp), FSDPv2 sharding: each weight and its AdamW state sharded along its largest dimension, each batch split along the batch dimension
 
 # data and tokenizer (data, tokenizer sections); paths are relative to this file
 DATA = {

@@ -50,8 +50,9 @@ KEEP_CHECKPOINTS = 2                    # train.keep_checkpoints, newest kept
 SAMPLE_TOKENS = 64                      # train.sample_tokens, printed at the end
 SAMPLE_PROMPT = 'def '                  # train.sample_prompt
 
-DEVICE = 'tpu'                          # target.accelerator tpu
-PRECISION = 'bf16'                      # auto on tpu: the TPU's matrix units multiply bf16; bf16 autocast (XLA), fp32 master weights and optimizer state
+# chosen by malt's passes (plan.json has each decision):
+# device tpu: target.accelerator tpu
+# precision bf16: auto on tpu: the TPU's matrix units multiply bf16; bf16 autocast (XLA), fp32 master weights and optimizer state (the autocast in main())
 DEVICES = 1                             # target.devices: one TPU device, no mesh
 
 # data and tokenizer (data, tokenizer sections); paths are relative to this file
