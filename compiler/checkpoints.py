@@ -29,7 +29,10 @@ def hf_window(arch: str, c: dict) -> int | None:
 
 
 def describe(path: Path) -> tuple[dict | None, str | None]:
-    """({kind, shape}, None) for a usable checkpoint directory, else (None, what is wrong)."""
+    """({kind, shape, norm_eps, rope_theta, ...}, None) for a usable checkpoint directory, else (None, what is wrong).
+
+    Usable means malt's decoder computes what the checkpoint computes once the shape, norm_eps and rope_theta
+    agree: a Hugging Face model with another activation or scaled rotary embeddings is refused here."""
     if not path.is_dir():
         return None, f"no directory {path}"
     if (path / "plan.json").is_file():
@@ -42,10 +45,13 @@ def describe(path: Path) -> tuple[dict | None, str | None]:
         if not ck.is_dir() or not any((d / "model.safetensors").is_file() or (d / "dcp" / ".metadata").is_file()
                                       for d in ck.glob("step_*")):  # full (format 2) or sharded (format 3) checkpoints
             return None, f"{path} is a malt run directory without a checkpoint yet"
+        phases = plan.get("phases") or []
         return {"kind": "malt", "shape": {
             "d_model": m["d_model"], "n_layers": m["n_layers"], "n_heads": m["n_heads"], "n_kv_heads": m["n_kv_heads"],
             "d_ff": m["d_ff"], "vocab": m["padded_vocab"], "tie_embeddings": m["tie_embeddings"], "qkv_bias": m["qkv_bias"]},
-            "sliding_window": m.get("sliding_window")}, None  # model.sliding_window (plan.json has it when set)
+            "sliding_window": m.get("sliding_window"),  # model.sliding_window (plan.json has it when set)
+            "norm_eps": m.get("norm_eps"),
+            "rope_theta": phases[-1].get("rope_theta") if phases else m.get("rope_theta")}, None  # the last phase's: where it ended
     if (path / "config.json").is_file():
         try:
             c = json.loads((path / "config.json").read_text())
@@ -63,9 +69,17 @@ def describe(path: Path) -> tuple[dict | None, str | None]:
                           "Hugging Face sliding-window checkpoint is not built yet")
         heads = c["num_attention_heads"]
         if c.get("head_dim") not in (None, c["hidden_size"] // heads):
-            return None, f"{path} has head_dim {c['head_dim']} ≠ hidden_size / heads; malt's model derives it"
+            return None, (f"{path} has head_dim {c['head_dim']} ≠ hidden_size / heads ({c['hidden_size'] // heads}); malt's "
+                          "model derives the head size from d_model and n_heads, so this checkpoint cannot be read")
+        if c.get("hidden_act", "silu") != "silu":
+            return None, f"{path} uses hidden_act {c['hidden_act']!r}; malt's model is SwiGLU (silu)"
+        rope = c.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
+        if c.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+            return None, f"{path} scales its rotary embeddings ({c.get('rope_scaling') or rope}), which malt's model does not"
         return {"kind": "hf", "architecture": arch, "shape": {
             "d_model": c["hidden_size"], "n_layers": c["num_hidden_layers"], "n_heads": heads,
             "n_kv_heads": c.get("num_key_value_heads") or heads, "d_ff": c["intermediate_size"], "vocab": c["vocab_size"],
-            "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "qkv_bias": arch == "Qwen2ForCausalLM"}}, None
+            "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "qkv_bias": arch == "Qwen2ForCausalLM"},
+            "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
+            "rope_theta": float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)}, None
     return None, f"{path} is neither a malt run directory (plan.json) nor a Hugging Face model directory (config.json)"

@@ -295,6 +295,10 @@ def export(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)
         arch = export_hf(run_dir, out, force=force)
         auto = {"BertForMaskedLM": "AutoModelForMaskedLM", "ElectraForPreTraining": "AutoModelForPreTraining"}.get(arch, "AutoModelForCausalLM")
         typer.echo(f"wrote {out}/ ({arch}): load it with transformers.{auto}.from_pretrained({str(out)!r})")
+        objective = json.loads((run_dir / "plan.json").read_text()).get("objective") or {}
+        if arch != "BertForMaskedLM" and "bidirectional" in str(objective.get("attention", "")):
+            typer.echo(f"note: this run trained with {objective['kind']} ({objective['attention']}); {arch} attends "
+                       "causally everywhere, as malt's model does without a prefix (generation from a prompt)")
     _guard(go)
 
 

@@ -221,29 +221,10 @@ def problems(recipe, base_dir: Path, where: tuple = ("objective",), obj=None) ->
 # --------------------------------------------------------------------------
 
 def teacher_info(path: Path) -> tuple[dict | None, str | None]:
-    """({kind, shape, ...}, None) for a usable teacher directory, else (None, what is wrong)."""
-    import json
-
+    """({kind, shape, norm_eps, rope_theta, ...}, None) for a usable teacher directory, else (None, what is wrong)."""
     from .checkpoints import describe
 
-    found, problem = describe(path)
-    if problem:
-        return None, problem
-    if found["kind"] == "hf":
-        c = json.loads((path / "config.json").read_text())
-        if c.get("hidden_act", "silu") != "silu":
-            return None, f"{path} uses hidden_act {c['hidden_act']!r}; the teacher model is SwiGLU (silu)"
-        rope = c.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
-        if c.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-            return None, f"{path} scales its rotary embeddings ({c.get('rope_scaling') or rope}), which malt's teacher model does not"
-        found["norm_eps"] = float(c.get("rms_norm_eps", 1e-6))
-        found["rope_theta"] = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-    else:
-        plan = json.loads((path / "plan.json").read_text())
-        found["norm_eps"] = plan["model"]["norm_eps"]
-        phases = plan.get("phases") or []
-        found["rope_theta"] = phases[-1]["rope_theta"] if phases else plan["model"]["rope_theta"]
-    return found, None
+    return describe(path)
 
 
 def teacher_spec(recipe, base_dir: Path) -> dict | None:

@@ -7,6 +7,7 @@ each pointing at the file, line and column of the value at fault.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from .diagnostics import Diagnostic, RecipeError, did_you_mean
 from .loader import Loaded
 from .conditioning import problems as conditioning_problems
 from .objectives import added_tokens, problems as objective_problems
-from .phases import resolve as resolve_phases, schedule_field_problems, schedule_overlap_problems
+from .phases import resolve as resolve_phases, schedule_field_problems, schedule_overlap_problems, tidy
 from .schema import SCHEDULE_FIELD_USERS, ModelSpec, Recipe, steps_of
 from .tpu import problems as tpu_problems
 
@@ -730,10 +731,13 @@ def _init_from_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
 
     out = []
     where = ("init_from", "path")
-    found, problem = describe(loaded.base_dir / r.init_from.path)
+    directory = loaded.base_dir / r.init_from.path
+    found, problem = describe(directory)
     if problem:
+        readable = (directory / "plan.json").is_file() or (directory / "config.json").is_file()
         return [Diagnostic("init_from.path", problem, loaded.origin(where),
-                           hint="name a run directory of `malt run` (runs/NAME) or a Hugging Face model directory (config.json + safetensors)")]
+                           hint="start from another checkpoint: malt's model cannot compute what this one does" if readable else
+                           "name a run directory of `malt run` (runs/NAME) or a Hugging Face model directory (config.json + safetensors)")]
     if r.init_from.optimizer == "carry" and found["kind"] != "malt":
         out.append(Diagnostic("init_from.optimizer", "optimizer state can only be carried over from a malt run directory",
                               loaded.origin(("init_from", "optimizer")), hint="use optimizer: fresh for a Hugging Face model"))
@@ -755,12 +759,59 @@ def _init_from_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
                     f"model.vocab_size / pad_vocab_multiple that give {theirs}")
             message = f"{key} is {mine[key]} here but {theirs} in {r.init_from.path}"
             extra = added_tokens(r)
-            if key == "vocab" and extra and mine[key] > theirs:  # the objective's (or control) tokens grow the vocabulary
+            missing = _file_tokenizer_lacks(r, loaded.base_dir) if key == "vocab" and mine[key] > theirs else []
+            if missing and not [t for t in missing if t in extra]:  # tokenizer.special_tokens the file does not have
+                message += (f": the tokenizer file has no {', '.join(missing)}, so malt appends it (tokenizer.special_tokens "
+                            f"{'defaults to' if 'special_tokens' not in r.tokenizer.model_fields_set else 'is'} "
+                            f"{list(r.tokenizer.special_tokens)})")
+                hint = ("set tokenizer.special_tokens to the checkpoint's end-of-text token, which the file has "
+                        "(for example ['</s>'] for Llama 2, ['<|endoftext|>'] for Qwen2)")
+            elif key == "vocab" and extra and mine[key] > theirs:  # the objective's (or control) tokens grow the vocabulary
                 shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
                 message += (f": this recipe adds {len(extra)} special token(s) to the tokenizer ({shown}), and starting from "
                             "a checkpoint whose embeddings lack them (new embedding rows) is not built yet")
                 hint = "start from a checkpoint trained with the same objective (same tokens), or use an objective that adds none"
             out.append(Diagnostic(_dotted(path), message, loaded.origin(path if path in loaded.origins else ("model",)), hint=hint))
+    out += _init_from_numerics(r, loaded, found)
+    return out
+
+
+def _file_tokenizer_lacks(r: Recipe, base_dir: Path) -> list[str]:
+    """tokenizer.special_tokens that a kind: file tokenizer does not have (malt appends them to its vocabulary)."""
+    tok = r.tokenizer
+    if tok.kind != "file" or not tok.path or not (base_dir / tok.path).is_file():
+        return []
+    try:
+        have = tokenizer_file_tokens(base_dir / tok.path)
+    except (ValueError, KeyError, TypeError, OSError, AttributeError):
+        return []
+    return [t for t in tok.special_tokens if t not in have]
+
+
+def _init_from_numerics(r: Recipe, loaded: Loaded, found: dict) -> list[Diagnostic]:
+    """model.norm_eps and model.rope_theta against the checkpoint's. The weights alone do not carry them: a model
+    that reads a checkpoint with another rotary base computes other logits (a Qwen2's 1e6 against the default
+    10000 changes most predictions). A value the recipe writes is a choice (a new rotary base is how context is
+    extended), so only a default that differs from the checkpoint's is an error."""
+    m = r.model
+    first = r.phases[0].model if r.phases and r.phases[0].model is not None else None
+    rope_theta = first.rope_theta if first is not None and first.rope_theta is not None else m.rope_theta
+    fields = [("norm_eps", m.norm_eps, ("model", "norm_eps"))]
+    if m.position == "rope":
+        fields.append(("rope_theta", rope_theta, ("model", "rope_theta")))
+    out = []
+    for name, mine, path in fields:
+        theirs = found.get(name)
+        if theirs is None or math.isclose(float(mine), float(theirs), rel_tol=1e-9):
+            continue
+        written = path in loaded.origins or (name == "rope_theta" and first is not None and first.rope_theta is not None)
+        if written:
+            continue
+        out.append(Diagnostic(_dotted(path), f"{name} is {tidy(mine)} here (the default) but {tidy(theirs)} in {r.init_from.path}: "
+                              "the model would not compute what the checkpoint computes",
+                              loaded.origin(("model",)),
+                              hint=f"set model.{name}: {tidy(theirs)}" + (" (or another value on purpose, to extend the context)"
+                                                                          if name == "rope_theta" else "")))
     return out
 
 

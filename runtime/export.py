@@ -116,6 +116,31 @@ def read_lock(run_dir) -> dict:
     return data
 
 
+# post-processors that add special tokens around encoded text (a BOS, [CLS]/[SEP]); ByteLevel only trims offsets
+_ADDS_TOKENS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+
+
+def as_trained(tokenizer: dict) -> dict:
+    """tokenizer.json that encodes text as the run's data was encoded: without the post-processor steps that add
+    special tokens. A `kind: file` tokenizer (a Llama's, say) may prepend a BOS by default, which the data pipeline
+    never did (it encodes with add_special_tokens=False): transformers' tokenizer(text) would feed the model a
+    first token it never saw there."""
+    post = tokenizer.get("post_processor")
+    if not post:
+        return tokenizer
+    if post.get("type") in _ADDS_TOKENS:
+        return {**tokenizer, "post_processor": None}
+    if post.get("type") == "Sequence":
+        kept = [p for p in post.get("processors", []) if p.get("type") not in _ADDS_TOKENS]
+        return {**tokenizer, "post_processor": {**post, "processors": kept} if kept else None}
+    return tokenizer
+
+
+def longest_seq_len(plan: dict) -> int:
+    """The longest sequence the run trained on (plan.json: train.seq_len and every phase's)."""
+    return max([plan["batch"]["seq_len"]] + [ph["seq_len"] for ph in plan.get("phases") or []])
+
+
 def hf_config(plan: dict, eos_id: int, lock: dict | None = None) -> tuple[str, dict]:
     """(architecture, config.json contents) of the Hugging Face model equivalent to the plan's.
 
@@ -123,7 +148,7 @@ def hf_config(plan: dict, eos_id: int, lock: dict | None = None) -> tuple[str, d
     (recipe.lock.yaml), needed for the fields plan.json lacks.
     """
     m = _model_section(plan, lock)
-    seq_len = plan["batch"]["seq_len"]
+    seq_len = longest_seq_len(plan)  # the model was trained (and its MAX_SEQ_LEN built) for the longest phase
     common = {
         "vocab_size": m["padded_vocab"],
         "hidden_size": m["d_model"],
@@ -180,7 +205,6 @@ def bert_config(plan: dict, lock: dict | None = None) -> dict:
     """config.json of the BertForMaskedLM equal to a plain-BERT run, or of the ElectraForPreTraining equal to an rtd
     run's discriminator (no dropout: malt trains without it)."""
     m = _model_section(plan, lock)
-    seq_lens = [plan["batch"]["seq_len"]] + [ph["seq_len"] for ph in plan.get("phases") or []]
     rtd = _is_rtd(lock)  # ELECTRA: the discriminator alone, as ElectraForPreTraining (the generator is not exported)
     return {
         "architectures": ["ElectraForPreTraining" if rtd else "BertForMaskedLM"],
@@ -194,7 +218,7 @@ def bert_config(plan: dict, lock: dict | None = None) -> dict:
         "hidden_act": "gelu",
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
-        "max_position_embeddings": max(seq_lens),
+        "max_position_embeddings": longest_seq_len(plan),
         "type_vocab_size": 2,
         "initializer_range": m["init_std"],
         "layer_norm_eps": m["norm_eps"],
@@ -269,13 +293,14 @@ def export_hf(run_dir, out, force: bool = False) -> str:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if not encoder:
             (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eos_id, "eos_token_id": eos_id}, indent=2) + "\n")
-        shutil.copyfile(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "tokenizer.json").write_text(json.dumps(as_trained(json.loads((run_dir / "tokenizer.json").read_text())),
+                                                       ensure_ascii=False, indent=2) + "\n")
         specials_map = {"eos_token": eos_token, "bos_token": eos_token} if eos_token is not None else {}
         if encoder:  # the fill-mask pipeline needs the mask token; the end-of-text token separates (and pads) sequences
             specials_map = {"mask_token": ((lock.get("objective") or {}).get("mask_token") or "[MASK]"),
                             **({"sep_token": eos_token, "pad_token": eos_token} if eos_token is not None else {})}
         tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials_map, "unk_token": None,
-                      "model_max_length": plan["batch"]["seq_len"], "clean_up_tokenization_spaces": False}
+                      "model_max_length": longest_seq_len(plan), "clean_up_tokenization_spaces": False}
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         (tmp / "special_tokens_map.json").write_text(json.dumps(specials_map, indent=2) + "\n")
     except BaseException:  # an interrupted or failed export leaves nothing half-written behind

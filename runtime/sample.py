@@ -12,7 +12,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, device: str = "
     was_training = model.training
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = tokenizer.encode(prompt).ids or [0]
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [0]  # as the training data was encoded: no BOS
     max_len = model.rope_cos.shape[0]
     vocab = tokenizer.get_vocab_size()
     tokens = torch.tensor([ids], dtype=torch.long, device=device)

@@ -130,7 +130,7 @@ def test_cli_export_twice_needs_force(llama_run, tmp_path):
     out = tmp_path / "hf"
     first = malt_cli("export", run_dir, "-o", out, cache=cache)
     assert first.returncode == 0, first.stderr
-    assert "LlamaForCausalLM" in first.stdout
+    assert "LlamaForCausalLM" in first.stdout and "note:" not in first.stdout  # causal_lm: nothing to note
     before = (out / "model.safetensors").read_bytes()
 
     second = malt_cli("export", run_dir, "-o", out, cache=cache)
@@ -176,3 +176,53 @@ def test_export_refuses_to_replace_the_current_directory(tmp_path, monkeypatch, 
         export_hf(tmp_path / "runs" / "run", out, force=True)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run", "work"]   # nothing written, nothing left behind
     assert not list((tmp_path / "runs" / "work").iterdir())
+
+
+def test_exported_context_length_is_the_longest_phases(make_recipe, host, tmp_path):
+    """A run whose last phase trains on longer sequences (context extension) exports that length: config.json's
+    max_position_embeddings and the tokenizer's model_max_length, not the first phase's seq_len."""
+    from malt.runtime.export import hf_config, longest_seq_len
+
+    recipe = make_recipe({"phases": [{"name": "short", "share": "50%"},
+                                     {"name": "long", "share": "50%", "train": {"seq_len": 64}, "model": {"rope_theta": 40000}}]})
+    p = compile_to(recipe, tmp_path / "run", host=host)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert p.recipe.train.seq_len == 32 and longest_seq_len(plan) == 64
+    assert hf_config(plan, eos_id=256)[1]["max_position_embeddings"] == 64
+
+
+def test_cli_export_of_a_prefix_objective_says_the_export_is_causal(llama_run, tmp_path):
+    """A run trained with a bidirectional prefix (prefix_lm, span_corruption, ul2) exports the causal architecture:
+    the command says what the exported model computes. (The run's plan.json is edited to say prefix_lm.)"""
+    import shutil
+
+    run_dir, cache = llama_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".lock"))
+    plan = json.loads((copy / "plan.json").read_text())
+    plan["objective"] = {"kind": "prefix_lm", "attention": "bidirectional over the prefix, causal after it"}
+    (copy / "plan.json").write_text(json.dumps(plan))
+    done = malt_cli("export", copy, "-o", tmp_path / "hf", cache=cache)
+    assert done.returncode == 0, done.stderr
+    assert "note: this run trained with prefix_lm (bidirectional over the prefix, causal after it); LlamaForCausalLM " \
+           "attends causally everywhere" in done.stdout
+
+
+def test_exported_tokenizer_adds_no_token_the_training_data_lacked():
+    """A kind: file tokenizer whose post-processor prepends a BOS (Llama's) is exported without that step: the exported
+    tokenizer encodes text as the data pipeline did (add_special_tokens=False), also when called with its defaults."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from malt.runtime.export import as_trained
+
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "a": 2, "b": 3, "[UNK]": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    assert tok.encode("a b").ids == [0, 2, 3]
+    exported = Tokenizer.from_str(json.dumps(as_trained(json.loads(tok.to_str()))))
+    assert exported.encode("a b").ids == tok.encode("a b", add_special_tokens=False).ids == [2, 3]
+    tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False),
+                                              processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])])
+    kept = as_trained(json.loads(tok.to_str()))["post_processor"]
+    assert [p["type"] for p in kept["processors"]] == ["ByteLevel"]
+    assert Tokenizer.from_str(json.dumps({**json.loads(tok.to_str()), "post_processor": kept})).encode("a b").ids == [2, 3]

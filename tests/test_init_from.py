@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -115,3 +116,70 @@ def test_tokens_the_recipe_adds_are_named_when_they_grow_the_vocabulary(trained,
     text = str(err.value)
     assert "vocab is 384 here but 320 in" in text and "this recipe adds 70 special token(s) to the tokenizer (<|t0|>, <|t1|>, <|t2|>, ...)" in text
     assert "start from a checkpoint trained with the same objective" in text
+
+
+def test_a_checkpoints_rotary_base_and_norm_eps_must_be_the_recipes(tmp_path):
+    """The weights do not carry rope_theta, norm_eps, the activation or rope scaling: a Qwen2 checkpoint (rope_theta 1e6,
+    rms_norm_eps 1e-6) under the recipe's defaults (10000, 1e-5) is an error that names both values; written in the recipe,
+    the logits equal transformers'. Another activation or scaled rotary embeddings are refused."""
+    import transformers
+
+    config = transformers.Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False, initializer_range=0.2)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    sets = ["model.tie_embeddings=false", "model.qkv_bias=true"]
+    recipe = with_init(write_tiny_recipe(tmp_path / "r"), f"init_from: {tmp_path / 'hf'}\n")
+    with pytest.raises(RecipeError) as err:
+        check(recipe, sets)
+    text = str(err.value)
+    assert "model.norm_eps: norm_eps is 1e-05 here (the default) but 1e-06 in" in text and "set model.norm_eps: 1e-06" in text
+    assert "model.rope_theta: rope_theta is 10000.0 here (the default) but 1000000.0 in" in text
+    assert "set model.rope_theta: 1000000.0" in text
+
+    sets += ["model.rope_theta=1000000", "model.norm_eps=1e-6"]
+    compile_to(recipe, tmp_path / "run", sets=sets, host=Host())
+    spec = importlib.util.spec_from_file_location("m_qwen2_theta", tmp_path / "run" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.Transformer().eval()
+    init_from(tmp_path / "hf", "hf", model, log=lambda *_: None)
+    tokens = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
+    sys.modules.pop("m_qwen2_theta", None)
+
+    for change, expected in [({"hidden_act": "gelu"}, "uses hidden_act 'gelu'; malt's model is SwiGLU"),
+                             ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "scales its rotary embeddings")]:
+        config_file = tmp_path / "hf" / "config.json"
+        saved = config_file.read_text()
+        config_file.write_text(json.dumps({**json.loads(saved), **change}))
+        with pytest.raises(RecipeError) as err:
+            check(recipe, sets)
+        assert expected in str(err.value) and "start from another checkpoint" in str(err.value)
+        config_file.write_text(saved)
+
+
+def test_a_tokenizer_file_without_the_end_of_text_token_is_named(tmp_path):
+    """docs: a Hugging Face model's tokenizer.json as tokenizer: {kind: file}. When the file lacks
+    tokenizer.special_tokens' default <|endoftext|>, malt appends it and the vocabulary outgrows the checkpoint's:
+    the error says so and how to fix it; with the file's own end-of-text token the recipe checks."""
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 320)}}
+    Tokenizer(models.WordLevel(vocab, unk_token="w2")).save(str(tmp_path / "tokenizer.json"))
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf", safe_serialization=True)
+    recipe = with_init(write_tiny_recipe(tmp_path / "r"), f"init_from: {tmp_path / 'hf'}\n")
+    sets = ["model.tie_embeddings=false", "model.pad_vocab_multiple=1", "tokenizer.kind=file",
+            f"tokenizer.path={tmp_path / 'tokenizer.json'}"]
+    with pytest.raises(RecipeError) as err:
+        check(recipe, sets)
+    text = str(err.value)
+    assert "vocab is 321 here but 320 in" in text and "the tokenizer file has no <|endoftext|>, so malt appends it" in text
+    assert "set tokenizer.special_tokens to the checkpoint's end-of-text token" in text
+    check(recipe, [*sets, "tokenizer.special_tokens=['</s>']"])
