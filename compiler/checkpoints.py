@@ -28,11 +28,12 @@ def hf_window(arch: str, c: dict) -> int | None:
     return None
 
 
-def describe(path: Path) -> tuple[dict | None, str | None]:
+def describe(path: Path, longest_seq: int | None = None) -> tuple[dict | None, str | None]:
     """({kind, shape, norm_eps, rope_theta, ...}, None) for a usable checkpoint directory, else (None, what is wrong).
 
     Usable means malt's decoder computes what the checkpoint computes once the shape, norm_eps and rope_theta
-    agree: a Hugging Face model with another activation or scaled rotary embeddings is refused here."""
+    agree: a Hugging Face model with another activation or scaled rotary embeddings is refused here, and one with a
+    sliding window unless ``longest_seq`` (the run's longest sequence) is given and the window covers it."""
     if not path.is_dir():
         return None, f"no directory {path}"
     if (path / "plan.json").is_file():
@@ -64,9 +65,11 @@ def describe(path: Path) -> tuple[dict | None, str | None]:
             return None, f"{path} has no .safetensors weights (pickled .bin checkpoints are not read)"
         if c.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and c.get("attention_bias")):
             return None, f"{path}: bias on the output or MLP projections has no counterpart in malt's model"
-        if hf_window(arch, c) is not None:
-            return None, (f"{path} uses sliding-window attention ({c['sliding_window']}); starting from or distilling a "
-                          "Hugging Face sliding-window checkpoint is not built yet")
+        window = hf_window(arch, c)
+        if window is not None and (longest_seq is None or window < longest_seq):  # a window no sequence reaches changes nothing
+            return None, (f"{path} uses sliding-window attention ({window}" + (f", shorter than this run's {longest_seq}-token "
+                          "sequences" if longest_seq else "") + "); starting from or distilling a Hugging Face sliding-window "
+                          "checkpoint is not built yet")
         heads = c["num_attention_heads"]
         if c.get("head_dim") not in (None, c["hidden_size"] // heads):
             return None, (f"{path} has head_dim {c['head_dim']} ≠ hidden_size / heads ({c['hidden_size'] // heads}); malt's "

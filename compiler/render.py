@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from .objectives import added_tokens, objectives_of, phase_objective as ph_objective, render_context as objective_context
+from .objectives import added_tokens, objectives_of, phase_objective as ph_objective, render_context as objective_context, seq_lens
 from .conditioning import masked_target_reasons, metadata_off, source_entry
 from .phases import tidy
 from .estimates import LOSS_CHUNK
@@ -139,7 +139,7 @@ def init_from_spec(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
     from .checkpoints import describe
 
     init = plan.recipe.init_from
-    found, _ = describe(base_dir / init.path)
+    found, _ = describe(base_dir / init.path, max(seq_lens(plan.recipe), default=None))
     return {"path": _source_path(init.path, base_dir, out_dir), "kind": found["kind"], "optimizer": init.optimizer}
 
 

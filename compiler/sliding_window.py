@@ -71,7 +71,7 @@ def _teacher_problems(r, base_dir: Path) -> list[tuple[tuple, str, str]]:
     for where, obj in places:
         if obj.kind != "distill":
             continue
-        found, _ = describe(base_dir / obj.teacher)  # an unusable teacher is reported by objectives.problems
+        found, _ = describe(base_dir / obj.teacher, max(seq_lens(r), default=None))  # an unusable teacher is reported by objectives.problems
         window = (found or {}).get("sliding_window")
         if window:
             out.append((where + ("teacher",), (f"the teacher {obj.teacher} was trained with model.sliding_window {window}; "

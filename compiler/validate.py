@@ -19,7 +19,7 @@ from . import encoder, sliding_window
 from .diagnostics import Diagnostic, RecipeError, did_you_mean
 from .loader import Loaded
 from .conditioning import problems as conditioning_problems
-from .objectives import added_tokens, problems as objective_problems
+from .objectives import added_tokens, problems as objective_problems, seq_lens
 from .phases import resolve as resolve_phases, schedule_field_problems, schedule_overlap_problems, tidy
 from .schema import SCHEDULE_FIELD_USERS, ModelSpec, Recipe, steps_of
 from .tpu import problems as tpu_problems
@@ -732,7 +732,7 @@ def _init_from_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
     out = []
     where = ("init_from", "path")
     directory = loaded.base_dir / r.init_from.path
-    found, problem = describe(directory)
+    found, problem = describe(directory, max(seq_lens(r), default=None))
     if problem:
         readable = (directory / "plan.json").is_file() or (directory / "config.json").is_file()
         return [Diagnostic("init_from.path", problem, loaded.origin(where),

@@ -354,6 +354,11 @@ def test_a_hugging_face_windowed_checkpoint_is_refused_as_teacher_or_start(tmp_p
     found, problem = describe(d)
     if windowed:
         assert found is None and "sliding-window attention (16)" in problem and "not built yet" in problem
+        found, problem = describe(d, longest_seq=32)
+        assert found is None and "(16, shorter than this run's 32-token sequences)" in problem
+        # a window that covers every sequence of the run changes nothing (transformers' MistralConfig default: 4096)
+        found, problem = describe(d, longest_seq=16)
+        assert problem is None and found["shape"]["n_layers"] == 2
     else:
         assert problem is None and found["shape"]["n_layers"] == 2
 
