@@ -690,8 +690,8 @@ def validate(loaded: Loaded) -> Recipe:
     problems += _cross_checks(recipe, loaded)
     if not problems:  # these assume a recipe whose other parts are consistent (they would repeat its problems otherwise)
         problems += _phase_checks(recipe, loaded)
-    if not problems and recipe.init_from is not None:
-        problems += _init_from_checks(recipe, loaded)
+    if recipe.init_from is not None:  # the checkpoint against the model section: its own problems, reported with the rest
+        problems += [d for d in _init_from_checks(recipe, loaded) if (d.path, d.message) not in {(p.path, p.message) for p in problems}]
     if problems:
         raise RecipeError(_in_order(problems, loaded))
     return recipe

@@ -183,3 +183,14 @@ def test_a_tokenizer_file_without_the_end_of_text_token_is_named(tmp_path):
     assert "vocab is 321 here but 320 in" in text and "the tokenizer file has no <|endoftext|>, so malt appends it" in text
     assert "set tokenizer.special_tokens to the checkpoint's end-of-text token" in text
     check(recipe, [*sets, "tokenizer.special_tokens=['</s>']"])
+
+
+def test_init_from_problems_come_with_the_rest(trained, tmp_path):
+    """A recipe with other problems still reports the checkpoint's mismatches in the same round."""
+    tmp, _ = trained
+    recipe = with_init(write_tiny_recipe(tmp_path / "r"), f"init_from: {tmp / 'hf'}\n")
+    recipe.write_text(recipe.read_text().replace("d_model: 64", "d_model: 128"))
+    with pytest.raises(RecipeError) as err:
+        check(recipe, ["train.global_batch=7"])
+    text = str(err.value)
+    assert "model.d_model: d_model is 128 here but 64 in" in text and "global_batch (7)" in text
