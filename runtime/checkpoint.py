@@ -411,13 +411,25 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, st
         raise RunError(f"the optimizer state does not fit this model: {str(e).splitlines()[0]}", "use init_from.optimizer: fresh")
 
 
-def init_from(path: Path, kind: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, log=print) -> None:
+def init_from(path: Path, kind: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, log=print,
+              tokenizer=None) -> None:
     """Load the weights a new run starts from: a malt run's latest checkpoint or a Hugging Face directory.
 
     With ``optimizer`` (malt runs only), the checkpoint's AdamW moments come too; the
-    learning rate and schedule are the new recipe's.
+    learning rate and schedule are the new recipe's. With ``tokenizer`` (the run's), the checkpoint's
+    tokenizer.json, where it has one, must give every token the same id: an embedding row belongs to a token.
     """
     path = Path(path)
+    if tokenizer is not None and (path / "tokenizer.json").is_file():
+        from .tokenizer import differing_tokens
+
+        differ = differing_tokens(path / "tokenizer.json", tokenizer)
+        if differ:
+            raise RunError(f"init_from: the checkpoint's tokenizer ({path / 'tokenizer.json'}) differs from this run's: "
+                           f"{len(differ):,} token(s) have another id or are missing there, e.g. {differ[:5]}; each embedding "
+                           "row would start as another token's",
+                           f"use the checkpoint's tokenizer: tokenizer: {{kind: file, path: {path.resolve() / 'tokenizer.json'}}} "
+                           "(a path relative to the recipe works too)")
     if kind == "malt":
         found = latest(path)
         if found is None:

@@ -164,17 +164,15 @@ def load_teacher(path, kind: str, device, log=print) -> Teacher:
 
 def check_tokenizer(path, tokenizer, log=print) -> None:
     """The teacher must share the run's tokenizer: compare with its tokenizer.json when it has one."""
-    from tokenizers import Tokenizer
+    from .tokenizer import differing_tokens
 
     tok_file = Path(path) / "tokenizer.json"
     if not tok_file.is_file():
         log(f"distill: {path} has no tokenizer.json; assuming the teacher uses this run's tokenizer")
         return
-    theirs = Tokenizer.from_file(str(tok_file)).get_vocab()
-    mine = tokenizer.get_vocab()
-    differ = [t for t, i in mine.items() if theirs.get(t) != i]
+    differ = differing_tokens(tok_file, tokenizer)
     if differ:
         raise RunError(f"distill: the teacher's tokenizer ({tok_file}) differs from this run's: {len(differ):,} token(s) "
-                       f"have another id or are missing there, e.g. {sorted(differ)[:5]}",
+                       f"have another id or are missing there, e.g. {differ[:5]}",
                        "distillation compares distributions token by token: use the teacher's tokenizer "
                        "(tokenizer: {kind: file, path: TEACHER/tokenizer.json})")

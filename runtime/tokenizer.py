@@ -104,6 +104,15 @@ def load_tokenizer(path: str | os.PathLike, users: bool = False):
         raise DataError(f"cannot read tokenizer file {path}: {e}; {fix}") from None
 
 
+def differing_tokens(tok_file: str | os.PathLike, tokenizer) -> list[str]:
+    """Tokens of ``tokenizer`` that ``tok_file`` (another model's tokenizer.json) lacks or gives another id: empty when
+    every token this run can produce means, by its id, what it meant to that model."""
+    from tokenizers import Tokenizer
+
+    theirs = Tokenizer.from_file(str(tok_file)).get_vocab()
+    return sorted(t for t, i in tokenizer.get_vocab().items() if theirs.get(t) != i)
+
+
 def tokenizer_hash(path: str | os.PathLike) -> str:
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()

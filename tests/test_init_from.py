@@ -194,3 +194,19 @@ def test_init_from_problems_come_with_the_rest(trained, tmp_path):
         check(recipe, ["train.global_batch=7"])
     text = str(err.value)
     assert "model.d_model: d_model is 128 here but 64 in" in text and "global_batch (7)" in text
+
+
+def test_a_run_with_another_tokenizer_of_the_same_size_is_refused(trained, tmp_path):
+    """Same vocabulary size, other tokens (here the end-of-text token is another string): the shapes fit, but each
+    embedding row would start as another token's. The program stops before training and names the tokenizer to use."""
+    tmp, _ = trained
+    recipe = with_init(write_tiny_recipe(tmp_path / "r", steps=3, eval_every=3, checkpoint_every=3), f"init_from: {tmp / 'run'}\n")
+    recipe.write_text(recipe.read_text().replace("tokenizer: {kind: bytes}", "tokenizer: {kind: bytes, special_tokens: ['<|eot|>']}"))
+    check(recipe)  # the sizes agree: only the tokens themselves tell
+    child = tmp_path / "child"
+    compile_to(recipe, child, host=Host())
+    out = run_program(child, tmp / "cache", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "init_from: the checkpoint's tokenizer" in out.stderr and "differs from this run's: 1 token(s)" in out.stderr
+    assert "<|eot|>" in out.stderr and f"tokenizer: {{kind: file, path: {(tmp / 'run').resolve() / 'tokenizer.json'}}}" in out.stderr
+    assert not (child / "checkpoints").exists() or not any((child / "checkpoints").iterdir())
