@@ -158,6 +158,13 @@ def _merge(parent: dict, child: dict, origins: dict, c_origins: dict, path: Path
             del origins[k]
         origins.update({k: o for k, o in c_origins.items() if k[: len(sub)] == sub})
         out[key] = value
+        # the run's length is one of train.tokens and train.steps: a child that sets one replaces the parent's
+        # other (as --set does), instead of failing with both set
+        if path == ("train",) and key in ("steps", "tokens") and value is not None:
+            other = "tokens" if key == "steps" else "steps"
+            if other not in child and out.get(other) is not None:
+                out.pop(other)
+                origins.pop(path + (other,), None)
     return out
 
 

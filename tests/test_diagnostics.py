@@ -326,6 +326,21 @@ def test_problems_from_a_parent_point_into_the_parent(recipe):
     ]
 
 
+def test_a_child_that_sets_the_runs_length_the_other_way_replaces_the_parents(recipe):
+    """The parent says steps, the child tokens (or the other way round): the child's replaces it, as --set does;
+    both in one file is still an error."""
+    from malt.compiler.api import check
+
+    recipe(name="parent.yaml")
+    r, _ = check(recipe("extends: parent.yaml\ntrain: {tokens: 4k}\n", name="child.yaml"))
+    assert r.train.tokens == 4000 and r.train.steps is None
+    recipe(steps="tokens: 4k", name="parent2.yaml")
+    r, _ = check(recipe("extends: parent2.yaml\ntrain: {steps: 3}\n", name="child2.yaml"))
+    assert r.train.steps == 3 and r.train.tokens is None
+    assert "set exactly one of train.tokens and train.steps" in one(recipe("extends: parent.yaml\ntrain: {tokens: 4k, steps: 3}\n",
+                                                                          name="child3.yaml"))
+
+
 def test_parent_in_another_directory(recipe, tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "docs.txt").write_text("x\n")
