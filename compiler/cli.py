@@ -101,6 +101,18 @@ def check(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     _guard(go)
 
 
+def _init_kind(p) -> str:
+    """What init_from names, for the plan: a malt run's latest checkpoint (and its step) or a Hugging Face model."""
+    from .checkpoints import describe
+
+    path = Path(p.recipe_file).parent / p.recipe.init_from.path
+    found, _ = describe(path)
+    if found is None or found["kind"] != "malt":
+        return f"a Hugging Face {found['architecture']}" if found else "init_from"
+    steps = sorted(int(d.name[5:]) for d in (path / "checkpoints").glob("step_*") if d.name[5:].isdigit())
+    return f"malt run, its latest checkpoint: step {steps[-1]:,}" if steps else "malt run"
+
+
 def _plan_text(p) -> str:
     from .units import human_bytes, human_count, human_seconds
 
@@ -123,6 +135,8 @@ def _plan_text(p) -> str:
         f"params     {est['params']:,} ({human_count(est['params'])}; {human_count(est['params_non_embedding'])} non-embedding"
         + (f"; {human_count(est['params_generator'])} in the rtd generator" if "params_generator" in est else "")
         + ("; the grown model's, phases below" if grows else "") + ")",
+        *([f"init       the weights of {j['init_from']['path']} ({_init_kind(p)}), "
+           f"AdamW moments {'carried over' if j['init_from']['optimizer'] == 'carry' else 'fresh'}"] if "init_from" in j else []),
         (f"run        {j['steps']:,} steps × {b['tokens_per_step']:,} tokens = {j['tokens']:,} tokens ({human_count(j['tokens'])})"
          if not shapes_vary else f"run        {j['steps']:,} steps = {j['tokens']:,} tokens ({human_count(j['tokens'])}); the phases' batches differ (below)"),
         f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation"

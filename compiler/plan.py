@@ -164,6 +164,8 @@ class Plan:
                 "checkpoint_format": self.checkpoint_format,
             },
             "objective": self.objective,
+            **({"init_from": {"path": r.init_from.path, "optimizer": r.init_from.optimizer}}  # relative to the recipe
+               if r.init_from is not None else {}),
             "phases": [self._phase_json(ph) for ph in self.phases] if self.recipe.phases else [],
             "decisions": [{"name": d.name, "value": d.value, "reason": d.reason} for d in self.decisions],
             "passes": list(self.passes),

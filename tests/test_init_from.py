@@ -210,3 +210,20 @@ def test_a_run_with_another_tokenizer_of_the_same_size_is_refused(trained, tmp_p
     assert "init_from: the checkpoint's tokenizer" in out.stderr and "differs from this run's: 1 token(s)" in out.stderr
     assert "<|eot|>" in out.stderr and f"tokenizer: {{kind: file, path: {(tmp / 'run').resolve() / 'tokenizer.json'}}}" in out.stderr
     assert not (child / "checkpoints").exists() or not any((child / "checkpoints").iterdir())
+
+
+def test_the_plan_says_where_the_weights_come_from(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from malt.compiler.cli import app
+
+    tmp, _ = trained
+    recipe = with_init(write_tiny_recipe(tmp_path / "r"), f"init_from: {{path: {tmp / 'run'}, optimizer: carry}}\n")
+    out = CliRunner().invoke(app, ["plan", str(recipe)])
+    assert out.exit_code == 0, out.output
+    assert f"init       the weights of {tmp / 'run'} (malt run, its latest checkpoint: step 6), AdamW moments carried over" in out.output
+    out = CliRunner().invoke(app, ["plan", str(recipe), "--json"])
+    assert json.loads(out.output)["init_from"] == {"path": str(tmp / "run"), "optimizer": "carry"}
+    hf = with_init(write_tiny_recipe(tmp_path / "h"), f"init_from: {tmp / 'hf'}\n")
+    out = CliRunner().invoke(app, ["plan", str(hf)])
+    assert "(a Hugging Face LlamaForCausalLM), AdamW moments fresh" in out.output
