@@ -114,6 +114,7 @@ def _init_kind(p) -> str:
 
 
 def _plan_text(p) -> str:
+    from .passes.batch_split import BUDGET_SHARE
     from .units import human_bytes, human_count, human_seconds
 
     j = p.to_json()
@@ -147,12 +148,14 @@ def _plan_text(p) -> str:
         + (f" + the teacher's forward passes ({human_count(est['teacher_flops_per_token'])}FLOPs/token distilled)"
            if "teacher_flops_per_token" in est else "") + f" = {est['total_flops']:.3g} FLOPs"
         + (f" (+ {est['recompute_flops']:.3g} recomputed by activation checkpointing)" if est.get("recompute_flops") else ""),
-        f"memory     {human_bytes(mem['total'])} per device: weights {human_bytes(mem['weights'])}, gradients {human_bytes(mem['gradients'])}, "
+        f"memory     {human_bytes(mem['total'])} per device, of its {human_bytes(est['memory_budget_bytes'])} (plans use at most "
+        f"{BUDGET_SHARE:.0%}): weights {human_bytes(mem['weights'])}, gradients {human_bytes(mem['gradients'])}, "
         f"optimizer {human_bytes(mem['optimizer'])}, "
         + (f"gathered {human_bytes(mem['gathered'])}, " if "gathered" in mem else "")
         + (f"teacher {human_bytes(mem['teacher_weights'])}, distillation logits {human_bytes(mem['distill_logits'])}, "
            if "teacher_weights" in mem else "")
-        + f"activations {human_bytes(mem['activations'])} (of {human_bytes(est['memory_budget_bytes'])})",
+        + f"activations {human_bytes(mem['activations'])}"
+        + (f" (phase {est['activations_phase']}'s, the most of the phases)" if est.get("activations_phase") else ""),
         f"time       ≈ {human_seconds(est['estimated_seconds'])} on {basis['chip']} at {basis['mfu']:.0%} MFU of {basis['peak_flops'] / 1e12:g} TFLOP/s "
         f"({ex['precision']}; {basis['peak_source']})",
         f"execution  {ex['device'] if ex['devices'] == 1 else str(ex['devices']) + ' × ' + ex['device'] + ' (' + ex['parallelism'] + ')'}, {'pure bf16' if ex.get('master_weights') == 'bf16' else ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "

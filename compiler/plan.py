@@ -136,7 +136,7 @@ class Plan:
             **({"teacher_params": est["teacher_params"], "teacher_flops_per_token": est["teacher_flops_per_token"]}
                if "teacher_params" in est else {}),  # distillation: total_flops includes the teacher's forward passes
             "memory_per_device_bytes": est.get("memory_per_device_bytes"),
-            "memory_budget_bytes": est.get("memory_budget_bytes"),  # what the planner lets a run use (80% of a device)
+            "memory_budget_bytes": est.get("memory_budget_bytes"),  # one device's memory (a plan uses at most 80% of it)
             **({"recompute_flops": est["recompute_flops"]} if est.get("recompute_flops") else {}),  # activation checkpointing
             "estimated_seconds": est.get("estimated_seconds"),
             "estimate_basis": est.get("basis"),

@@ -53,6 +53,21 @@ def test_plan_splits_the_run_into_phases(tmp_path):
     assert p.estimates["total_flops"] == sum(flops.values())
 
 
+def test_the_plans_memory_line_names_the_phase_it_counts(tmp_path):
+    """Phases with other batch shapes: the memory plan is the largest phase's activations, and says which phase."""
+    from malt.compiler.cli import _plan_text
+    from malt.compiler.passes.estimate import activations
+
+    long = TWO_PHASES.replace("global_batch: 4}", "global_batch: 8}")  # 8 × 64 tokens a micro-batch against main's 8 × 32
+    p, _ = make_plan(phased_recipe(tmp_path, long), host=Host())
+    main_ph, long_ph = p.phases
+    assert p.estimates["memory_per_device_bytes"]["activations"] == activations(p, long_ph.micro_batch, long_ph.seq_len)
+    assert p.estimates["activations_phase"] == "long"
+    assert "(phase long's, the most of the phases)" in _plan_text(p)
+    plain, _ = make_plan(write_tiny_recipe(tmp_path / "plain"), host=Host())
+    assert "activations_phase" not in plain.estimates and "the most of the phases" not in _plan_text(plain)
+
+
 def test_phase_tokens_and_steps_define_the_run_without_train_length(tmp_path):
     extra = """
 phases:

@@ -117,7 +117,10 @@ def run(plan: Plan) -> Plan:
     total = sum(phase_flops.values()) if plan.phases else fpt * plan.tokens
     mem = dict(states(plan))
     shapes = [(ph.micro_batch, ph.seq_len) for ph in plan.phases] or [(plan.micro_batch, tr.seq_len)]
-    mem["activations"] = max(activations(plan, mb, seq) for mb, seq in shapes)
+    per_shape = [activations(plan, mb, seq) for mb, seq in shapes]
+    mem["activations"] = max(per_shape)
+    # the phase whose micro-batches keep the most (the plan's memory line names it when the phases' shapes differ)
+    largest = plan.phases[per_shape.index(mem["activations"])].name if len(set(shapes)) > 1 else None
     teacher = teacher_costs(plan)  # distillation: the frozen teacher's forward pass and weights, the whole logits of the loss
     if teacher:
         total += teacher["flops"]
@@ -140,6 +143,7 @@ def run(plan: Plan) -> Plan:
         **({"phase_flops": phase_flops, "phase_params": {k: c["params"] for k, c in phase_counts.items()}}
            if len(plan.phases) > 1 else {}),
         "memory_per_device_bytes": mem,
+        **({"activations_phase": largest} if largest else {}),
         "memory_budget_bytes": memory_of(plan)[0],
         "estimated_seconds": float(f"{seconds:.6g}"),
         **({"recompute_flops": recompute} if recompute else {}),
