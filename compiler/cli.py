@@ -20,6 +20,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 SET_HELP = "Override a recipe value: --set train.steps=100 (repeatable)."
 
 
+def _version(value: bool):
+    if value:
+        from .plan import MALT_VERSION
+
+        typer.echo(f"malt {MALT_VERSION}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print malt's version and exit.")):
+    pass  # the commands below; the app's help text is in typer.Typer(help=...)
+
+
 def _fail(message: str, hint: str | None = None, code: int = 1):
     typer.echo(f"error: {message}", err=True)
     if hint:
@@ -321,14 +335,14 @@ def export(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)
 
 @app.command()
 def sample(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
-           prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
+           prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue; empty: the start of a new document."),
            tokens: int = typer.Option(64, "--tokens", "-n", min=1, help="Tokens to generate."),
            temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="0 = greedy."),
            top_k: int = typer.Option(50, "--top-k", min=0),
            seed: int = typer.Option(0, "--seed")):
     """Print a continuation of PROMPT from the run's latest checkpoint."""
     def go():
-        from malt.runtime.export import load_run_model
+        from malt.runtime.export import end_of_text, load_run_model, read_lock
         from malt.runtime.sample import generate
 
         model, tokenizer, plan = load_run_model(run_dir)
@@ -337,7 +351,8 @@ def sample(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)
 
             raise RunError(f"{run_dir} holds an encoder (model.family bert): it predicts masked tokens and does not continue text",
                            "export it (malt export) and use transformers' fill-mask pipeline")
-        typer.echo(generate(model, tokenizer, prompt, tokens, seed=seed, temperature=temperature, top_k=top_k))
+        _, eos_id = end_of_text(tokenizer, read_lock(run_dir))
+        typer.echo(generate(model, tokenizer, prompt, tokens, seed=seed, temperature=temperature, top_k=top_k, start_id=eos_id))
     _guard(go)
 
 

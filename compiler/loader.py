@@ -129,7 +129,7 @@ def _parse_file(path: Path, shown: str) -> tuple[dict, dict[Path_, Origin]]:
         raise RecipeError([Diagnostic("", f"not valid YAML: {e}", Origin(shown), hint="fix the YAML syntax; see recipes/tiny.yaml for an example")])
     if node is None:
         raise RecipeError([Diagnostic("", "the recipe is empty", Origin(shown),
-                                      hint="a recipe needs at least name, model, tokenizer, data and train; see docs/recipes.md")])
+                                      hint="a recipe needs at least name, model, tokenizer, data, optimizer and train; see docs/recipes.md")])
     builder = _Builder(shown)
     tree = builder.build(node, ())
     if builder.problems:

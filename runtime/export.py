@@ -136,6 +136,15 @@ def as_trained(tokenizer: dict) -> dict:
     return tokenizer
 
 
+def end_of_text(tokenizer, lock: dict) -> tuple[str | None, int | None]:
+    """(token, id) of the run's end-of-text token: the tokenizer's first special token (tokenizer.special_tokens),
+    which the data puts between documents; it also serves as BOS. (None, None) without one."""
+    specials = (lock.get("tokenizer") or {}).get("special_tokens") or []
+    token = specials[0] if specials else None
+    token_id = tokenizer.token_to_id(token) if token is not None else None
+    return (token, token_id) if token_id is not None else (None, None)
+
+
 def longest_seq_len(plan: dict) -> int:
     """The longest sequence the run trained on (plan.json: train.seq_len and every phase's)."""
     return max([plan["batch"]["seq_len"]] + [ph["seq_len"] for ph in plan.get("phases") or []])
@@ -255,12 +264,7 @@ def export_hf(run_dir, out, force: bool = False) -> str:
                            "the run's checkpoints (safetensors) and model.py hold the weights")
     model, tokenizer, plan = load_run_model(run_dir)
     lock = read_lock(run_dir)
-    # the end-of-text token is the tokenizer's first special token (tokenizer.special_tokens); it also serves as BOS
-    specials = (lock.get("tokenizer") or {}).get("special_tokens") or []
-    eos_token = specials[0] if specials else None
-    eos_id = tokenizer.token_to_id(eos_token) if eos_token is not None else None
-    if eos_id is None:
-        eos_token = None
+    eos_token, eos_id = end_of_text(tokenizer, lock)
     state = {}
     if encoder and _is_rtd(lock):  # ElectraForPreTraining: `electra.` before the encoder's names; no generator
         config = bert_config(plan, lock)

@@ -165,6 +165,17 @@ def test_cli_sample_continues_the_prompt(llama_run):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ab")
     assert len(proc.stdout.rstrip("\n")) > 2
+    # no prompt: a new document, from the end-of-text token that precedes every document, which is not printed
+    proc = malt_cli("sample", run_dir, "-n", "3", cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    model, tokenizer, _ = load_run_model(run_dir)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _, args: seen.append(args[0][0, 0].item()))
+    assert generate(model, tokenizer, "", 0, start_id=eos) == ""
+    generate(model, tokenizer, "", 1, start_id=eos)
+    hook.remove()
+    assert seen == [eos]
 
 
 @pytest.mark.parametrize("out", [".", "..", "./"])
