@@ -106,12 +106,25 @@ class Run:
             raise RunError(f"{torch.cuda.get_device_name(0)} does not support bf16", "use --set target.precision=fp32")
 
     def adopt_tokenizer(self, path) -> None:
-        """Copy the tokenizer into the run directory, so sampling and export need nothing else."""
+        """Copy the tokenizer into the run directory, so sampling and export need nothing else. On --resume it must
+        be the tokenizer the checkpoint trained with: a bpe/unigram tokenizer is trained again when its train_on data
+        changed, and the checkpoint's embeddings would carry on under other token ids."""
         import shutil
 
+        target = self.dir / "tokenizer.json"
+        if self.resume and target.is_file():
+            from tokenizers import Tokenizer
+
+            from .tokenizer import differing_tokens
+
+            differ = differing_tokens(target, Tokenizer.from_file(str(path)))
+            if differ:
+                raise RunError(f"the tokenizer built for this run now differs from the one its checkpoints trained with "
+                               f"({target}): {len(differ):,} token(s) have another id, e.g. {differ[:5]}; the tokenizer's "
+                               "training data (tokenizer.train_on) changed since the run started",
+                               "restore the data files as they were to resume, or train a new run (without --resume)")
         if not self.is_main:
             return
-        target = self.dir / "tokenizer.json"
         tmp = self.dir / f".tokenizer.json.tmp-{os.getpid()}"
         shutil.copyfile(path, tmp)
         os.replace(tmp, target)

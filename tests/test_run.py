@@ -130,3 +130,22 @@ def test_bf16_autocast_program_trains(tmp_path):
     got = losses(run)
     assert sorted(got) == list(range(1, 7)) and all(v == v for v in got.values())
     assert got[6] < got[1]
+
+
+def test_resume_refuses_a_tokenizer_trained_again_on_changed_data(tmp_path):
+    """A bpe tokenizer is trained on the data: data appended after the run started gives another tokenizer, whose ids
+    the checkpoint's embeddings never saw. --resume stops with a clear message and keeps the run's tokenizer.json."""
+    from .helpers import run_program
+
+    recipe = write_tiny_recipe(tmp_path / "r", steps=4, eval_every=0, checkpoint_every=2)
+    recipe.write_text(recipe.read_text().replace("tokenizer: {kind: bytes}", "tokenizer: {kind: bpe, vocab_size: 300}"))
+    run = tmp_path / "run"
+    compile_to(recipe, run, host=Host())
+    run_program(run, tmp_path / "cache", "--quiet")
+    before = (run / "tokenizer.json").read_bytes()
+    with open(tmp_path / "r" / "corpus.jsonl", "a") as f:
+        f.write("".join('{"text": "zebra quokka xylophone jazz fizz buzz %d"}\n' % i for i in range(300)))
+    out = run_program(run, tmp_path / "cache", "--resume", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "differs from the one its checkpoints trained with" in out.stderr and "restore the data files" in out.stderr
+    assert (run / "tokenizer.json").read_bytes() == before
