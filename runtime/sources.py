@@ -339,15 +339,19 @@ class Source:
         elif self.glob:
             root = _glob_root(self.glob)
             found: dict[str, os.stat_result] = {}
-            for m in _glob.glob(self.glob, recursive=True):
+            seen: set[tuple[int, int]] = set()  # (device, inode): a file two matches reach is read once
+            for m in sorted(_glob.glob(self.glob, recursive=True)):
                 if os.path.isdir(m):
-                    for full, st in _walk(Path(m)):
+                    for full, st in _walk(Path(m), seen):
                         found[full] = st
                 elif classify(os.path.basename(m)) and not os.path.basename(m).startswith("."):
                     try:
-                        found[os.path.abspath(m)] = os.stat(m)
+                        st = os.stat(m)
                     except OSError:
                         continue
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        found[os.path.abspath(m)] = st
             self._listing = sorted(FileEntry(os.path.relpath(f, root).replace(os.sep, "/"), f, st.st_size, st.st_mtime_ns)
                                    for f, st in found.items())
         elif self.path.is_file():
@@ -583,18 +587,37 @@ def _glob_root(pattern: str) -> str:
     return root if os.path.isdir(root) else os.path.dirname(root)
 
 
-def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """(absolute path, stat) of every supported, non-hidden file below ``root``."""
+def _walk(root: Path, seen_files: set | None = None) -> Iterator[tuple[str, os.stat_result]]:
+    """(absolute path, stat) of every supported, non-hidden file below ``root``, each file once.
+
+    Symbolic links to folders are followed, but a folder is entered once (by device and inode), so a link back up
+    the tree (``sub/loop -> ..``) neither loops nor repeats files; a file that two links reach is read once, under
+    the first path in sorted order. ``seen_files`` carries that across several roots."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files = set() if seen_files is None else seen_files
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in filenames:
+        for fn in sorted(filenames):
             if fn.startswith(".") or not classify(fn):
                 continue
             full = os.path.join(dirpath, fn)
             try:
-                yield os.path.abspath(full), os.stat(full)
+                fst = os.stat(full)
             except OSError:
                 continue
+            if (fst.st_dev, fst.st_ino) in seen_files:
+                continue
+            seen_files.add((fst.st_dev, fst.st_ino))
+            yield os.path.abspath(full), fst
 
 
 def _decompressed(raw, comp: str):

@@ -321,3 +321,19 @@ def test_cli_prepare_and_data(tmp_path, monkeypatch):
     assert ".yaml:" in res.output and "error: data.sources.1: source 'd'" in res.output and "yields no text" in res.output
     res = runner.invoke(app, ["data", str(path), "--set", "data.sources.1.path=nope/*.jsonl"])
     assert res.exit_code == 2 and "matches no files" in res.output
+
+
+def test_a_folder_with_symlink_loops_and_aliases_reads_each_file_once(tmp_path):
+    """sub/loop -> .. (a loop) and alias -> sub (a second path to the same files): each file is read once, and the
+    walk ends (it used to read a file once per level of the loop, and exponentially many times with two links)."""
+    from malt.runtime.sources import Source
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "sub" / "a.txt").write_text("hello\n")
+    (tmp_path / "d" / "b.txt").write_text("world\n")
+    (tmp_path / "d" / "sub" / "loop").symlink_to("..")
+    (tmp_path / "d" / "sub" / "loop2").symlink_to("../sub")
+    (tmp_path / "d" / "alias").symlink_to("sub")
+    for path in ("d", "d/*", "d/*/*.txt"):
+        files = Source("x", path, base_dir=tmp_path).files()
+        assert sorted(open(f.full).read() for f in files) == (["hello\n", "world\n"] if path != "d/*/*.txt" else ["hello\n"]), path
