@@ -484,7 +484,7 @@ class Source:
     def _read_txt(self, fh, f: FileEntry) -> Iterator[tuple[str, object]]:
         raw = fh.read()
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not text
         except UnicodeDecodeError as e:
             self._skip("bad_encoding", f"{f.rel}: invalid UTF-8 at byte {e.start}")
             return
@@ -497,7 +497,7 @@ class Source:
             if not line.strip():
                 continue
             try:
-                s = line.decode("utf-8")
+                s = line.decode("utf-8-sig" if no == 1 else "utf-8")  # a byte-order mark before the first record
             except UnicodeDecodeError as e:
                 self._skip("bad_encoding", f"{f.rel}:{no}: invalid UTF-8 at byte {e.start}")
                 continue

@@ -337,3 +337,14 @@ def test_a_folder_with_symlink_loops_and_aliases_reads_each_file_once(tmp_path):
     for path in ("d", "d/*", "d/*/*.txt"):
         files = Source("x", path, base_dir=tmp_path).files()
         assert sorted(open(f.full).read() for f in files) == (["hello\n", "world\n"] if path != "d/*/*.txt" else ["hello\n"]), path
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Files saved by Windows tools start with a UTF-8 BOM: the first .jsonl record is read (it was skipped as invalid
+    JSON) and a .txt document does not start with U+FEFF."""
+    from malt.runtime.sources import Source
+
+    (tmp_path / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first record"}\n{"text": "second record"}\n')
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfplain text\n")
+    assert list(Source("a", "a.jsonl", base_dir=tmp_path).documents()) == ["first record", "second record"]
+    assert list(Source("b", "b.txt", base_dir=tmp_path).documents()) == ["plain text\n"]
