@@ -817,6 +817,11 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                 if s.name in (spec.get("val_documents") or {}) and s.name not in val_srcs:
                     # the variant without metadata: the same documents as the variant with it are held out
                     n_val = n - int(_concat_offsets(indexes)[spec["val_documents"][s.name]])
+                if n and validation and s.name not in val_srcs and not 0.5 * validation <= n_val / n <= 2 * validation:
+                    (log if built else known)(
+                        f"data: {s.name}: warning: its validation split is {n_val / n:.1%} of its tokens, not the "
+                        f"{validation:.1%} data.validation asks: the split ends at a document boundary, and its documents "
+                        "are few or long; give it a validation_path, or split its documents")
                 token_views.append(view)
                 infos.append({"name": s.name, "path": s.describe(), "weight": s.weight,
                               "tokens": n, "train_tokens": n - n_val, "val_tokens": n_val,

@@ -405,3 +405,14 @@ def test_to_device_moves_tensors_and_passes_other_items():
     moved = to_device("cpu", x, y, None, 3)
     assert isinstance(moved, tuple) and len(moved) == 4 and moved[2:] == (None, 3)
     assert torch.equal(moved[0], x) and moved[1].device.type == "cpu" and moved[1].dtype == torch.float32
+
+
+def test_a_validation_split_far_from_its_share_is_a_warning(tmp_path):
+    """Few long documents: the inner boundary nearest to 10% holds out almost nothing; preparing says so. A source
+    of many short documents gets no warning."""
+    write(tmp_path / "books" / "a.txt", "big book text here. " * 2000)
+    write(tmp_path / "books" / "b.txt", "tiny.")
+    write(tmp_path / "many.jsonl", "".join('{"text": "document %d of many"}\n' % i for i in range(200)))
+    _, out = run(make_spec(tmp_path, [("books", "books", 1.0), ("many", "many.jsonl", 1.0)], validation=0.1), tmp_path / "c")
+    assert "data: books: warning: its validation split is 0.0% of its tokens, not the 10.0% data.validation asks" in out
+    assert "many: warning" not in out
