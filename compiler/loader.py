@@ -141,6 +141,21 @@ def _parse_file(path: Path, shown: str) -> tuple[dict, dict[Path_, Origin]]:
     return tree, builder.origins
 
 
+# sections with fields that belong to their kind (span_corruption's noise_density, GaLore's rank): a child recipe
+# or a --set that switches the kind drops the parent's fields of the other kind; None: every field but kind
+KIND_SECTIONS = {("objective",): None, ("optimizer",): ("rank", "update_every", "scale")}
+
+
+def _kind_fields(path: Path_, section: dict) -> list:
+    """The fields of ``section`` (at ``path``) that belong to its kind."""
+    own = KIND_SECTIONS[path]
+    return [k for k in section if k != "kind" and (own is None or k in own)]
+
+
+def _switches_kind(path: Path_, parent: dict, child: dict) -> bool:
+    return path in KIND_SECTIONS and "kind" in child and child["kind"] != parent.get("kind")
+
+
 def _merge(parent: dict, child: dict, origins: dict, c_origins: dict, path: Path_ = ()) -> dict:
     """Child wins; mappings merge recursively; lists and scalars replace.
 
@@ -151,7 +166,12 @@ def _merge(parent: dict, child: dict, origins: dict, c_origins: dict, path: Path
     for key, value in child.items():
         sub = path + (key,)
         if isinstance(value, dict) and isinstance(parent.get(key), dict):
-            out[key] = _merge(parent[key], value, origins, c_origins, sub)
+            base = parent[key]
+            if _switches_kind(sub, base, value):  # the parent's fields of its own kind are not inherited
+                base = {k: v for k, v in base.items() if k not in _kind_fields(sub, base)}
+                for k in [k for k in origins if len(k) > len(sub) and k[: len(sub)] == sub and k[len(sub)] not in base]:
+                    del origins[k]
+            out[key] = _merge(base, value, origins, c_origins, sub)
             origins[sub] = c_origins[sub]
             continue
         for k in [k for k in origins if k[: len(sub)] == sub]:
@@ -279,6 +299,11 @@ def apply_sets(loaded: Loaded, sets: list[str]) -> Loaded:
             problems.append(Diagnostic(".".join(map(str, path)), problem[0], origin, hint=problem[1]))
             continue
         last = path[-1]
+        if tuple(path[:-1]) in KIND_SECTIONS and last == "kind" and isinstance(node, dict) and node.get("kind") != value:
+            for key in _kind_fields(tuple(path[:-1]), node):  # the other kind's fields (see KIND_SECTIONS)
+                node.pop(key)
+                for k in [k for k in loaded.origins if k[: len(path)] == tuple(path[:-1]) + (key,)]:
+                    del loaded.origins[k]
         node[last] = value
         for k in [k for k in loaded.origins if k[: len(path)] == path]:
             del loaded.origins[k]

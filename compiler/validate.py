@@ -349,7 +349,8 @@ def unread_parent_setting(loaded: Loaded, path: tuple, switch: tuple) -> bool:
     whether it is read, such as schedule.decay or tokenizer.kind) comes from the child or --set: a field the child's
     choice does not read is then the parent's business, not an error."""
     set_in, switch_in = loaded.origins.get(path), loaded.origins.get(switch)
-    return set_in is not None and switch_in is not None and set_in.file != switch_in.file and not set_in.command_line
+    return (set_in is not None and switch_in is not None and set_in.file != switch_in.file and not set_in.command_line
+            and set_in.file != loaded.file)  # written in the recipe itself, a value its own choice leaves unread is an error
 
 
 def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnostic]:

@@ -436,3 +436,31 @@ def test_the_problems_of_phases_come_in_one_round(recipe):
                  "phases.2: phase 'main' needs exactly one of share, tokens or steps (has share, steps)",
                  "phases.2.name: another phase is already named 'main'"):
         assert text in out, out
+
+
+def test_a_child_or_set_that_switches_a_kind_drops_the_other_kinds_fields(tmp_path):
+    """objective and optimizer fields belong to their kind: switching the kind in a child recipe or with --set does not
+    inherit span_corruption's noise_density or GaLore's rank (it used to fail on them); the shared fields stay."""
+    import shutil
+
+    from malt.compiler.api import check
+
+    recipes = __import__("pathlib").Path(__file__).resolve().parent.parent / "recipes"
+    r, _ = check(recipes / "tiny-span-corruption.yaml", ["objective.kind=causal_lm"])
+    assert r.objective.kind == "causal_lm"
+    r, _ = check(recipes / "tiny-galore.yaml", ["optimizer.kind=adamw"])
+    assert r.optimizer.kind == "adamw" and r.optimizer.rank is None and r.optimizer.lr > 0
+    shutil.copytree(recipes / "data", tmp_path / "data")
+    shutil.copy(recipes / "tiny-galore.yaml", tmp_path / "parent.yaml")
+    shutil.copy(recipes / "tiny.yaml", tmp_path / "tiny.yaml")
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\noptimizer: {kind: adamw}\n")
+    r, _ = check(tmp_path / "child.yaml")
+    assert r.optimizer.kind == "adamw" and r.optimizer.update_every is None
+
+
+def test_a_field_the_recipes_own_choice_leaves_unread_is_an_error_also_under_a_parents_choice(recipe):
+    """The parent says kind: bytes; a child writing vocab_size for it is an error (it was silently dropped). A parent's
+    own field under the child's choice is still fine."""
+    recipe(name="parent.yaml")
+    out = errors(recipe("extends: parent.yaml\ntokenizer: {vocab_size: 8000}\n", name="child.yaml"))
+    assert any("child.yaml:2:" in o and "tokenizer.vocab_size" in o for o in out), out
