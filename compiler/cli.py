@@ -293,7 +293,8 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
             # message, not one per process from torchrun; the program then finds the data in the cache
             from .render import data_spec
 
-            prepare_located({**data_spec(p, loaded.base_dir, directory), "base_dir": str(directory)}, p.recipe, loaded, log=typer.echo)
+            prepare_located({**data_spec(p, loaded.base_dir, directory), "base_dir": str(directory)}, p.recipe, loaded, plan=p,
+                            log=typer.echo)
         from .render import launch_command
 
         cmd = launch_command(p, str(directory / "train.py")) + (["--resume"] if resume else [])
@@ -372,14 +373,41 @@ def located_data_error(e: Exception, recipe, loaded):
     return RecipeError([Diagnostic(f"data.sources.{i}", message, loaded.origin(("data", "sources", i)), hint=hint)])
 
 
-def prepare_located(spec: dict, recipe, loaded, **kwargs):
-    """runtime.data.prepare, with errors about a source pointed at its line in the recipe."""
+# objectives whose rows are seq_len + 1 raw tokens of a source (span_corruption and ul2 draw shorter raw rows,
+# encoders seq_len: the program checks those when it draws them)
+LENGTH_CHECKED = ("causal_lm", "fim", "distill", "prefix_lm")
+
+
+def check_lengths(ds, p) -> None:
+    """Every source a phase (or its evaluation) draws from holds at least one sequence of that phase: the program
+    would otherwise stop when it first draws the source, for a later phase after the earlier phases trained."""
+    if p.recipe.model.family != "llama" or p.objective.get("kind", "causal_lm") not in LENGTH_CHECKED:
+        return
+    tr = p.recipe.train
+    names = [s.name for s in p.sources]
+    evaluates = tr.eval_every > 0 and (p.recipe.data.validation > 0 or any(s.validation_path for s in p.recipe.data.sources))
+    for ph in p.phases:
+        weights = dict(zip(names, ph.weights))
+        ds.check(ph.seq_len, "train", weights)
+        if evaluates:
+            ds.check(ph.seq_len, "val", weights)
+            if tr.eval_per_source:
+                for name in names:
+                    ds.check(ph.seq_len, "val", {name: 1.0})
+
+
+def prepare_located(spec: dict, recipe, loaded, plan=None, **kwargs):
+    """runtime.data.prepare, with errors about a source pointed at its line in the recipe; with ``plan``, also
+    that every source holds a sequence of each phase that draws it (check_lengths)."""
     from malt.runtime.data import prepare as do_prepare
     from malt.runtime.run import default_cache_dir
     from malt.runtime.sources import DataError
 
     try:
-        return do_prepare(spec, default_cache_dir(), log=kwargs.pop("log", lambda m: typer.echo(m, err=True)), **kwargs)
+        ds = do_prepare(spec, default_cache_dir(), log=kwargs.pop("log", lambda m: typer.echo(m, err=True)), **kwargs)
+        if plan is not None:
+            check_lengths(ds, plan)
+        return ds
     except DataError as e:
         located = located_data_error(e, recipe, loaded)
         if located is None:
@@ -394,7 +422,7 @@ def _prepare(recipe: Path, set_, workers, verify):
     p, loaded = do_plan(recipe, set_, check_fit=False)  # the data does not depend on whether the run fits its devices
     base = Path(loaded.base_dir)
     spec = {**data_spec(p, base, base), "base_dir": str(base)}
-    return p, prepare_located(spec, p.recipe, loaded, workers=workers, verify=verify)
+    return p, prepare_located(spec, p.recipe, loaded, plan=p, workers=workers, verify=verify)
 
 
 WORKERS_HELP = "Tokenizer processes (default: $MALT_DATA_WORKERS or the CPU count, at most 16)."

@@ -1083,7 +1083,7 @@ class Dataset:
                                 "set data.validation (e.g. 1%) or turn evaluation off")
             raise DataError(
                 f"source '{name}' has {len(part):,} validation tokens, {fewer}; raise data.validation "
-                f"(now {self.validation:g}) or add data to it")
+                f"(now {self.validation:g}), give the source a validation_path, or add data to it")
         self._checked.add(key)
 
     def sample_plan(self, split: str, step: int, start: int, count: int, seq_len: int,

@@ -348,3 +348,21 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfplain text\n")
     assert list(Source("a", "a.jsonl", base_dir=tmp_path).documents()) == ["first record", "second record"]
     assert list(Source("b", "b.txt", base_dir=tmp_path).documents()) == ["plain text\n"]
+
+
+def test_a_source_too_short_for_a_later_phase_is_an_error_before_training(tmp_path, monkeypatch):
+    """A source only the second phase draws holds fewer tokens than one sequence: malt data/prepare (and malt run,
+    before the program starts) say so at the source's line, instead of the program stopping when that phase begins."""
+    monkeypatch.setenv("MALT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "c.jsonl").write_bytes(jsonl({"text": "some text " * 20} for _ in range(30)))
+    (tmp_path / "s.txt").write_text("short\n")
+    path = recipe_with(tmp_path, {"sources": [{"name": "c", "path": "c.jsonl"}, {"name": "s", "path": "s.txt"}],
+                                  "validation": 0},
+                       phases=[{"name": "main", "share": "80%", "data": {"weights": {"c": 1.0}}},
+                               {"name": "cool", "share": "20%", "data": {"weights": {"s": 1.0}}}])
+    for command in ("prepare", "data"):
+        res = CliRunner().invoke(app, [command, str(path)])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert "recipe.yaml:" in res.output and "error: data.sources.1: source 's' has 7 training tokens, fewer than seq_len+1 = 17" in res.output
+    res = CliRunner().invoke(app, ["data", str(path), "--set", "phases.1.data.weights={c: 1.0, s: 0.0}"])
+    assert res.exit_code == 0, res.output
