@@ -469,6 +469,15 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 for sub, message, hint in source_problems(s.model_copy(update={"path": s.validation_path, "validation_path": None}), base):
                     if sub == ("path",):  # its filter problems are the source's, reported above
                         add(("data", "sources", i, "validation_path"), message, hint)
+                if r.data.validation <= 0:  # data.validation 0 turns evaluation off, validation files included
+                    add(("data", "sources", i, "validation_path"), "data.validation is 0, which turns evaluation off: this "
+                        "validation_path would never be read", "remove data.validation: 0 (the share is ignored for sources "
+                        "with a validation_path), or remove validation_path")
+        tr = getattr(r, "train", None)
+        if tr is not None and tr.eval_per_source and (r.data.validation <= 0 or tr.eval_every <= 0):
+            add(("train", "eval_per_source"), "evaluation is off (" + ("data.validation is 0" if r.data.validation <= 0 else
+                "train.eval_every is 0") + "), so there are no per-source validation losses", "remove eval_per_source, or turn "
+                "evaluation on")
         if r.data.packing != "concat":  # document masks (choose_attention) are built for the causal decoder
             kinds = [getattr(getattr(r, "objective", None), "kind", "causal_lm"),
                      *(ph.objective.kind for ph in getattr(r, "phases", None) or [] if getattr(ph, "objective", None) is not None)]

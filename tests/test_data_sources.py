@@ -366,3 +366,14 @@ def test_a_source_too_short_for_a_later_phase_is_an_error_before_training(tmp_pa
         assert "recipe.yaml:" in res.output and "error: data.sources.1: source 's' has 7 training tokens, fewer than seq_len+1 = 17" in res.output
     res = CliRunner().invoke(app, ["data", str(path), "--set", "phases.1.data.weights={c: 1.0, s: 0.0}"])
     assert res.exit_code == 0, res.output
+
+
+def test_validation_files_and_per_source_losses_need_evaluation(tmp_path):
+    """data.validation: 0 turns evaluation off: a validation_path or eval_per_source would be silently unread."""
+    (tmp_path / "c.jsonl").write_bytes(jsonl([{"text": "x"}]))
+    (tmp_path / "v.jsonl").write_bytes(jsonl([{"text": "y"}]))
+    path = recipe_with(tmp_path, {"sources": [{"name": "c", "path": "c.jsonl", "validation_path": "v.jsonl"}], "validation": 0})
+    assert any("data.sources.0.validation_path: data.validation is 0, which turns evaluation off" in e for e in errors_of(path))
+    path = recipe_with(tmp_path, {"sources": [{"name": "c", "path": "c.jsonl"}], "validation": "1%"},
+                       train={"seq_len": 16, "global_batch": 4, "steps": 100, "eval_every": 0, "eval_per_source": True})
+    assert any("train.eval_per_source: evaluation is off (train.eval_every is 0)" in e for e in errors_of(path))
