@@ -301,16 +301,19 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         import signal
 
         env = {**os.environ, **({"MALT_DATA_PREPARED": "1"} if p.device != "tpu" else {})}  # logged above: not again
-        child = subprocess.Popen(cmd, env=env)
-        forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))  # `kill`, a closed terminal:
-                   for sig in (signal.SIGTERM, signal.SIGHUP)}                             # the program stops with malt
+        # the program runs in its own process group, and malt passes Ctrl-C, `kill` and a closed terminal on to it once
+        # (a terminal's Ctrl-C reaches only malt's group; a supervisor may signal only malt): it stops with malt
+        child = subprocess.Popen(cmd, env=env, process_group=0)
+        forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+                   for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
-            code = child.wait()
-        except KeyboardInterrupt:  # the program got the same Ctrl-C; let it finish its message
             code = child.wait()
         finally:
             for sig, handler in forward.items():
                 signal.signal(sig, handler)
+            if child.poll() is None:  # malt itself failed while waiting: never leave the program training alone
+                child.terminate()
+                child.wait()
         if code:
             raise typer.Exit(code)
     _guard(go)

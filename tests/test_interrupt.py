@@ -79,23 +79,26 @@ def test_a_stopped_training_says_so_and_resumes(tmp_path, sig):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [1, 2])
-def test_malt_run_stops_its_program_when_it_is_stopped(tmp_path, devices):
-    """Also with torchrun's processes (malt.runtime.launch): one message, the signal's exit code, no traceback."""
+@pytest.mark.parametrize("devices, sig", [(1, signal.SIGTERM), (2, signal.SIGTERM), (1, signal.SIGINT)])
+def test_malt_run_stops_its_program_when_it_is_stopped(tmp_path, devices, sig):
+    """Also with torchrun's processes (malt.runtime.launch): one message, the signal's exit code, no traceback.
+    SIGINT sent to malt alone (a supervisor, `kill -INT`) reaches the program too: it used to be swallowed."""
     recipe = write_tiny_recipe(tmp_path / "r", steps=400, eval_every=0, checkpoint_every=5)
     script = Path(sys.executable).with_name("malt")
     malt = [str(script)] if script.exists() else [sys.executable, "-m", "malt.compiler.cli"]
     run_dir = tmp_path / "run"
     sets = ["--set", "target.devices=2", "--set", "target.parallelism=ddp"] if devices == 2 else []
     proc = subprocess.Popen(malt + ["run", str(recipe), "--run-dir", str(run_dir), *sets], env=run_env(tmp_path / "cache"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     _wait_for(lambda: _steps_logged(run_dir) >= 3 or proc.poll() is not None)
     again = subprocess.run(malt + ["run", str(recipe), "--run-dir", str(run_dir), "--resume", *sets], env=run_env(tmp_path / "cache"),
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "is in use: another training" in again.stderr
-    proc.send_signal(signal.SIGTERM)                           # only malt's own process, as `kill PID` does
+    proc.send_signal(sig)                                      # only malt's own process, as `kill PID` does
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and err.count("stopped by SIGTERM") == 1 and "Traceback" not in err, err
+    said = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"
+    assert proc.returncode == 128 + sig and err.count(said) == 1 and "Traceback" not in err, err
     assert lock_holder(run_dir) is None                        # its train.py is gone too
     n = _steps_logged(run_dir)
     time.sleep(1.0)
