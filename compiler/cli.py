@@ -268,9 +268,9 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     from .diagnostics import UserError
 
     def go():
-        r, loaded = do_check(recipe, set_)
+        r, loaded = do_check(recipe, set_, resuming=resume)
         directory = run_dir or Path("runs") / slug(r.name)
-        p, files = compile_files(recipe, directory, set_)
+        p, files = compile_files(recipe, directory, set_, resuming=resume)
         check_run_dir(directory, p.recipe_hash, resume=resume)
         from .render import write
 

@@ -24,6 +24,7 @@ class Loaded:
     origins: dict[Path_, Origin] = field(default_factory=dict)
     file: str = "<recipe>"          # the recipe file as the user named it
     base_dir: Path = Path(".")      # relative paths in the recipe resolve against this
+    resuming: bool = False          # malt run --resume: what only a first start reads (init_from) may be gone
 
     def origin(self, path: Path_) -> Origin | None:
         """The origin of ``path``, or of its closest ancestor that has one."""

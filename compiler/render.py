@@ -140,7 +140,22 @@ def init_from_spec(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
 
     init = plan.recipe.init_from
     found, _ = describe(base_dir / init.path, max(seq_lens(plan.recipe), default=None))
-    return {"path": _source_path(init.path, base_dir, out_dir), "kind": found["kind"], "optimizer": init.optimizer}
+    kind = found["kind"] if found else _previous_init_kind(out_dir)  # gone on --resume: the kind compiled before
+    return {"path": _source_path(init.path, base_dir, out_dir), "kind": kind, "optimizer": init.optimizer}
+
+
+def _previous_init_kind(out_dir: Path) -> str:
+    """INIT_FROM's kind in the train.py malt wrote into ``out_dir`` before (a resumed run whose init_from is gone;
+    the program does not read it when it resumes)."""
+    import ast
+
+    try:
+        for line in (out_dir / "train.py").read_text().splitlines():
+            if line.startswith("INIT_FROM = "):
+                return ast.literal_eval(line[len("INIT_FROM = "):])["kind"]
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError):
+        pass
+    return "malt"
 
 
 def _decision(plan: Plan, name: str) -> str:

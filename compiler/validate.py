@@ -700,7 +700,9 @@ def validate(loaded: Loaded) -> Recipe:
     problems += _cross_checks(recipe, loaded)
     if not problems:  # these assume a recipe whose other parts are consistent (they would repeat its problems otherwise)
         problems += _phase_checks(recipe, loaded)
-    if recipe.init_from is not None:  # the checkpoint against the model section: its own problems, reported with the rest
+    gone = loaded.resuming and recipe.init_from is not None and not (loaded.base_dir / recipe.init_from.path).exists()
+    if recipe.init_from is not None and not gone:  # the checkpoint against the model: its own problems, with the rest
+        # (malt run --resume continues the run's own checkpoints: a first start's init_from may be gone by then)
         problems += [d for d in _init_from_checks(recipe, loaded) if (d.path, d.message) not in {(p.path, p.message) for p in problems}]
     if problems:
         raise RecipeError(_in_order(problems, loaded))

@@ -227,3 +227,27 @@ def test_the_plan_says_where_the_weights_come_from(trained, tmp_path):
     hf = with_init(write_tiny_recipe(tmp_path / "h"), f"init_from: {tmp / 'hf'}\n")
     out = CliRunner().invoke(app, ["plan", str(hf)])
     assert "(a Hugging Face LlamaForCausalLM), AdamW moments fresh" in out.output
+
+
+def test_a_run_resumes_after_its_init_from_source_is_gone(trained, tmp_path):
+    """init_from applies to a first start only: once the run has its own checkpoints, `malt run --resume` works
+    without the source (it used to stop at `malt check`'s "no directory"); a first start without it is still an error."""
+    import shutil
+    import subprocess
+
+    from .helpers import run_env
+
+    tmp, run = trained
+    source = tmp_path / "base"
+    shutil.copytree(run, source, ignore=shutil.ignore_patterns(".lock"))
+    recipe = with_init(write_tiny_recipe(tmp_path / "r", steps=4, eval_every=2, checkpoint_every=2), f"init_from: {source}\n")
+    malt = [sys.executable, "-m", "malt.compiler.cli", "run", str(recipe), "--run-dir", str(tmp_path / "child")]
+    first = subprocess.run(malt, env=run_env(tmp / "cache"), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    shutil.rmtree(source)
+    again = subprocess.run(malt + ["--resume"], env=run_env(tmp / "cache"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resumed" in again.stdout, again.stdout + again.stderr
+    assert "INIT_FROM = {'path': " in (tmp_path / "child" / "train.py").read_text() and "'kind': 'malt'" in (
+        tmp_path / "child" / "train.py").read_text()
+    with pytest.raises(RecipeError, match="init_from.path: no directory"):
+        check(recipe)
