@@ -70,7 +70,28 @@ def _guard(fn):
         raise
 
 
-def check_run_dir(directory: Path, recipe_hash: str, resume: bool | None) -> None:
+def changed_fields(old_lock: str | None, new_lock: str | None, limit: int = 6) -> list[str]:
+    """'field: old → new' for the recipe fields (outside target) that differ between two recipe.lock.yaml texts."""
+    import yaml
+
+    def flat(node, prefix=""):
+        if isinstance(node, (dict, list)) and node:
+            out = {}
+            for k, v in (node.items() if isinstance(node, dict) else enumerate(node)):
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: node}
+
+    try:
+        old, new = flat(yaml.safe_load(old_lock or "") or {}), flat(yaml.safe_load(new_lock or "") or {})
+    except yaml.YAMLError:
+        return []
+    keys = [k for k in dict.fromkeys([*old, *new]) if not k.startswith("target.") and old.get(k) != new.get(k)]
+    shown = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}" for k in keys[:limit]]
+    return shown + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def check_run_dir(directory: Path, recipe_hash: str, resume: bool | None, lock: str | None = None) -> None:
     """Before writing a program into ``directory``: no training may run in it, and checkpoints there must be of
     this recipe (its hash; an unreadable state.json is left to train.py, which says how it is corrupt).
     ``resume``: `malt run`'s flag (without it a directory with a checkpoint is refused); None: `malt compile`,
@@ -89,11 +110,14 @@ def check_run_dir(directory: Path, recipe_hash: str, resume: bool | None) -> Non
     if resume is False:
         raise UserError(f"{directory} already holds a run (checkpoint at step {found[0]:,})",
                         "pass --resume to continue it, or --run-dir to start a new run elsewhere", code=2)
-    old = (state_of(found[1]) or {}).get("recipe_hash")
+    state = state_of(found[1]) or {}
+    old = state.get("recipe_hash")
     if old is not None and old != recipe_hash:
         what = "the recipe changed since {d} was started" if resume else "{d} holds a run of another recipe"
+        changes = changed_fields(state.get("recipe"), lock) if resume else []
         raise UserError(what.format(d=directory) + f" (checkpoint at step {found[0]:,}: hash {old[:12]}, this recipe's "
-                        f"{recipe_hash[:12]}): its program would no longer match its checkpoints",
+                        f"{recipe_hash[:12]}): its program would no longer match its checkpoints"
+                        + ("; changed: " + "; ".join(changes) if changes else ""),
                         "resume with the recipe as it was, or use another directory (--run-dir, -o)", code=2)
 
 
@@ -248,7 +272,7 @@ def compile_(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         from .render import write
 
         p, files = compile_files(recipe, target, set_)
-        check_run_dir(target, p.recipe_hash, resume=None)
+        check_run_dir(target, p.recipe_hash, resume=None, lock=files.get("recipe.lock.yaml"))
         write(files, target)
         typer.echo(f"wrote {target}/: train.py model.py launch.sh {'slurm.sbatch ' if p.nodes > 1 else ''}plan.json recipe.lock.yaml")
     _guard(go)
@@ -271,7 +295,7 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         r, loaded = do_check(recipe, set_, resuming=resume)
         directory = run_dir or Path("runs") / slug(r.name)
         p, files = compile_files(recipe, directory, set_, resuming=resume)
-        check_run_dir(directory, p.recipe_hash, resume=resume)
+        check_run_dir(directory, p.recipe_hash, resume=resume, lock=files.get("recipe.lock.yaml"))
         from .render import write
 
         write(files, directory)

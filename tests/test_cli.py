@@ -256,12 +256,14 @@ def test_a_run_directory_takes_only_its_own_recipe(recipe, tmp_path):
     own = json.loads((tmp_path / "run" / "plan.json").read_text())["recipe_hash"]
     step = tmp_path / "run" / "checkpoints" / "step_00000004"
     step.mkdir(parents=True)
-    (step / "state.json").write_text(json.dumps({"format": 2, "step": 4, "recipe_hash": own, "optimizer": {}}))
+    lock = (tmp_path / "run" / "recipe.lock.yaml").read_text()
+    (step / "state.json").write_text(json.dumps({"format": 2, "step": 4, "recipe_hash": own, "optimizer": {}, "recipe": lock}))
     assert malt("compile", path, "-o", "run", "--set", "target.devices=2").exit_code == 0   # same recipe, other hardware
     r = malt("compile", path, "-o", "run", "--set", "optimizer.lr=1e-3")
     assert r.exit_code == 2 and "run holds a run of another recipe (checkpoint at step 4" in r.output, r.output
     r = malt("run", path, "--run-dir", "run", "--set", "optimizer.lr=1e-3", "--resume")
     assert r.exit_code == 2 and "the recipe changed since run was started" in r.output, r.output
+    assert "changed: optimizer.lr: 0.0003 → 0.001" in r.output, r.output                     # what changed, old → new
     r = malt("run", path, "--run-dir", "run")
     assert r.exit_code == 2 and "run already holds a run (checkpoint at step 4)" in r.output, r.output
     assert "LR = 0.0003" in (tmp_path / "run" / "train.py").read_text()                       # nothing replaced it
