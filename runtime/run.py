@@ -155,7 +155,7 @@ class Run:
         self._t0 = self._t_last = time.perf_counter()
         self._step_last = start_step
         if start_step:
-            self.log(f"resumed {self.name} at step {start_step:,} of {max_steps:,}")
+            self.log(f"resumed {self.name} at step {start_step:,} of {max_steps:,}" + (": already complete" if start_step >= max_steps else ""))
         if sys.stderr.isatty() and not self.quiet:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -210,6 +210,9 @@ class Run:
             self._metrics.close()
         elapsed = time.perf_counter() - self._t0
         tokens = self._tokens_last - self._tokens_start
+        if self._start_step >= self._max_steps:  # --resume of a finished run
+            self.log(f"done: the run was already complete at step {self._max_steps:,}; nothing was trained")
+            return
         self.log(f"done: {self._max_steps:,} steps, {tokens / max(elapsed, 1e-9) / 1000:,.1f}k tok/s over {_fmt_duration(elapsed)}"
                  + (f", final val loss {self.last_eval:.4f}" if self.last_eval is not None else ""))
 

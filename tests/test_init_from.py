@@ -246,7 +246,8 @@ def test_a_run_resumes_after_its_init_from_source_is_gone(trained, tmp_path):
     assert first.returncode == 0, first.stderr
     shutil.rmtree(source)
     again = subprocess.run(malt + ["--resume"], env=run_env(tmp / "cache"), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "resumed" in again.stdout, again.stdout + again.stderr
+    assert again.returncode == 0 and "at step 4 of 4: already complete" in again.stdout, again.stdout + again.stderr
+    assert "done: the run was already complete at step 4; nothing was trained" in again.stdout
     assert "INIT_FROM = {'path': " in (tmp_path / "child" / "train.py").read_text() and "'kind': 'malt'" in (
         tmp_path / "child" / "train.py").read_text()
     with pytest.raises(RecipeError, match="init_from.path: no directory"):
