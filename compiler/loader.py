@@ -8,6 +8,7 @@ stage can say exactly which file, line and column a problem comes from.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +46,11 @@ def display_path(p: Path) -> str:
     """A path as the user would write it: relative to the working directory when inside it."""
     try:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
+    except (ValueError, RuntimeError, OSError):  # outside the working directory, or a symlink loop
         return str(p)
+
+
+_ODD_INT = re.compile(r"^[-+]?(0[0-7_]+|[0-9][0-9_]*(:[0-5]?[0-9])+)$")  # YAML 1.1 octal (010) and sexagesimal (1:30)
 
 
 class _Builder:
@@ -73,6 +77,12 @@ class _Builder:
                 return self._collection(node, path)
             finally:
                 self.open.discard(id(node))
+        if node.tag == "tag:yaml.org,2002:int" and node.style is None and _ODD_INT.match(node.value):
+            # YAML 1.1 reads 010 as octal 8 and 1:30 as base 60 (90): almost never what a recipe means
+            self.problems.append(Diagnostic(".".join(map(str, path)), f"{node.value} is not a plain number here (YAML reads "
+                                            "a leading 0 as octal and a ':' as base 60)", self.at(node),
+                                            hint="write the number without a leading 0 or ':' (or quote it if it is text)"))
+            return None
         try:
             return self.constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError) as e:
@@ -125,7 +135,14 @@ def _parse_file(path: Path, shown: str) -> tuple[dict, dict[Path_, Origin]]:
         msg = f"not valid YAML: {e.problem or e.context}"
         if e.context and e.problem:
             msg = f"not valid YAML: {e.problem} ({e.context})"
-        raise RecipeError([Diagnostic("", msg, origin, hint="fix the YAML syntax at this line (indentation, a missing ':' or an unclosed quote or bracket)")])
+        if e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line:
+            # where the parser gave up can be far below the cause (an unclosed quote or bracket): say where it began
+            msg += f"; the construct it was reading began at line {e.context_mark.line + 1}:{e.context_mark.column + 1}"
+        hint = ("indent with spaces: YAML does not allow tabs" if "'\\t'" in msg else
+                "a recipe is one YAML document: remove the '---' line and what follows it, or merge it into the first"
+                if "another document" in msg else
+                "fix the YAML syntax at this line (indentation, a missing ':' or an unclosed quote or bracket)")
+        raise RecipeError([Diagnostic("", msg, origin, hint=hint)])
     except yaml.YAMLError as e:
         raise RecipeError([Diagnostic("", f"not valid YAML: {e}", Origin(shown), hint="fix the YAML syntax; see recipes/tiny.yaml for an example")])
     if node is None:
@@ -225,7 +242,10 @@ def _rebase_paths(tree: dict, parent_dir: Path, child_dir: Path) -> None:
 def load_file(path: str | Path, _chain: tuple = ()) -> Loaded:
     path = Path(path)
     shown = display_path(path)
-    key = path.resolve()
+    try:
+        key = path.resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop
+        raise RecipeError([Diagnostic("", f"cannot read recipe: {e}", Origin(shown), hint="point at the recipe file itself")])
     tree, origins = _parse_file(path, shown)
     parent_ref = tree.pop("extends", None)
     ext_origin = origins.pop(("extends",), None)
@@ -237,6 +257,9 @@ def load_file(path: str | Path, _chain: tuple = ()) -> Loaded:
         if parent_path.resolve() in _chain + (key,):
             cycle = " -> ".join(display_path(p) for p in _chain + (key, parent_path.resolve()))
             raise RecipeError([Diagnostic("extends", f"extends cycle: {cycle}", ext_origin, hint="remove one of the extends: lines")])
+        if parent_path.is_dir():
+            raise RecipeError([Diagnostic("extends", f"{parent_ref} is a folder, not a recipe file", ext_origin,
+                                          hint="name the parent recipe's .yaml file")])
         if not parent_path.exists():
             raise RecipeError([Diagnostic("extends", f"parent recipe not found: {parent_ref} (looked in {display_path(parent_path)})",
                                           ext_origin, hint="extends: paths are relative to the recipe that names them")])

@@ -464,3 +464,20 @@ def test_a_field_the_recipes_own_choice_leaves_unread_is_an_error_also_under_a_p
     recipe(name="parent.yaml")
     out = errors(recipe("extends: parent.yaml\ntokenizer: {vocab_size: 8000}\n", name="child.yaml"))
     assert any("child.yaml:2:" in o and "tokenizer.vocab_size" in o for o in out), out
+
+
+def test_yaml_pitfalls_point_at_the_cause(recipe, tmp_path):
+    """YAML 1.1 octal (010) and base-60 (1:30) numbers, an unclosed quote reported far below it, tabs, a second
+    document, a folder as parent, a recipe symlink loop: each a located error with a fitting hint."""
+    assert one(recipe(n_layers="n_layers: 010")).startswith(
+        "recipe.yaml:4:13: error: model.n_layers: 010 is not a plain number here (YAML reads a leading 0 as octal")
+    assert "1:30 is not a plain number" in one(recipe(steps="steps: 1:30"))
+    assert "expected a whole number, got '010'" in one(recipe(n_layers="n_layers: '010'"))  # quoted: text, as before
+    unclosed = one(recipe(BASE.replace("  kind: bytes", "  kind: [bytes")))
+    assert "the construct it was reading began at line 8:9" in unclosed, unclosed
+    assert "indent with spaces" in one(recipe(BASE.replace("  d_model: 64", "\td_model: 64")))
+    assert "a recipe is one YAML document" in one(recipe(BASE + "---\nname: other\n"))
+    assert one(recipe("extends: ..\n", name="child.yaml")).startswith("child.yaml:1:1: error: extends: .. is a folder")
+    (tmp_path / "a.yaml").symlink_to("b.yaml")
+    (tmp_path / "b.yaml").symlink_to("a.yaml")
+    assert "cannot read recipe" in one("a.yaml") and "Symlink loop" in one("a.yaml")
