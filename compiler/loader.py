@@ -285,8 +285,13 @@ def _parse_set(text: str):
         parts.append(int(piece) if piece.isdigit() else piece)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as e:
+        if raw.strip()[:1] in "\"'[{":  # meant as YAML (a quoted string, a list, a mapping) but not closed
+            raise RecipeError([Diagnostic(dotted, f"--set value {raw!r} is not valid YAML: {getattr(e, 'problem', None) or e}",
+                                          Origin("command line", command_line=text),
+                                          hint="close the quote or bracket; the shell removes one level of quotes, so write "
+                                               "--set 'train.sample_prompt=\"def \"'")]) from None
+        value = raw  # other text YAML cannot read (such as @name) is taken as it is
     return tuple(parts), value
 
 

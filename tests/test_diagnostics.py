@@ -481,3 +481,11 @@ def test_yaml_pitfalls_point_at_the_cause(recipe, tmp_path):
     (tmp_path / "a.yaml").symlink_to("b.yaml")
     (tmp_path / "b.yaml").symlink_to("a.yaml")
     assert "cannot read recipe" in one("a.yaml") and "Symlink loop" in one("a.yaml")
+
+
+def test_a_set_value_with_an_unclosed_quote_or_bracket_is_an_error(recipe):
+    """--set 'name="abc' used to become the text "abc (quote included); text YAML cannot read otherwise stays text."""
+    assert one(recipe(), ['name="abc']).startswith("command line (--set name=\"abc): error: name: --set value '\"abc' is not valid YAML")
+    assert "is not valid YAML" in one(recipe(), ["optimizer.betas=[0.9, 0.95"])
+    r, _ = check(recipe(), ["name=@abc"])
+    assert r.name == "@abc"
