@@ -210,10 +210,21 @@ def _rebase_paths(tree: dict, parent_dir: Path, child_dir: Path) -> None:
     """Rewrite the relative file paths of a parent recipe (data sources and their validation files, a
     tokenizer file, init_from, a distillation teacher; also inside phases) so that they still name the same
     files from the child's directory: every path in a recipe is relative to the file that writes it."""
+    _map_paths(tree, lambda v: v if os.path.isabs(os.path.expanduser(v)) else os.path.relpath(os.path.normpath(parent_dir / v), child_dir))
+
+
+def _expand_home(tree: dict) -> None:
+    """~ and ~user in the recipe's file paths name home folders, for every command and the generated program."""
+    _map_paths(tree, lambda v: os.path.expanduser(v) if v.startswith("~") else v)
+
+
+def _map_paths(tree: dict, fn) -> None:
+    """Apply ``fn`` to each file path the recipe writes (data sources and their validation files, a tokenizer
+    file, init_from, a distillation teacher; also inside phases), in place; builtin: sources are not paths."""
     def fix(node: dict, key: str) -> None:
         v = node.get(key)
-        if isinstance(v, str) and v and not v.startswith("builtin:") and not os.path.isabs(os.path.expanduser(v)):
-            node[key] = os.path.relpath(os.path.normpath(parent_dir / v), child_dir)
+        if isinstance(v, str) and v and not v.startswith("builtin:"):
+            node[key] = fn(v)
 
     def sources(data) -> None:
         for src in (data.get("sources") if isinstance(data, dict) else None) or []:
@@ -350,4 +361,6 @@ def apply_sets(loaded: Loaded, sets: list[str]) -> Loaded:
 
 
 def load(path: str | Path, sets: list[str] | None = None) -> Loaded:
-    return apply_sets(load_file(path), sets or [])
+    loaded = apply_sets(load_file(path), sets or [])
+    _expand_home(loaded.tree)
+    return loaded

@@ -489,3 +489,13 @@ def test_a_set_value_with_an_unclosed_quote_or_bracket_is_an_error(recipe):
     assert "is not valid YAML" in one(recipe(), ["optimizer.betas=[0.9, 0.95"])
     r, _ = check(recipe(), ["name=@abc"])
     assert r.name == "@abc"
+
+
+def test_a_home_folder_in_a_data_path_is_expanded(recipe, tmp_path, monkeypatch):
+    """~ in a file path names the home folder for every command, as the runtime's sources already read it."""
+    home = tmp_path / "home"
+    (home / "corpus").mkdir(parents=True)
+    (home / "corpus" / "t.txt").write_text("text at home\n")
+    monkeypatch.setenv("HOME", str(home))
+    r, _ = check(recipe(path="path: ~/corpus/t.txt"))
+    assert r.data.sources[0].path == str(home / "corpus" / "t.txt")
