@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .conditioning import phase_metadata
+from .units import divisors
 from .schema import SCHEDULE_FIELD_USERS, PhaseSpec, Recipe, ScheduleSpec, SourceSpec, steps_of
 
 
@@ -271,7 +272,7 @@ def resolve(r: Recipe) -> Resolved:
         if mb != "auto" and gb % mb:
             problems.append((where + ("train", "micro_batch") if ph.train and ph.train.micro_batch else where + ("train",),
                              f"global_batch ({gb}) of phase {ph.name!r} is not divisible by micro_batch ({mb})",
-                             f"choose micro_batch from {[d for d in range(1, gb + 1) if gb % d == 0]} or use auto"))
+                             f"choose micro_batch from {divisors(gb)[:12]} or use auto"))
         if getattr(ph, "objective", None) is not None:
             changes.append(f"objective ({ph.objective.kind})")
         metadata = phase_metadata(ph)  # data.metadata off: the sources without their metadata prefixes

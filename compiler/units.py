@@ -121,3 +121,22 @@ def human_seconds(s: float) -> str:
     if s < 86400 * 2:
         return f"{s / 3600:.1f} h"
     return f"{s / 86400:.1f} days"
+
+
+def divisors(n: int, trials: int = 1_000_000) -> list[int]:
+    """The divisors of n, ascending, from its prime factors (trial division, at most ``trials`` candidates: a
+    recipe's absurd number never hangs a check; a factor beyond that is taken as prime, which only shortens the
+    list of suggestions)."""
+    factors: dict[int, int] = {}
+    rest, p, tried = n, 2, 0
+    while p * p <= rest and tried < trials:
+        while rest % p == 0:
+            factors[p] = factors.get(p, 0) + 1
+            rest //= p
+        p, tried = p + (1 if p == 2 else 2), tried + 1
+    if rest > 1:
+        factors[rest] = factors.get(rest, 0) + 1
+    out = [1]
+    for prime, power in factors.items():
+        out = [d * prime ** k for d in out for k in range(power + 1)]
+    return sorted(out)

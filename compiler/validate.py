@@ -23,6 +23,7 @@ from .objectives import added_tokens, problems as objective_problems, seq_lens
 from .phases import resolve as resolve_phases, schedule_field_problems, schedule_overlap_problems, tidy
 from .schema import SCHEDULE_FIELD_USERS, ModelSpec, Recipe, steps_of
 from .tpu import problems as tpu_problems
+from .units import divisors
 
 BUILTIN_SOURCES = {
     "builtin:python-docs": "docstrings and comments of this Python's standard library",
@@ -365,10 +366,10 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
     if m is not None:
         if m.d_model % m.n_heads:
             # head dimensions of 16 to 256 are what kernels are tuned for: offer the nearest such head counts
-            fits = [h for h in range(1, m.d_model + 1) if m.d_model % h == 0 and (m.d_model // h) % 2 == 0 and 16 <= m.d_model // h <= 256]
-            divisors = sorted(sorted(fits, key=lambda h: abs(h - m.n_heads))[:4])
+            fits = [m.d_model // hd for hd in range(16, 257, 2) if m.d_model % hd == 0]
+            heads = sorted(sorted(fits, key=lambda h: abs(h - m.n_heads))[:4])
             add(("model", "n_heads"), f"n_heads ({m.n_heads}) does not divide d_model ({m.d_model})",
-                f"choose n_heads from {divisors} or change d_model to a multiple of {m.n_heads}" if divisors
+                f"choose n_heads from {heads} or change d_model to a multiple of {m.n_heads}" if heads
                 else f"change d_model to a multiple of 2 × n_heads = {2 * m.n_heads}")
         else:
             head_dim = m.d_model // m.n_heads
@@ -378,7 +379,7 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
         kv = m.n_kv_heads or m.n_heads
         if m.n_heads % kv:
             add(("model", "n_kv_heads"), f"n_kv_heads ({kv}) does not divide n_heads ({m.n_heads})",
-                f"choose n_kv_heads from {[k for k in range(1, m.n_heads + 1) if m.n_heads % k == 0]}")
+                f"choose n_kv_heads from {divisors(m.n_heads)[:12]}")
         for name in ("norm_eps", "rope_theta", "init_std"):
             if getattr(m, name) <= 0:
                 add(("model", name), f"must be positive, got {getattr(m, name)}", f"remove model.{name} to use the default")
@@ -533,7 +534,7 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 "for example `tokens: 2M` or `steps: 500`")
         if tr.micro_batch != "auto" and tr.global_batch % tr.micro_batch:
             add(("train", "micro_batch"), f"global_batch ({tr.global_batch}) is not divisible by micro_batch ({tr.micro_batch})",
-                f"choose micro_batch from {[d for d in range(1, tr.global_batch + 1) if tr.global_batch % d == 0]} or use auto")
+                f"choose micro_batch from {divisors(tr.global_batch)[:12]} or use auto")
         tokens_per_step = tr.global_batch * tr.seq_len
         steps = tr.steps if tr.steps is not None else (tr.tokens // tokens_per_step if tr.tokens is not None else None)
         if tr.tokens is not None and tr.steps is None and steps == 0:
@@ -585,7 +586,7 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 f"use a multiple of {n}, such as {tr.global_batch + n - tr.global_batch % n}")
         elif n > 1 and tr.micro_batch != "auto" and (tr.global_batch // n) % tr.micro_batch:
             add(("train", "micro_batch"), f"each of the {n} devices gets {tr.global_batch // n} sequences per step, not divisible by micro_batch ({tr.micro_batch})",
-                f"choose micro_batch from {[d for d in range(1, tr.global_batch // n + 1) if (tr.global_batch // n) % d == 0]} or use auto")
+                f"choose micro_batch from {divisors(tr.global_batch // n)[:12]} or use auto")
         if n == 1 and tg.parallelism == "ddp":
             add(("target", "parallelism"), "ddp needs more than one device", "set target.devices, or parallelism: single (or auto)")
         if n > 1 and tg.parallelism == "single":

@@ -499,3 +499,9 @@ def test_a_home_folder_in_a_data_path_is_expanded(recipe, tmp_path, monkeypatch)
     monkeypatch.setenv("HOME", str(home))
     r, _ = check(recipe(path="path: ~/corpus/t.txt"))
     assert r.data.sources[0].path == str(home / "corpus" / "t.txt")
+
+
+def test_absurd_numbers_are_answered_at_once(recipe):
+    """d_model a large prime, a global batch of 2^70: check answers (it enumerated every number up to them)."""
+    assert "n_heads (4) does not divide d_model (1000000007)" in " ".join(errors(recipe(), ["model.d_model=1000000007"]))
+    r, _ = check(recipe(), ["train.global_batch=1180591620717411303424", "train.micro_batch=auto", "train.steps=1"])

@@ -205,3 +205,12 @@ def test_huge_token_count_is_an_error_not_a_crash(write):
     errors = _errors(write(RECIPE), ["train.steps=.inf"])
     assert errors == ["command line (--set train.steps=.inf): error: train.steps: expected a whole number, got inf\n"
                       "    hint: write a whole number, optionally with k, M, B or T: 500, 2k, 2M, 1.5B"]
+
+
+def test_divisors_of_any_size_come_at_once():
+    """Hints list divisors of recipe numbers: an absurd value (a prime near 1e9, 2^70) must not hang a check."""
+    from malt.compiler.units import divisors
+
+    assert divisors(1) == [1] and divisors(12) == [1, 2, 3, 4, 6, 12] and divisors(97) == [1, 97]
+    assert divisors(2 ** 70) == [2 ** k for k in range(71)] and divisors(1_000_000_007) == [1, 1_000_000_007]
+    assert divisors(720720)[:6] == [1, 2, 3, 4, 5, 6] and len(divisors(720720)) == 240

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from ..objectives import distill_logits_bytes, phase_objective, teacher_costs
 from ..plan import Plan
+from ..units import divisors
 from .estimate import activations, memory_of, states
 
 # share of device memory the planner lets a run use (the rest is for the allocator, kernels' workspace, the data)
@@ -28,7 +29,7 @@ def split(plan: Plan, global_batch: int, seq_len: int, micro_batch, distill: boo
     if teacher:
         fixed += teacher_costs(plan)["weights_bytes"]
     ac = "" if plan.activation_checkpointing == "none" else f" with {plan.activation_checkpointing} activation checkpointing"
-    for mb in (d for d in range(gb, 0, -1) if gb % d == 0):
+    for mb in reversed(divisors(gb)):
         if fixed + activations(plan, mb, seq_len) + (distill_logits_bytes(plan, mb, seq_len) if teacher else 0) <= budget:
             if mb == gb:
                 return mb, f"auto: {per}the whole {'device' if world > 1 else 'global'} batch ({gb}) fits in {BUDGET_SHARE:.0%} of {where} memory{ac}"
