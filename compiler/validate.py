@@ -605,6 +605,9 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                     add(("phases", i, "train", "global_batch"), f"global_batch ({gb}) of phase {ph.name!r} does not split evenly over {n} devices",
                         f"use a multiple of {n}")
     if tg is not None:
+        if tg.accelerator == "auto" and tg.chip.startswith("tpu"):
+            add(("target", "chip"), f"chip {tg.chip!r} is a TPU, but accelerator auto never means tpu",
+                "set target.accelerator: tpu, or target.chip: auto")
         if tg.accelerator == "cpu" and tg.chip not in ("auto", "cpu"):
             add(("target", "chip"), f"chip {tg.chip!r} is an accelerator but accelerator is cpu", "set target.chip: cpu (or auto), or accelerator: cuda")
         elif tg.accelerator == "cuda" and tg.chip.startswith("tpu"):

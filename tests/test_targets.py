@@ -8,6 +8,7 @@ and they meet at a c10d rendezvous on localhost, as real nodes meet on the first
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 import socket
 import subprocess
@@ -187,3 +188,19 @@ def test_sharded_fsdp_run_exports_consolidated(tmp_path):
     assert sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_named_chip_decides_what_accelerator_auto_means():
+    """chip h100 with accelerator auto plans a GPU (it planned this CPU against an H100's memory and speed); a TPU
+    chip with auto is an error (auto never means tpu)."""
+    from malt.compiler.api import plan as make_plan
+    from malt.compiler.diagnostics import RecipeError
+    from malt.compiler.plan import Host
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    p, _ = make_plan(recipes / "tiny.yaml", ["target.chip=h100"], host=Host())
+    assert p.device == "cuda" and p.chip == "h100"
+    with pytest.raises(RecipeError, match="is a TPU, but accelerator auto never means tpu"):
+        make_plan(recipes / "tiny-tpu.yaml", ["target.accelerator=auto"], host=Host())
+    p, _ = make_plan(recipes / "tiny-tpu.yaml", ["target.accelerator=cpu", "target.chip=auto", "target.devices=1"], host=Host())
+    assert p.device == "cpu"

@@ -9,7 +9,9 @@ from ..tpu import DEFAULT_CHIP as TPU_CHIP
 def run(plan: Plan) -> Plan:
     t = plan.recipe.target
     host = plan.host
-    if t.accelerator == "auto":
+    if t.accelerator == "auto" and t.chip not in ("auto", "cpu"):  # a named GPU says which device the recipe targets
+        device, reason = "cuda", f"accelerator auto with target.chip {t.chip}: a GPU"  # (a TPU chip needs accelerator: tpu)
+    elif t.accelerator == "auto":
         device = "cuda" if host.cuda else "cpu"
         reason = f"accelerator auto: {'a CUDA device (' + host.cuda_name + ') is' if host.cuda else 'no CUDA device is'} visible on the compiling machine"
     else:
