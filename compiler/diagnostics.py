@@ -66,8 +66,25 @@ class UserError(Exception):
         self.code = code
 
 
+# what users of other tools write for malt's words (checked before spelling: "gpu" is closer to "tpu" than to "cuda")
+SYNONYMS = {
+    "gpu": "cuda", "nvidia": "cuda", "xla": "tpu",
+    "clm": "causal_lm", "lm": "causal_lm", "causal": "causal_lm", "next_token": "causal_lm", "gpt": "causal_lm",
+    "a100": "a100-80gb", "h100-sxm": "h100", "v5e": "tpu-v5e", "v5p": "tpu-v5p", "v4": "tpu-v4",
+    "adam": "adamw", "fp16": "bf16", "bfloat16": "bf16", "float32": "fp32", "mixed": "bf16",
+    "zero3": "fsdp", "zero": "fsdp", "fsdp2": "fsdp", "data_parallel": "ddp",
+    "true": "on", "yes": "on", "false": "off", "no": "off",
+}
+
+
 def did_you_mean(word: str, choices) -> str | None:
     import difflib
 
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if word is None:  # a null where a choice was expected: nothing to correct
+        return None
+    choices = [str(c) for c in choices]
+    known = SYNONYMS.get(str(word).lower())
+    if known in choices:
+        return known
+    match = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
     return match[0] if match else None

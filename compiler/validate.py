@@ -178,7 +178,7 @@ def _schema_problems(loaded: Loaded, err: ValidationError) -> list[Diagnostic]:
         elif kind == "literal_error":
             expected = ctx.get("expected", "")
             msg = f"got {e['input']!r}, expected one of {expected}"
-            guess = did_you_mean(str(e["input"]), re.findall(r"'([^']*)'", expected))
+            guess = did_you_mean(None if e["input"] is None else str(e["input"]), re.findall(r"'([^']*)'", expected))
             hint = f"did you mean {guess!r}?" if guess else f"use one of {expected}"
         elif kind in ("int_type", "int_parsing", "int_from_float"):
             msg = f"expected a whole number, got {e['input']!r}"

@@ -508,3 +508,13 @@ def test_absurd_numbers_are_answered_at_once(recipe):
 
     p, _ = plan(recipe(), ["train.global_batch=1180591620717411303424", "train.micro_batch=auto", "train.steps=1"], check_fit=False)
     assert p.micro_batch >= 1 and 2 ** 70 % p.micro_batch == 0
+
+
+@pytest.mark.parametrize("value, meant", [("target.accelerator=gpu", "cuda"), ("objective.kind=clm", "causal_lm"),
+                                          ("target.chip=a100", "a100-80gb"), ("target.parallelism=zero3", "fsdp")])
+def test_words_from_other_tools_get_malts_word(recipe, value, meant):
+    assert f"did you mean '{meant}'?" in one(recipe(), [value])
+
+
+def test_a_null_choice_gets_no_spelling_hint(recipe):
+    assert "did you mean" not in one(recipe(), ["target.compile=~"])
