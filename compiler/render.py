@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,7 +260,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         *([Const("# init_from: the weights this run starts from (continual pre-training); path relative to this file"),
            Const("INIT_FROM = " + lit(init_from_spec(plan, base_dir, out_dir))), _blank()] if r.init_from else []),
         Const("# data and tokenizer (data, tokenizer sections); paths are relative to this file"),
-        Const("DATA = " + _pretty_literal(data_spec(plan, base_dir, out_dir))),
+        Const("DATA = " + _pretty_literal(data_spec(plan, base_dir, out_dir), notes=DATA_NOTES)),
     ]
     objective = objective_context(plan, base_dir, out_dir)  # the objective's constants, flags and call sites
     objective.update(encoder_context(plan))  # encoders (model.family bert, objectives mlm and rtd): their model and batches
@@ -380,15 +381,28 @@ _DECAY_READS = {"cosine": ("lr", "min_lr", "total"), "linear": ("lr", "min_lr", 
                 "infinite": ("lr", "min_lr", "total", "decay_start", "cooldown_end", "plateau")}
 
 
-def _schedule_ctx(fn: str, head: str, S, names: dict | None, t: str, phase: int | None = None) -> dict:
+def _phase_ident(plan: Plan, ph) -> str:
+    """The phase's name as part of Python names (PHASE_COOLDOWN_LR, lr_phase_cooldown), or its number (1-based)
+    when the name does not make a unique identifier."""
+    def ident(name: str) -> str:
+        return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_").upper()
+
+    mine = ident(ph.name)
+    if mine and mine.isascii() and not mine[0].isdigit() and [ident(p.name) for p in plan.phases].count(mine) == 1:
+        return mine
+    return str(ph.index + 1)
+
+
+def _schedule_ctx(fn: str, head: str, S, names: dict | None, t: str, phase: int | None = None, ident: str | None = None) -> dict:
     """Template values for one schedule function: the recipe's schedule reads the constants block (``names``);
-    a phase's own (``phase``: its index) gets named constants of its own, written just above its function."""
+    a phase's own (``phase``: its index, ``ident``: its name in Python names) gets named constants of its own,
+    written just above its function."""
     consts = []
     if names is None:
         values = {"lr": S.lr, "min_lr": S.min_lr, "warmup": S.warmup, "total": S.total, "decay_start": S.decay_start,
                   "cooldown_end": S.cooldown_end, "plateau": S.plateau_lr}
         reads = set(_DECAY_READS[S.decay]) | ({"warmup"} if S.warmup else set())
-        names = {k: (f"PHASE_{phase + 1}_{k.upper()}" if k in reads else lit(v)) for k, v in values.items()}
+        names = {k: (f"PHASE_{ident}_{k.upper()}" if k in reads else lit(v)) for k, v in values.items()}
         consts = [const(names[k], values[k], _PHASE_SCHEDULE_NOTES[k].format(i=phase)) for k in values if k in reads]
     warm = f"Linear warmup over {names['warmup']} steps, " if S.warmup else ""
     doc = _DECAY_DOC[S.decay].format(**names)
@@ -416,9 +430,11 @@ def _schedules(plan: Plan) -> tuple[list, list]:
         if ph.schedule is None:
             dispatch.append({"end": ph.end, "name": f"{ph.name}: the recipe's schedule", "call": "lr_recipe(step)"})
         else:
-            fn = f"lr_phase_{ph.index + 1}"
-            schedules.append(_schedule_ctx(fn, f"Phase {ph.index + 1}'s own schedule; t counts steps from the phase's start ({ph.start:,}).",
-                                           ph.schedule, None, "t", phase=ph.index))
+            ident = _phase_ident(plan, ph)
+            fn = f"lr_phase_{ident.lower()}"
+            who = ph.name if re.fullmatch(r"[\w.-]+", ph.name) else str(ph.index + 1)  # safe inside a docstring
+            schedules.append(_schedule_ctx(fn, f"Phase {who}'s own schedule (phases[{ph.index}]); t counts steps "
+                                           f"from the phase's start ({ph.start:,}).", ph.schedule, None, "t", phase=ph.index, ident=ident))
             dispatch.append({"end": ph.end, "name": f"{ph.name}: its own schedule", "call": f"{fn}(step - {ph.start})"})
     return schedules, dispatch
 
@@ -450,14 +466,28 @@ def _phase_table(plan: Plan) -> tuple[list[str], list[str]]:
     return comments, rows
 
 
-def _pretty_literal(value, indent: int = 0) -> str:
-    """A multi-line Python literal for nested dicts and lists (each leaf through lit)."""
+# comments on DATA's keys whose meaning the value alone does not say (by their path in DATA)
+DATA_NOTES = {
+    ("tokenizer", "train_on"): "the sources the tokenizer trains on; []: every source",
+    ("model_vocab",): "model.vocab_size after padding: a tokenizer with more entries is an error",
+    ("metadata_off",): "a phase turns data.metadata off: the sources are also prepared without their prefixes",
+}
+
+
+def _pretty_literal(value, indent: int = 0, notes: dict | None = None, path: tuple = ()) -> str:
+    """A multi-line Python literal for nested dicts and lists (each leaf through lit); ``notes`` ({path of a key:
+    text}) become comments after the lines of those keys, where the value fits on that line."""
     pad = "    " * (indent + 1)
     end = "    " * indent
-    if isinstance(value, (dict, list)) and len(lit(value)) + len(pad) <= 100:
+    if isinstance(value, (dict, list)) and len(lit(value)) + len(pad) <= 100 and not (
+            notes and isinstance(value, dict) and any(path + (k,) in notes for k in value)):
         return lit(value)
     if isinstance(value, dict) and value:
-        items = [f"{pad}{lit(k)}: {_pretty_literal(v, indent + 1)}," for k, v in value.items()]
+        items = []
+        for k, v in value.items():
+            line = f"{pad}{lit(k)}: {_pretty_literal(v, indent + 1, notes, path + (k,))},"
+            note = (notes or {}).get(path + (k,))
+            items.append(f"{line}  # {comment(note)}" if note and "\n" not in line else line)
         return "{\n" + "\n".join(items) + f"\n{end}}}"
     if isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
         items = [f"{pad}{_pretty_literal(v, indent + 1)}," for v in value]

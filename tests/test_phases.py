@@ -282,3 +282,21 @@ def test_growth_by_stacking_under_pure_bf16_stays_bf16_and_resumes(tmp_path):
     (resumed / "checkpoints" / "latest").write_text("step_00000010\n")
     run_program(resumed, cache, "--resume")
     assert losses(resumed) == {s: v for s, v in ref.items() if s > 10}
+
+
+def test_phase_schedules_are_named_after_their_phases(tmp_path):
+    """A phase's own schedule reads PHASE_<NAME>_LR ... and is lr_phase_<name>; names that make no unique
+    identifier fall back to the phase's number."""
+    extra = TWO_PHASES.replace("name: long", "name: long-ctx")
+    compile_to(phased_recipe(tmp_path / "a", extra), tmp_path / "a" / "run", host=Host())
+    text = (tmp_path / "a" / "run" / "train.py").read_text()
+    assert "PHASE_LONG_CTX_LR = 0.001" in text and "def lr_phase_long_ctx(t: int)" in text
+    assert "Phase long-ctx's own schedule (phases[1])" in text
+    clash = """
+phases:
+  - {name: a-b, share: 50%, schedule: {warmup: 0, decay: constant}}
+  - {name: a_b, share: 50%, schedule: {warmup: 0, decay: linear}}
+"""
+    compile_to(phased_recipe(tmp_path / "b", clash), tmp_path / "b" / "run", host=Host())
+    text = (tmp_path / "b" / "run" / "train.py").read_text()
+    assert "def lr_phase_1(t: int)" in text and "def lr_phase_2(t: int)" in text and "PHASE_2_MIN_LR" in text

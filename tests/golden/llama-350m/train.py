@@ -59,12 +59,12 @@ DATA = {
     'tokenizer': {
         'kind': 'bpe',
         'vocab_size': 32000,
-        'train_on': [],
+        'train_on': [],  # the sources the tokenizer trains on; []: every source
         'max_chars': 20000000,
         'path': None,
         'special_tokens': ['<|endoftext|>'],
     },
-    'model_vocab': 32000,
+    'model_vocab': 32000,  # model.vocab_size after padding: a tokenizer with more entries is an error
     'sources': [
         {'name': 'prose', 'path': 'builtin:python-docs', 'weight': 0.5, 'text_field': 'text'},
         {'name': 'code', 'path': 'builtin:python-code', 'weight': 0.5, 'text_field': 'text'},

@@ -52,12 +52,12 @@ DATA = {
     'tokenizer': {
         'kind': 'bpe',
         'vocab_size': 4096,
-        'train_on': ['prose', 'code'],
+        'train_on': ['prose', 'code'],  # the sources the tokenizer trains on; []: every source
         'max_chars': 20000000,
         'path': None,
         'special_tokens': ['<|endoftext|>'],
     },
-    'model_vocab': 4096,
+    'model_vocab': 4096,  # model.vocab_size after padding: a tokenizer with more entries is an error
     'sources': [
         {'name': 'prose', 'path': 'builtin:python-docs', 'weight': 0.7, 'text_field': 'text'},
         {'name': 'code', 'path': 'builtin:python-code', 'weight': 0.3, 'text_field': 'text'},
@@ -115,25 +115,25 @@ def lr_recipe(step: int) -> float:
     return LR
 
 
-PHASE_2_LR = 0.003                      # peak learning rate: phases[1].optimizer.lr, else optimizer.lr
-PHASE_2_MIN_LR = 0.0003                 # lr × schedule.min_lr_ratio (phases[1].schedule, else the recipe's)
-PHASE_2_TOTAL = 73                      # the phase's steps
+PHASE_COOLDOWN_LR = 0.003               # peak learning rate: phases[1].optimizer.lr, else optimizer.lr
+PHASE_COOLDOWN_MIN_LR = 0.0003          # lr × schedule.min_lr_ratio (phases[1].schedule, else the recipe's)
+PHASE_COOLDOWN_TOTAL = 73               # the phase's steps
 
 
-def lr_phase_2(t: int) -> float:
-    """Phase 2's own schedule; t counts steps from the phase's start (415).
+def lr_phase_cooldown(t: int) -> float:
+    """Phase cooldown's own schedule (phases[1]); t counts steps from the phase's start (415).
 
-    Linear decay from PHASE_2_LR to PHASE_2_MIN_LR at PHASE_2_TOTAL.
+    Linear decay from PHASE_COOLDOWN_LR to PHASE_COOLDOWN_MIN_LR at PHASE_COOLDOWN_TOTAL.
     """
-    progress = t / max(1, PHASE_2_TOTAL)
-    return PHASE_2_LR - (PHASE_2_LR - PHASE_2_MIN_LR) * progress
+    progress = t / max(1, PHASE_COOLDOWN_TOTAL)
+    return PHASE_COOLDOWN_LR - (PHASE_COOLDOWN_LR - PHASE_COOLDOWN_MIN_LR) * progress
 
 
 def lr_at(step: int) -> float:
     """Learning rate for optimizer step `step` (0-based): each phase's schedule (see PHASES)."""
     if step < 415:  # stable: the recipe's schedule
         return lr_recipe(step)
-    return lr_phase_2(step - 415)  # cooldown: its own schedule
+    return lr_phase_cooldown(step - 415)  # cooldown: its own schedule
 
 
 def main(argv=None):

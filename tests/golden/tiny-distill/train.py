@@ -55,12 +55,12 @@ DATA = {
     'tokenizer': {
         'kind': 'file',
         'vocab_size': None,
-        'train_on': [],
+        'train_on': [],  # the sources the tokenizer trains on; []: every source
         'max_chars': 20000000,
         'path': '../../../recipes/teachers/tiny-teacher/tokenizer.json',
         'special_tokens': ['<|endoftext|>'],
     },
-    'model_vocab': 320,
+    'model_vocab': 320,  # model.vocab_size after padding: a tokenizer with more entries is an error
     'sources': [
         {'name': 'prose', 'path': 'builtin:python-docs', 'weight': 0.7, 'text_field': 'text'},
         {'name': 'code', 'path': 'builtin:python-code', 'weight': 0.3, 'text_field': 'text'},

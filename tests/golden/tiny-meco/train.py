@@ -54,13 +54,13 @@ DATA = {
     'tokenizer': {
         'kind': 'bpe',
         'vocab_size': 2048,
-        'train_on': ['web'],
+        'train_on': ['web'],  # the sources the tokenizer trains on; []: every source
         'max_chars': 20000000,
         'path': None,
         'special_tokens': ['<|endoftext|>'],
     },
-    'model_vocab': 2048,
-    'metadata_off': True,
+    'model_vocab': 2048,  # model.vocab_size after padding: a tokenizer with more entries is an error
+    'metadata_off': True,  # a phase turns data.metadata off: the sources are also prepared without their prefixes
     'sources': [
         {
             'name': 'web',

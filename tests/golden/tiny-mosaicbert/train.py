@@ -57,13 +57,13 @@ DATA = {
     'tokenizer': {
         'kind': 'bpe',
         'vocab_size': 4096,
-        'train_on': ['prose', 'code'],
+        'train_on': ['prose', 'code'],  # the sources the tokenizer trains on; []: every source
         'max_chars': 20000000,
         'path': None,
         'special_tokens': ['<|endoftext|>'],
         'add_special_tokens': ['[MASK]'],
     },
-    'model_vocab': 4160,
+    'model_vocab': 4160,  # model.vocab_size after padding: a tokenizer with more entries is an error
     'sources': [
         {'name': 'prose', 'path': 'builtin:python-docs', 'weight': 0.7, 'text_field': 'text'},
         {'name': 'code', 'path': 'builtin:python-code', 'weight': 0.3, 'text_field': 'text'},

@@ -60,7 +60,7 @@ DATA = {
     'tokenizer': {
         'kind': 'bpe',
         'vocab_size': 4096,
-        'train_on': ['prose', 'code'],
+        'train_on': ['prose', 'code'],  # the sources the tokenizer trains on; []: every source
         'max_chars': 20000000,
         'path': None,
         'special_tokens': ['<|endoftext|>'],
@@ -69,7 +69,7 @@ DATA = {
             '<extra_id_5>',
         ],
     },
-    'model_vocab': 4160,
+    'model_vocab': 4160,  # model.vocab_size after padding: a tokenizer with more entries is an error
     'sources': [
         {'name': 'prose', 'path': 'builtin:python-docs', 'weight': 0.7, 'text_field': 'text'},
         {'name': 'code', 'path': 'builtin:python-code', 'weight': 0.3, 'text_field': 'text'},
@@ -114,7 +114,9 @@ def main(argv=None):
         """
         window, _ = dataset.batch(split, step, start, count, seq_len, weights)  # raw tokens; each row uses its first ones
         rows = objectives.row_generators(SEED, step, start, count, salt=dataset.SPLITS[split])
-        b = objectives.ul2_batch(window, seq_len, None, sentinel_ids, dataset.eos_id, dataset.eos_id, rows, denoisers)
+        b = objectives.ul2_batch(window, seq_len, None, sentinel_ids,
+                                 eos_id=dataset.eos_id, pad_id=dataset.eos_id,  # EOS also pads: padding carries no loss (y -100)
+                                 generator=rows, denoisers=denoisers)
         return b.input_ids, b.labels, b.prefix_len
 
     model = Transformer().to(DEVICE)
