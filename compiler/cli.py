@@ -218,22 +218,45 @@ def _plan_text(p) -> str:
 
 
 def _lr_text(p, width: int = 64, height: int = 12) -> str:
-    """An ASCII plot of the learning rate over the run, and its value at the milestones."""
+    """An ASCII plot of the learning rate over the run (each column the highest lr of its steps, so a short peak
+    shows; phase starts marked under the axis), and its value at the milestones, named."""
     from .phases import lr_at
 
     n = p.steps
-    cols = [lr_at(p, min(n - 1, round(i * (n - 1) / max(1, width - 1)))) for i in range(width)]
+    edges = [round(i * n / width) for i in range(width + 1)]
+    cols = []
+    for a, b in zip(edges, edges[1:]):
+        steps = range(a, max(b, a + 1))
+        stride = max(1, len(steps) // 64)  # long runs: a sample of each column's steps, its ends included
+        cols.append(max(lr_at(p, min(s, n - 1)) for s in [*steps[::stride], steps[-1]]))
     top = max(cols) or 1.0
     rows = []
     for level in range(height, 0, -1):
         cut = top * (level - 0.5) / height
         label = f"{top * level / height:9.2e} |" if level in (height, 1) or level == height // 2 else "          |"
-        rows.append(label + "".join("█" if v >= cut else " " for v in cols))
+        rows.append(label + "".join("█" if v >= cut else ("▁" if level == 1 and v > 0 else " ") for v in cols))
     rows.append("          +" + "-" * width)
-    rows.append(f"           step 0{' ' * (width - len(str(n)) - 7)}{n}")
-    marks = sorted({0, p.warmup_steps, p.schedule.decay_start, p.schedule.cooldown_end, n - 1}
-                   | {ph.start for ph in p.phases} | {max(ph.start, ph.end - 1) for ph in p.phases})
-    rows += ["", "step        lr"] + [f"{s:<10,}  {lr_at(p, s):.4e}" for s in marks if 0 <= s < n]
+    named = {}  # step -> what happens there
+    if len(p.phases) > 1:
+        ticks = [" "] * width
+        for ph in p.phases[1:]:
+            ticks[min(width - 1, ph.start * width // max(1, n))] = "^"
+            named.setdefault(ph.start, f"phase {ph.name} starts")
+        rows.append("           " + "".join(ticks).rstrip() + "  (^ phase starts)")
+    last = f"{n - 1:,}"
+    rows.append(f"           step 0{' ' * max(1, width - len(last) - 6)}{last}")
+    if p.warmup_steps:
+        named.setdefault(p.warmup_steps, "warmup ends (peak)")
+    if p.schedule.decay_start:
+        named.setdefault(p.schedule.decay_start, "final decay starts")
+    if p.schedule.cooldown_end:
+        named.setdefault(p.schedule.cooldown_end, "cooldown ends")
+    for ph in p.phases:
+        if len(p.phases) > 1:
+            named.setdefault(max(ph.start, ph.end - 1), f"last step of phase {ph.name}")
+    named.setdefault(0, "first step")
+    named.setdefault(n - 1, "last step")
+    rows += ["", "step        lr          "] + [f"{s:<10,}  {lr_at(p, s):.4e}  {named[s]}" for s in sorted(named) if 0 <= s < n]
     return "\n".join(rows)
 
 

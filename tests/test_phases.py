@@ -300,3 +300,26 @@ phases:
     compile_to(phased_recipe(tmp_path / "b", clash), tmp_path / "b" / "run", host=Host())
     text = (tmp_path / "b" / "run" / "train.py").read_text()
     assert "def lr_phase_1(t: int)" in text and "def lr_phase_2(t: int)" in text and "PHASE_2_MIN_LR" in text
+
+
+def test_the_lr_plot_marks_phases_and_keeps_short_peaks(tmp_path):
+    """malt plan --lr: a column shows the highest lr of its steps, so a short re-warmed phase far below the peak
+    still shows; phase starts are marked under the axis and named in the table; the axis ends at the last step."""
+    from typer.testing import CliRunner
+
+    from malt.compiler.cli import app
+
+    extra = """
+phases:
+  - {name: main, share: 97%}
+  - {name: rewarm, share: 3%, optimizer: {lr: 1e-5}, schedule: {warmup: 0, decay: constant}}
+"""
+    recipe = phased_recipe(tmp_path, extra, steps=200)
+    out = CliRunner().invoke(app, ["plan", str(recipe), "--lr"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    axis = next(i for i, line in enumerate(lines) if line.lstrip().startswith("+---"))
+    assert lines[axis - 1].rstrip().endswith("▁")                   # the low last phase, below the bottom row's cut
+    assert "^" in lines[axis + 1] and "(^ phase starts)" in lines[axis + 1]
+    assert lines[axis + 2].rstrip().endswith("199")                  # steps 0..199
+    assert any(line.startswith("194 ") and line.endswith("phase rewarm starts") for line in lines), out.output
