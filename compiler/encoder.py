@@ -88,6 +88,9 @@ def problems(r, origins) -> list[tuple[tuple, str, str]]:
         if tr is not None and ("train", "sample_tokens") in origins and tr.sample_tokens:
             out.append((("train", "sample_tokens"), "an encoder does not generate text: there is no end-of-run sample",
                         "remove train.sample_tokens"))
+        if tr is not None and ("train", "sample_prompt") in origins:
+            out.append((("train", "sample_prompt"), "an encoder does not generate text: nothing reads a sample prompt",
+                        "remove train.sample_prompt"))
         for i, ph in enumerate(getattr(r, "phases", None) or []):
             if ph.growth is not None:
                 out.append((("phases", i, "growth"), "growth by stacking is built for model.family llama only", "remove growth:"))

@@ -216,6 +216,10 @@ def resolved_recipe(recipe: Recipe, base_dir: Path | None = None, out_dir: Path 
     if data["model"]["family"] == "bert":  # an encoder does not sample at the end of its run
         data["train"].pop("sample_tokens", None)
         data["train"].pop("sample_prompt", None)
+    elif data["train"].get("sample_tokens") == 0:  # no sample: no prompt
+        data["train"].pop("sample_prompt", None)
+    if data.get("init_from") is not None:  # the checkpoint gives every weight its starting value
+        data["model"].pop("init_std", None)
     if base_dir is not None and out_dir is not None:
         _rebase_paths(data, Path(base_dir).resolve(), Path(out_dir).resolve())
     return data

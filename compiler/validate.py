@@ -408,6 +408,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
         if t.kind == "file":
             if not t.path:
                 add(("tokenizer",), "a file tokenizer needs path", "add `path: tokenizer.json` (relative to the recipe)")
+            elif (base / t.path).is_dir():
+                add(("tokenizer", "path"), f"{t.path} is a folder; the tokenizer is a file", "point at the folder's tokenizer.json")
             elif not (base / t.path).is_file():
                 add(("tokenizer", "path"), f"tokenizer file not found: {t.path} (looked in {base / t.path})",
                     "paths are relative to the recipe file")
@@ -453,6 +455,18 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             add(("model", "vocab_size"), f"the tokenizer has {tok_vocab} tokens but the model's vocabulary is {m.vocab_size}",
                 f"raise model.vocab_size to at least {tok_vocab}, or remove it to use the tokenizer's size")
 
+    # fields that another choice leaves unread
+    tr = getattr(r, "train", None)
+    if (tr is not None and ("train", "sample_prompt") in loaded.origins and tr.sample_tokens == 0
+            and not unread_parent_setting(loaded, ("train", "sample_prompt"), ("train", "sample_tokens"))
+            and getattr(m, "family", "llama") == "llama"):
+        add(("train", "sample_prompt"), "train.sample_tokens is 0, so no sample is generated and the prompt is unread",
+            "remove sample_prompt, or set sample_tokens (such as 64)")
+    if (getattr(r, "init_from", None) is not None and ("model", "init_std") in loaded.origins
+            and not unread_parent_setting(loaded, ("model", "init_std"), ("init_from",))):
+        add(("model", "init_std"), "init_from gives every weight its starting value, so model.init_std is unread",
+            "remove model.init_std")
+
     # data
     if r.data is not None:
         for path, message, hint in conditioning_problems(r, base):  # metadata and control tokens
@@ -466,6 +480,11 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 add(("data", "sources", i, "weight"), f"weight must be positive, got {s.weight}", "remove the source or give it a positive weight")
             for sub, message, hint in source_problems(s, base):
                 add(("data", "sources", i, *sub), message, hint)
+            if s.validation_path is not None and os.path.normpath(s.validation_path) == os.path.normpath(s.path):
+                add(("data", "sources", i, "validation_path"), "validation_path is the source's own path: every validation "
+                    "document would also be trained on", "name held-out files, or remove validation_path to hold out data.validation of the source")
+            if s.text_field == "":
+                add(("data", "sources", i, "text_field"), "text_field is empty", "name the key that holds the text, such as text")
             if s.validation_path is not None:  # checked as a path of its own
                 for sub, message, hint in source_problems(s.model_copy(update={"path": s.validation_path, "validation_path": None}), base):
                     if sub == ("path",):  # its filter problems are the source's, reported above

@@ -518,3 +518,16 @@ def test_words_from_other_tools_get_malts_word(recipe, value, meant):
 
 def test_a_null_choice_gets_no_spelling_hint(recipe):
     assert "did you mean" not in one(recipe(), ["target.compile=~"])
+
+
+def test_more_fields_that_nothing_would_read(recipe, tmp_path):
+    """A tokenizer path that is a folder, a validation_path that is the source itself, an empty text_field, a sample
+    prompt without a sample, init_std under init_from: each an error at its line."""
+    (tmp_path / "tok").mkdir()
+    assert "tokenizer.path: tok is a folder" in " ".join(errors(recipe(), ["tokenizer.kind=file", "tokenizer.path=tok"]))
+    assert "validation_path is the source's own path" in one(recipe(), ["data.sources.0.validation_path=docs.txt"])
+    assert any("text_field is empty" in e for e in errors(recipe(), ["data.sources.0.text_field="]))
+    assert "the prompt is unread" in one(recipe(), ["train.sample_tokens=0", "train.sample_prompt=abc"])
+    (tmp_path / "hf").mkdir()
+    assert any("model.init_std: init_from gives every weight" in e
+               for e in errors(recipe(), ["init_from=hf", "model.init_std=0.01"]))
