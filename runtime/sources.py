@@ -536,8 +536,12 @@ class Source:
                 self._skip("no_field", f"{f.rel}: no column '{field}' (columns: {', '.join(names[:8])})", total)
             return
         ftype = pf.schema_arrow.field(field).type
-        is_str = pa.types.is_string(ftype) or pa.types.is_large_string(ftype)
-        is_bin = pa.types.is_binary(ftype) or pa.types.is_large_binary(ftype)
+        if pa.types.is_dictionary(ftype):  # pandas category / polars Categorical columns: their values are the text
+            ftype = ftype.value_type
+        is_str = (pa.types.is_string(ftype) or pa.types.is_large_string(ftype)
+                  or getattr(pa.types, "is_string_view", lambda _: False)(ftype))
+        is_bin = (pa.types.is_binary(ftype) or pa.types.is_large_binary(ftype)
+                  or getattr(pa.types, "is_binary_view", lambda _: False)(ftype))
         if not (is_str or is_bin):
             if total:
                 self._skip("not_text", f"{f.rel}: column '{field}' is {ftype}, not text", total)

@@ -140,6 +140,12 @@ def test_parquet_columns(tmp_path):
         prep(tmp_path, [{"name": "n", "path": "n.parquet", "text_field": "body"}])
     with pytest.raises(DataError, match="no column 'text'"):
         prep(tmp_path, [{"name": "m", "path": "b.parquet"}])
+    # pandas category / polars Categorical text (dictionary-encoded) and string_view columns are text too
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": pa.array(["one", "two", "one"]).dictionary_encode()}), tmp_path / "d.parquet")
+    pq.write_table(pa.table({"text": pa.array(["three"], type=pa.string_view())}), tmp_path / "v.parquet")
+    ds, _ = prep(tmp_path, [{"name": "d", "path": "d.parquet"}, {"name": "v", "path": "v.parquet"}])
+    assert texts(ds, 0) == ["one", "two", "one"] and texts(ds, 1) == ["three"]
 
 
 # --------------------------------------------------------------------------- filters
