@@ -600,7 +600,7 @@ def write(files: dict[str, str], out_dir: Path) -> None:
     foreign = [name for name in files if (out_dir / name).exists() and not _written_by_malt(out_dir / name)]
     if foreign:
         raise UserError(f"{out_dir} already holds {', '.join(foreign)} that malt did not write; compiling there would replace "
-                        f"{'them' if len(foreign) > 1 else 'it'}", "choose another output folder (-o / --run-dir), or move those files")
+                        f"{'them' if len(foreign) > 1 else 'it'}", "choose another output folder (-o / --run-dir), or move those files", code=2)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         target = out_dir / name

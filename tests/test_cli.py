@@ -225,7 +225,7 @@ def test_compile_never_replaces_files_malt_did_not_write(recipe, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "train.py").write_text("# my own training script\n")
     r = malt("compile", path, "-o", "mine")
-    assert r.exit_code != 0 and "mine already holds train.py that malt did not write" in r.output
+    assert r.exit_code == 2 and "mine already holds train.py that malt did not write" in r.output
     assert (tmp_path / "mine" / "train.py").read_text() == "# my own training script\n"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["train.py"]    # nothing written beside it
     (tmp_path / "a-file").write_text("x")
