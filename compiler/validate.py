@@ -455,6 +455,11 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             add(("model", "vocab_size"), f"the tokenizer has {tok_vocab} tokens but the model's vocabulary is {m.vocab_size}",
                 f"raise model.vocab_size to at least {tok_vocab}, or remove it to use the tokenizer's size")
 
+    name = getattr(r, "name", None)
+    if isinstance(name, str) and ("/" in name or "\\" in name or name.startswith(".")):
+        add(("name",), f"the run's name {name!r} names a folder (runs/NAME), so it may not contain '/' or start with '.'",
+            "use letters, digits, '.', '_' and '-', such as my-run-v1")
+
     # fields that another choice leaves unread
     tr = getattr(r, "train", None)
     if (tr is not None and ("train", "sample_prompt") in loaded.origins and tr.sample_tokens == 0

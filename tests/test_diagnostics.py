@@ -531,3 +531,8 @@ def test_more_fields_that_nothing_would_read(recipe, tmp_path):
     (tmp_path / "hf").mkdir()
     assert any("model.init_std: init_from gives every weight" in e
                for e in errors(recipe(), ["init_from=hf", "model.init_std=0.01"]))
+
+
+def test_a_run_name_may_not_leave_the_runs_folder(recipe):
+    assert "names a folder (runs/NAME), so it may not contain '/'" in one(recipe(), ["name=../escape"])
+    check(recipe(), ["name=my run v1"])  # spaces become '-' in the folder's name
