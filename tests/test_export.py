@@ -96,6 +96,9 @@ def test_export_loads_in_transformers_with_same_logits(trained, tmp_path):
     assert tok.decode(ids) == TEXT
     assert tok.eos_token == "<|endoftext|>"
     assert tok.eos_token_id == malt_tok.token_to_id("<|endoftext|>") == hf.config.eos_token_id
+    # text that spells the special token is text, as the data pipeline encodes it (encode_special_tokens)
+    malt_tok.encode_special_tokens = True
+    assert tok("a <|endoftext|> b")["input_ids"] == malt_tok.encode("a <|endoftext|> b", add_special_tokens=False).ids
 
     # the same weights: every tensor of the checkpoint is in the HF model (tied embeddings stored once)
     hf_params = dict(hf.named_parameters())
