@@ -294,7 +294,7 @@ def resolve(r: Recipe) -> Resolved:
             own = _merged_schedule(r.schedule, ph.schedule)
             changes.append("schedule")
             problems += schedule_field_problems(ph.schedule, own.decay, where + ("schedule",))
-            if n is not None:  # (a phase without a valid length is reported as such; its warmup waits for it)
+            if n:  # (a phase without a valid length, or shorter than a step, is reported as such; its warmup waits for it)
                 warm = steps_of(own.warmup, n)
                 if warm >= n:
                     problems.append((where + ("schedule", "warmup"), f"warmup ({warm} steps) is not shorter than the phase ({n} steps)",
