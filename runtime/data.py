@@ -1215,6 +1215,9 @@ class Dataset:
         w = self._weights / self._weights.sum()
         if drawn is None and run_tokens is not None:
             drawn = [run_tokens * wi for wi in w]
+        if drawn is not None and sum(drawn) > 0:  # the share of the run's tokens (phases may mix differently)
+            w = np.asarray(drawn, dtype=np.float64) / sum(drawn)
+        # documents: those kept (read minus skipped and filtered)
         head = ["source", "documents", "skipped", "filtered", "train tokens", "val tokens", "share"]
         if drawn is not None:
             head += ["drawn", "epochs"]
