@@ -412,15 +412,18 @@ def located_data_error(e: Exception, recipe, loaded):
     source's line in the recipe; None for any other error, which is then shown as it is."""
     from .diagnostics import Diagnostic, RecipeError
 
-    text = getattr(e, "message", None) or str(e)
-    m = re.match(r"source '([^']+)'", text)
     names = [s.name for s in recipe.data.sources]
-    if m is None or m.group(1) not in names:
-        return None
-    i = names.index(m.group(1))
-    message, _, fix = text.rpartition("; ") if "; " in text else (text, "", "")
-    hint = fix or "fix this source's path, text_field or filter"
-    return RecipeError([Diagnostic(f"data.sources.{i}", message, loaded.origin(("data", "sources", i)), hint=hint)])
+    found = []
+    for err in [e, *getattr(e, "others", [])]:  # prepare reports every source that yields no text
+        text = getattr(err, "message", None) or str(err)
+        m = re.match(r"source '([^']+)'", text)
+        if m is None or m.group(1) not in names:
+            return None
+        i = names.index(m.group(1))
+        message, _, fix = text.rpartition("; ") if "; " in text else (text, "", "")
+        hint = fix or "fix this source's path, text_field or filter"
+        found.append(Diagnostic(f"data.sources.{i}", message, loaded.origin(("data", "sources", i)), hint=hint))
+    return RecipeError(found)
 
 
 # objectives whose rows are seq_len + 1 raw tokens of a source (span_corruption and ul2 draw shorter raw rows,

@@ -735,6 +735,7 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
             token_views, infos = [], []
             prefix_masks: dict = {}  # source name -> PrefixMask (metadata conditioning)
             val_views: dict = {}  # source name -> (tokens, index files) of its validation file
+            empty: list[DataError] = []  # sources that yield no text
             for s, shards in plans:
                 seen: set | None = set() if s.dedupe else None
                 pending_hashes: list[_Shard] = []  # cached shards whose hashes a later shard may need
@@ -783,7 +784,7 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                         why.append(f"skipped {_counts(skipped)}")
                     if filtered:
                         why.append(f"filtered {_counts(filtered)}")
-                    raise DataError(
+                    empty.append(DataError(
                         f"source '{s.name}' ({s.describe()}) yields no text"
                         + (f": {totals['records']:,} records, " + "; ".join(why) if why
                            else (": no files" if not s.files() else ""))
@@ -791,7 +792,8 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                         + "; check the path"
                         + (f", text_field '{s.text_field}'" if not s.builtin and any(  # records with fields only
                             not f.rel.endswith((".txt", ".txt.gz", ".txt.zst")) for f in s.files()) else "")
-                        + (" and the filter" if s.filter or s.dedupe else ""))
+                        + (" and the filter" if s.filter or s.dedupe else "")))
+                    continue  # the other sources are still read: every empty one is reported at once
                 if built:
                     log(f"data: tokenized {s.name}: {totals['documents']:,} documents, {totals['chars']:,} characters"
                         f" -> {totals['tokens']:,} tokens in {time.time() - t0:.1f}s"
@@ -832,6 +834,9 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                               "index_files": [str(sh.index) for sh in shards],
                               **({"conditioning": dict(conditioning), "metadata": s.metadata, "control": s.control}
                                  if s.metadata or s.control else {})})
+            if empty:
+                empty[0].others = empty[1:]  # the CLI shows each at its source's line (cli.located_data_error)
+                raise empty[0]
     finally:
         if bar is not None:
             bar.close()

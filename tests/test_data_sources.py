@@ -383,3 +383,16 @@ def test_validation_files_and_per_source_losses_need_evaluation(tmp_path):
     path = recipe_with(tmp_path, {"sources": [{"name": "c", "path": "c.jsonl"}], "validation": "1%"},
                        train={"seq_len": 16, "global_batch": 4, "steps": 100, "eval_every": 0, "eval_per_source": True})
     assert any("train.eval_per_source: evaluation is off (train.eval_every is 0)" in e for e in errors_of(path))
+
+
+def test_every_source_that_yields_no_text_is_reported_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MALT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "c.jsonl").write_bytes(jsonl({"text": "some text " * 20} for _ in range(30)))
+    (tmp_path / "a.jsonl").write_bytes(b"{broken\n")
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe not utf-8\n")
+    path = recipe_with(tmp_path, {"sources": [{"name": "a", "path": "a.jsonl"}, {"name": "c", "path": "c.jsonl"},
+                                              {"name": "b", "path": "b.txt"}]})
+    res = CliRunner().invoke(app, ["prepare", str(path)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "error: data.sources.0: source 'a'" in res.output and "error: data.sources.2: source 'b'" in res.output
+    assert "2 errors" in res.output
