@@ -396,3 +396,15 @@ def test_every_source_that_yields_no_text_is_reported_at_once(tmp_path, monkeypa
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert "error: data.sources.0: source 'a'" in res.output and "error: data.sources.2: source 'b'" in res.output
     assert "2 errors" in res.output
+
+
+def test_tokenizer_training_splits_only_pathological_words():
+    """A run of more than LONGEST_WORD non-space characters is split for BPE training (its cost grows with the square
+    of a word's length); ordinary text reaches the trainer unchanged."""
+    from malt.runtime.tokenizer import LONGEST_WORD, _split_long_runs
+
+    text = "def f(x):\n    return x  # a normal line\n"
+    assert _split_long_runs(text) == text
+    long = "x" * (LONGEST_WORD * 2 + 5)
+    pieces = _split_long_runs("a " + long + " b").split(" ")
+    assert pieces[0] == "a" and pieces[-1] == "b" and [len(p) for p in pieces[1:-1]] == [LONGEST_WORD, LONGEST_WORD, 5]
