@@ -412,17 +412,20 @@ def located_data_error(e: Exception, recipe, loaded):
     source's line in the recipe; None for any other error, which is then shown as it is."""
     from .diagnostics import Diagnostic, RecipeError
 
-    names = [s.name for s in recipe.data.sources]
+    where = {s.name: ("data", "sources", i) for i, s in enumerate(recipe.data.sources)}
+    for k, ph in enumerate(recipe.phases):  # sources only a phase adds
+        for j, s in enumerate(ph.data.sources if ph.data and ph.data.sources else []):
+            where.setdefault(s.name, ("phases", k, "data", "sources", j))
     found = []
     for err in [e, *getattr(e, "others", [])]:  # prepare reports every source that yields no text
         text = getattr(err, "message", None) or str(err)
         m = re.match(r"source '([^']+)'", text)
-        if m is None or m.group(1) not in names:
+        if m is None or m.group(1) not in where:
             return None
-        i = names.index(m.group(1))
+        path = where[m.group(1)]
         message, _, fix = text.rpartition("; ") if "; " in text else (text, "", "")
         hint = fix or "fix this source's path, text_field or filter"
-        found.append(Diagnostic(f"data.sources.{i}", message, loaded.origin(("data", "sources", i)), hint=hint))
+        found.append(Diagnostic(".".join(map(str, path)), message, loaded.origin(path), hint=hint))
     return RecipeError(found)
 
 

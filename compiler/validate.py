@@ -436,7 +436,8 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             elif not tok_text:
                 add(("tokenizer", "add_special_tokens", i), "a special token must not be empty", "remove the empty entry")
         if r.data is not None:
-            names = [s.name for s in r.data.sources]
+            names = [s.name for s in r.data.sources] + [s.name for ph in (getattr(r, "phases", None) or [])  # phase-only too
+                                                        for s in (ph.data.sources if ph.data and ph.data.sources else [])]
             for i, name in enumerate(t.train_on):
                 if name not in names:
                     guess = did_you_mean(name, names)

@@ -408,3 +408,19 @@ def test_tokenizer_training_splits_only_pathological_words():
     long = "x" * (LONGEST_WORD * 2 + 5)
     pieces = _split_long_runs("a " + long + " b").split(" ")
     assert pieces[0] == "a" and pieces[-1] == "b" and [len(p) for p in pieces[1:-1]] == [LONGEST_WORD, LONGEST_WORD, 5]
+
+
+def test_phase_only_sources_can_train_the_tokenizer_and_are_located(tmp_path, monkeypatch):
+    """tokenizer.train_on may name a source that only a phase adds (the runtime trains on it already); a data
+    problem of such a source is shown at its line inside the phase."""
+    monkeypatch.setenv("MALT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "c.jsonl").write_bytes(jsonl({"text": "some text " * 20} for _ in range(30)))
+    (tmp_path / "x.txt").write_text("short\n")
+    path = recipe_with(tmp_path, {"sources": [{"name": "c", "path": "c.jsonl"}], "validation": 0},
+                       tokenizer={"kind": "bpe", "vocab_size": 300, "train_on": ["c", "x"]},
+                       phases=[{"name": "main", "share": "80%"},
+                               {"name": "late", "share": "20%", "data": {"sources": [{"name": "x", "path": "x.txt"}],
+                                                                         "weights": {"x": 1.0}}}])
+    check(path)
+    res = CliRunner().invoke(app, ["data", str(path)])
+    assert res.exit_code == 2 and "error: phases.1.data.sources.0: source 'x' has" in res.output, res.output
