@@ -727,8 +727,15 @@ def validate(loaded: Loaded) -> Recipe:
         problems += _cross_checks(_valid_sections(tree, err), loaded)
         raise RecipeError(_in_order(problems, loaded))
     problems += _cross_checks(recipe, loaded)
-    if not problems:  # these assume a recipe whose other parts are consistent (they would repeat its problems otherwise)
+    if not problems:
         problems += _phase_checks(recipe, loaded)
+    elif recipe.phases:  # with other problems: the phases' own ones in the same round (not what an implicit phase restates)
+        try:
+            found = _phase_checks(recipe, loaded)
+        except Exception:  # noqa: BLE001  (they assume the rest is consistent; shown once the other problems are fixed)
+            found = []
+        seen = {(d.path, d.message) for d in problems}
+        problems += [d for d in found if d.path.startswith("phases") and (d.path, d.message) not in seen]
     gone = loaded.resuming and recipe.init_from is not None and not (loaded.base_dir / recipe.init_from.path).exists()
     if recipe.init_from is not None and not gone:  # the checkpoint against the model: its own problems, with the rest
         # (malt run --resume continues the run's own checkpoints: a first start's init_from may be gone by then)

@@ -536,3 +536,10 @@ def test_more_fields_that_nothing_would_read(recipe, tmp_path):
 def test_a_run_name_may_not_leave_the_runs_folder(recipe):
     assert "names a folder (runs/NAME), so it may not contain '/'" in one(recipe(), ["name=../escape"])
     check(recipe(), ["name=my run v1"])  # spaces become '-' in the folder's name
+
+
+def test_phase_problems_come_with_the_rest(recipe):
+    """A recipe with a model problem and a phase problem reports both in one round."""
+    text = BASE.replace("  steps: 10", "  steps: 10\nphases:\n  - {name: a, share: 50%}\n  - {name: b, share: 30%}")
+    out = errors(recipe(text, n_heads="n_heads: 5"), [])
+    assert any("model.n_heads" in o for o in out) and any("phases: the phases' shares add up to 80%" in o for o in out), out
