@@ -86,7 +86,14 @@ def changed_fields(old_lock: str | None, new_lock: str | None, limit: int = 6) -
         old, new = flat(yaml.safe_load(old_lock or "") or {}), flat(yaml.safe_load(new_lock or "") or {})
     except yaml.YAMLError:
         return []
-    keys = [k for k in dict.fromkeys([*old, *new]) if not k.startswith("target.") and old.get(k) != new.get(k)]
+    from .plan import HASH_FREE_TRAIN
+
+    def hashed(k: str) -> bool:  # what the recipe hash covers: not target, not the train fields that only watch the run
+        parts = k.split(".")
+        train = parts[1:] if parts[0] == "train" else parts[3:] if parts[0] == "phases" and parts[2:3] == ["train"] else None
+        return parts[0] != "target" and not (train and train[0] in HASH_FREE_TRAIN)
+
+    keys = [k for k in dict.fromkeys([*old, *new]) if hashed(k) and old.get(k) != new.get(k)]
     shown = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}" for k in keys[:limit]]
     return shown + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
 

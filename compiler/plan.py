@@ -231,6 +231,9 @@ DEFAULTS_VERSION = 1
 # train fields that change neither the batches nor the updates (evaluation, logging, checkpoints, the final sample)
 MONITORING = ("checkpoint_format", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "eval_per_source",
               "log_every", "sample_tokens", "sample_prompt")
+# train fields the recipe hash leaves out: MONITORING, and how a device's share of the batch is split into
+# micro-batches (the batches are the same for any split, and another number of devices may need another)
+HASH_FREE_TRAIN = (*MONITORING, "micro_batch")
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -240,8 +243,13 @@ def recipe_hash(recipe: Recipe) -> str:
     the hashes of existing runs, so they resume after an upgrade. ``DEFAULTS_VERSION`` stands for the defaults."""
     data = recipe.model_dump(mode="json", exclude_defaults=True)
     data.pop("target", None)
-    for key in MONITORING:  # how the run is watched and saved, not what it trains: a resumed run may change them
+    for key in HASH_FREE_TRAIN:  # how the run is watched, saved and split, not what it trains: a resume may change them
         data.get("train", {}).pop(key, None)
+        for ph in data.get("phases") or []:
+            (ph.get("train") or {}).pop(key, None)
+    for ph in data.get("phases") or []:
+        if ph.get("train") == {}:  # a phase that only set such fields trains as if it set none
+            ph.pop("train")
     blob = json.dumps({"defaults": DEFAULTS_VERSION, "recipe": data}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

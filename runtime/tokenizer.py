@@ -202,7 +202,7 @@ def build_tokenizer(tspec: dict, sources: list[Source], cache_dir: Path, base_di
                                 f"sources are: {', '.join(by_name)}")
         train_sources = [by_name[n] for n in names]
         max_chars = int(tspec.get("max_chars") or 20_000_000)
-        key.update(vocab_size=vocab_size, max_chars=max_chars,
+        key.update(vocab_size=vocab_size, max_chars=max_chars, longest_word=LONGEST_WORD,  # how the training text is read
                    train_on=[[s.name, s.fingerprint()] for s in train_sources])
     elif kind == "file":
         if not tspec.get("path"):

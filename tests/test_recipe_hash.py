@@ -31,3 +31,20 @@ def test_what_is_trained_changes_the_hash(tmp_path):
     changed = {_hash(recipe, [s]) for s in ["data.packing=document", "optimizer.lr=1e-3", "train.seq_len=64",
                                             "seed=8", "objective.kind=prefix_lm", "train.global_batch=16"]}
     assert base not in changed and len(changed) == 6
+
+
+def test_the_micro_batch_split_is_not_in_the_hash(tmp_path):
+    """Another number of devices may need another micro_batch: the batches are the same, so the hash is."""
+    recipe = write_tiny_recipe(tmp_path / "r")
+    base = _hash(recipe)
+    assert _hash(recipe, ["train.micro_batch=2"]) == _hash(recipe, ["train.micro_batch=auto"]) == base
+    phased = ["phases=[{name: a, share: 50%}, {name: b, share: 50%}]"]
+    assert _hash(recipe, phased) == _hash(recipe, [*phased, "phases.1.train={micro_batch: 2}"])
+
+
+def test_a_refused_resume_names_only_what_the_hash_covers():
+    from malt.compiler.cli import changed_fields
+
+    old = "train: {steps: 20, log_every: 10, micro_batch: auto}\ntarget: {devices: 1}\noptimizer: {lr: 0.001}\n"
+    new = "train: {steps: 21, log_every: 5, micro_batch: 8}\ntarget: {devices: 2}\noptimizer: {lr: 0.001}\n"
+    assert changed_fields(old, new) == ["train.steps: 20 → 21"]
