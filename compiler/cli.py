@@ -340,7 +340,7 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
 
             if importlib.util.find_spec("torch_xla") is None:
                 raise UserError("this recipe trains on a TPU (target.accelerator: tpu), and torch-xla is not installed here",
-                                "pip install 'malt[tpu]' (torch 2.9.0 with torch-xla 2.9.0), "
+                                "install malt's tpu extra: pip install -e '.[tpu]' in malt's checkout (torch 2.9.0 with torch-xla 2.9.0), "
                                 "or train on this machine: --set target.accelerator=cpu --set target.chip=auto", code=2)
         if p.device != "tpu":  # the TPU program prepares its data itself (torch-xla's environment)
             # data first, in this process: a problem with a source is shown at its line in the recipe, and is one

@@ -387,7 +387,7 @@ class TrainSpec(Section):
 
 
 class TargetSpec(Section):
-    accelerator: Literal["auto", "cpu", "cuda", "tpu"] = "auto"  # tpu: torch-xla (pip install 'malt[tpu]'), never chosen by auto
+    accelerator: Literal["auto", "cpu", "cuda", "tpu"] = "auto"  # tpu: torch-xla (malt's tpu extra), never chosen by auto
     devices: Int = Field(default=1, gt=0)                    # processes, one per device (torchrun); on cpu, gloo processes
     parallelism: Literal["auto", "single", "ddp", "fsdp", "hsdp"] = "auto"  # hsdp: FSDP2 within a node, replicas across nodes
     precision: Literal["auto", "fp32", "bf16", "pure_bf16"] = "auto"  # bf16: autocast, fp32 master weights; pure_bf16: bf16 weights and state

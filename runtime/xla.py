@@ -1,6 +1,6 @@
 """TPU support for generated programs (``target.accelerator: tpu``), through torch-xla.
 
-torch-xla 2.9 pairs with torch 2.9 only: install both with ``pip install 'malt[tpu]'``
+torch-xla 2.9 pairs with torch 2.9 only: install both with malt's tpu extra (``pip install -e '.[tpu]'`` in malt's checkout)
 (see README). The generated program itself uses torch-xla's idioms in the open
 (``torch_xla.device()``, ``torch_xla.sync()`` after each optimizer step, an SPMD
 mesh); this module holds what every TPU program shares:
@@ -36,7 +36,7 @@ try:
     from torch_xla.distributed import parallel_loader
 except ImportError as e:  # the program is started before anything could catch a RunError
     print(f"error: this program was compiled for tpu and needs torch-xla ({e})\n"
-          "    hint: pip install 'malt[tpu]' (torch 2.9.0 with torch-xla 2.9.0), or compile for this machine: "
+          "    hint: pip install -e '.[tpu]' in malt's checkout (torch 2.9.0 with torch-xla 2.9.0), or compile for this machine: "
           "--set target.accelerator=cpu (or auto)", file=sys.stderr)
     raise SystemExit(2)
 
@@ -57,7 +57,7 @@ def setup(devices: int):
         found, kind = xr.global_runtime_device_count(), xr.device_type()
     except (RuntimeError, OSError) as e:  # such as PJRT_DEVICE=TPU without libtpu
         raise RunError(f"XLA could not start its {os.environ.get('PJRT_DEVICE', 'default')} backend: {str(e).splitlines()[0]}",
-                       "on a TPU host, check that libtpu is installed (pip install 'malt[tpu]'); PJRT_DEVICE=CPU runs on the CPU")
+                       "on a TPU host, check that libtpu is installed (malt's tpu extra: pip install -e '.[tpu]'); PJRT_DEVICE=CPU runs on the CPU")
     if kind != "TPU" and not PJRT_CHOSEN:  # torch-xla fell back to another backend by itself
         raise RunError(f"this program was compiled for tpu, but XLA finds no TPU here (it would run on {kind})",
                        "run it on a TPU host, or set PJRT_DEVICE=CPU to run it on this CPU anyway (slowly; the tests do)")

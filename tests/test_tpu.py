@@ -125,7 +125,7 @@ def test_tpu_program_without_torch_xla_says_how_to_install(make_recipe, tmp_path
             f"runpy.run_path({str(tmp_path / 'out' / 'train.py')!r}, run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert "needs torch-xla" in r.stderr and "pip install 'malt[tpu]'" in r.stderr and "Traceback" not in r.stderr
+    assert "needs torch-xla" in r.stderr and "pip install -e '.[tpu]'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_malt_run_for_tpu_without_torch_xla_stops_before_preparing_data(make_recipe, tmp_path):
@@ -141,5 +141,5 @@ def test_malt_run_for_tpu_without_torch_xla_stops_before_preparing_data(make_rec
     r = subprocess.run([sys.executable, "-m", "malt.compiler.cli", "run", str(recipe), "--run-dir", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "torch-xla is not installed" in r.stderr and "pip install 'malt[tpu]'" in r.stderr and "Traceback" not in r.stderr
+    assert "torch-xla is not installed" in r.stderr and "pip install -e '.[tpu]'" in r.stderr and "Traceback" not in r.stderr
     assert not cache.exists() or not any(cache.rglob("*.npy"))
