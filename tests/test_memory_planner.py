@@ -108,17 +108,18 @@ def test_activation_bytes_by_hand():
     assert activation_bytes(2, 8, 16, 3, 8, 32, 100, "fp32", "selective") == t * (3 * attn + mlp) + chunked_head
     assert activation_bytes(2, 8, 16, 3, 8, 32, 100, "fp32", "full") == t * (3 * 16 * w + attn + mlp) + chunked_head
     # compiled: the whole fp32 logits and their gradient
-    assert activation_bytes(2, 8, 16, 3, 8, 32, 100, "fp32", loss_chunk=None) == t * 3 * (attn + mlp) + t * (16 * w + 2 * 100 * 4)
+    # compiled: the loss fused with the head keeps about one (tokens, vocab) tensor in the compute dtype
+    assert activation_bytes(2, 8, 16, 3, 8, 32, 100, "fp32", loss_chunk=None) == t * 3 * (attn + mlp) + t * (16 * w + 100 * w)
 
 
 def test_chunked_loss_is_counted_as_chunked(recipe):
-    # 124M at seq 2048, micro_batch 8: the whole logits would be 16k tokens × 32k vocab × 8 bytes = 4 GiB
+    # 124M at seq 2048, micro_batch 8: compiled, one bf16 (tokens, vocab) tensor, 16k × 32k × 2 bytes = 1 GiB
     eager = planned(recipe, "124M", "h100", extra=["train.micro_batch=8"])
     compiled = planned(recipe, "124M", "h100", extra=["train.micro_batch=8", "target.compile=on"])
     gap = compiled.estimates["memory_per_device_bytes"]["activations"] - eager.estimates["memory_per_device_bytes"]["activations"]
     tokens = 8 * 2048
     eager_fp32 = tokens * 12 * AUTOCAST_FP32_PER_LAYER * 768   # the fp32 tensors eager bf16 autocast keeps (12 layers); compiled: fused
-    assert gap == tokens * 2 * 32000 * 4 - (tokens * 768 * 4 + 32000 * 768 * 4 + 512 * 32000 * 6) - eager_fp32
+    assert gap == tokens * 32000 * 2 - (tokens * 768 * 4 + 32000 * 768 * 4 + 512 * 32000 * 6) - eager_fp32
 
 
 def test_explicit_attention_masks_are_counted(recipe):
