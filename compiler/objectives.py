@@ -376,8 +376,8 @@ def teacher_costs(plan) -> dict | None:
     """Distillation: the frozen teacher's parameters, forward FLOPs (per token and per phase) and memory; None without one.
 
     The teacher runs forward only: 2 × matmul params + 4 × n_layers × n_heads × head_dim × seq_len FLOPs per token
-    (a third of PaLM's training count). Memory: its weights (fp32, plus autocast's bf16 copies), and the logits the
-    distillation loss keeps whole: the teacher's, and the student's with their gradient (fp32, one micro-batch).
+    (a third of PaLM's training count). Memory: its weights (teacher_weight_bytes), and the logits the
+    distillation loss keeps whole (distill_logits_bytes, one micro-batch).
     Under fsdp / hsdp each device keeps its shard of the teacher's weights (the bf16 copies are per block, transient).
     """
     from .estimates import param_counts
@@ -394,15 +394,36 @@ def teacher_costs(plan) -> dict | None:
 
     distilling = [ph for ph in plan.phases if phase_objective(plan.recipe, ph.index).kind == "distill"]
     phase_flops = {ph.name: per_token(ph.seq_len) * ph.steps * ph.tokens_per_step for ph in distilling}
-    # fp32 weights (with autocast's bf16 copies in bf16); pure_bf16 casts the teacher to bf16
-    weights = counts["params"] * (2 if plan.master_weights == "bf16" else 6 if plan.precision == "bf16" else 4)
-    if plan.parallelism in ("fsdp", "hsdp"):  # sharded like the student (distributed.shard_frozen): one shard per device
-        weights //= (plan.world or 1) // (plan.recipe.target.nodes if plan.parallelism == "hsdp" else 1)
+    weights = teacher_weight_bytes(plan)
     logits = max((distill_logits_bytes(plan, ph.micro_batch, ph.seq_len) for ph in distilling), default=0)
     return {"params": counts["params"], "flops_per_token": per_token(plan.recipe.train.seq_len), "phase_flops": phase_flops,
             "flops": sum(phase_flops.values()), "weights_bytes": weights, "logits_bytes": logits}
 
 
+def teacher_weight_bytes(plan) -> int:
+    """The frozen teacher's weights on one device (0 without a teacher): fp32 (autocast caches bf16 copies only of
+    weights that need gradients, not a frozen teacher's), bf16 under pure_bf16; sharded like the student under
+    fsdp/hsdp (distributed.shard_frozen). Needs plan.precision and plan.parallelism decided."""
+    t = plan.teacher
+    if t is None:
+        return 0
+    from .estimates import param_counts
+
+    counts = param_counts(t["d_model"], t["n_layers"], t["n_heads"], t["n_kv_heads"], t["d_model"] // t["n_heads"], t["d_ff"],
+                          t["vocab"], t["tie_embeddings"], t["qkv_bias"])
+    weights = counts["params"] * (2 if plan.master_weights == "bf16" else 4)
+    if plan.parallelism in ("fsdp", "hsdp"):
+        weights //= (plan.world or 1) // (plan.recipe.target.nodes if plan.parallelism == "hsdp" else 1)
+    return weights
+
+
+# bytes per token and vocabulary entry a distillation step keeps (measured on tiny-distill with vocab 32,000, bf16
+# autocast, tools of tests/test_memory_estimate.py): the teacher's logits (4: fp32 softmax kept for the KL's
+# backward), the student's 13 (its logits in the compute dtype, the fp32 copy cross-entropy keeps, the two fp32
+# log-softmax outputs and the gradient); was 4 + 8, which planned 0.79 of the measured peak
+DISTILL_TEACHER_BYTES, DISTILL_STUDENT_BYTES = 4, 13
+
+
 def distill_logits_bytes(plan, micro_batch: int, seq_len: int) -> int:
-    """The logits a distillation micro-batch keeps whole: the teacher's, and the student's with their gradient (fp32)."""
-    return micro_batch * seq_len * (plan.teacher["vocab"] + 2 * plan.padded_vocab) * 4
+    """The logits a distillation micro-batch keeps whole: the teacher's, and the student's with what its two losses keep."""
+    return micro_batch * seq_len * (plan.teacher["vocab"] * DISTILL_TEACHER_BYTES + plan.padded_vocab * DISTILL_STUDENT_BYTES)

@@ -219,3 +219,36 @@ def test_detected_gpu_memory_wins_over_the_table(recipe):
     assert "NVIDIA H100 PCIe (detected)" in next(d.reason for d in p.decisions if d.name == "micro_batch")
     named, _ = make_plan(recipe, BASE + SIZES["1.3B"] + ["target.chip=h100"], host=gpu)  # a named chip: its table entry
     assert named.estimates["memory_budget_bytes"] == 80 * GiB
+
+
+def test_a_distillation_teacher_is_in_the_auto_choices(tmp_path):
+    """A 7B teacher for a 124M student: its weights count 4 bytes a parameter (frozen: autocast keeps no bf16 copy),
+    parallelism auto shards when student and teacher do not fit replicated, and checkpointing auto counts them too."""
+    import json
+
+    from malt.compiler.objectives import teacher_weight_bytes
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}))
+    (teacher / "model.safetensors").write_bytes(b"")
+    recipe = write_tiny_recipe(tmp_path / "r")
+    recipe.write_text(recipe.read_text() + f"objective: {{kind: distill, teacher: {teacher}, weight: 50%}}\n")
+    p = planned(recipe, "124M", "a100-40gb", devices=2)
+    t = p.teacher
+    assert teacher_weight_bytes(p) * (2 if p.parallelism == "fsdp" else 1) == p.estimates["teacher_params"] * 4
+    assert p.parallelism == "fsdp" and "with the distillation teacher's weights" in next(
+        d.reason for d in p.decisions if d.name == "parallelism")
+    assert t["n_layers"] == 32
+    from malt.compiler.objectives import distill_logits_bytes
+    from malt.compiler.passes.choose_checkpointing import fits
+    from malt.compiler.passes.estimate import activations, states
+
+    one = planned(recipe, "124M", "a100-40gb", extra=["train.global_batch=8"])
+    _, peak = fits(one, "none")  # what checkpointing auto weighs: the teacher's weights and logits included
+    mb = one.phases[0].micro_batch
+    assert peak == (sum(states(one).values()) + teacher_weight_bytes(one) + activations(one, mb, 2048, checkpointing="none")
+                    + distill_logits_bytes(one, mb, 2048))

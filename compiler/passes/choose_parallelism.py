@@ -3,6 +3,7 @@ or HSDP (FSDP2 over a 2-D mesh: sharded within a node, replicated across nodes).
 
 from __future__ import annotations
 
+from ..objectives import teacher_weight_bytes
 from ..plan import Plan
 from .estimate import memory_of, states
 
@@ -33,18 +34,22 @@ def run(plan: Plan) -> Plan:
         return plan.decide("parallelism", "ddp", f"auto with optimizer galore: its projector needs each weight's whole gradient, "
                            f"so DDP over {n} devices{on} (FSDP would shard them)", parallelism="ddp", world=n, nodes=nodes)
     budget, where = memory_of(plan)
-    replicated = sum(states(plan.decide("parallelism", "ddp", "", parallelism="ddp", world=n)).values())
+    state = "weights, gradients and AdamW state" + (" with the distillation teacher's weights" if plan.teacher else "")
+    # the training state, and a distillation teacher's weights (replicated under DDP like the student's)
+    replicated = sum(states(plan.decide("parallelism", "ddp", "", parallelism="ddp", world=n)).values()) + teacher_weight_bytes(
+        plan.decide("parallelism", "ddp", "", parallelism="ddp", world=n))
     if replicated <= REPLICA_SHARE * budget:
-        why = (f"auto: weights, gradients and AdamW state ({replicated / 2**30:.2f} GiB) fit in {REPLICA_SHARE:.0%} of one "
+        why = (f"auto: {state} ({replicated / 2**30:.2f} GiB) fit in {REPLICA_SHARE:.0%} of one "
                f"device ({where}): replicate with DDP over {n} devices{on}")
         return plan.decide("parallelism", "ddp", why, parallelism="ddp", world=n, nodes=nodes)
     if nodes > 1 and t.devices > 1:
-        per_node = sum(states(plan.decide("parallelism", "hsdp", "", parallelism="hsdp", world=n)).values())
+        hsdp = plan.decide("parallelism", "hsdp", "", parallelism="hsdp", world=n, nodes=nodes)
+        per_node = sum(states(hsdp).values()) + teacher_weight_bytes(hsdp)
         if per_node <= REPLICA_SHARE * budget:
-            why = (f"auto: weights, gradients and AdamW state ({replicated / 2**30:.2f} GiB) exceed {REPLICA_SHARE:.0%} of one "
+            why = (f"auto: {state} ({replicated / 2**30:.2f} GiB) exceed {REPLICA_SHARE:.0%} of one "
                    f"device ({where}), sharded over a node's {t.devices} devices they fit: HSDP, sharded within each node and "
                    f"replicated across the {nodes} nodes (all-gathers stay inside a node)")
             return plan.decide("parallelism", "hsdp", why, parallelism="hsdp", world=n, nodes=nodes)
-    why = (f"auto: weights, gradients and AdamW state ({replicated / 2**30:.2f} GiB) exceed {REPLICA_SHARE:.0%} of one "
+    why = (f"auto: {state} ({replicated / 2**30:.2f} GiB) exceed {REPLICA_SHARE:.0%} of one "
            f"device ({where}): shard them with FSDP2 over {n} devices{on}")
     return plan.decide("parallelism", "fsdp", why, parallelism="fsdp", world=n, nodes=nodes)
