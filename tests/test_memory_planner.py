@@ -123,14 +123,15 @@ def test_chunked_loss_is_counted_as_chunked(recipe):
 
 
 def test_explicit_attention_masks_are_counted(recipe):
-    """The CPU's document mask (batch, 1, T, T) bool is kept for the backward; causal SDPA keeps none."""
+    """The CPU's document mask (batch, 1, T, T) bool is kept for the backward, and each layer keeps SDPA's fp32 copy
+    of it; causal SDPA keeps none."""
     sets = ["train.seq_len=256", "train.global_batch=8", "train.micro_batch=4", "target.accelerator=cpu",
             "target.precision=fp32", "target.compile=off"]
     concat, _ = make_plan(recipe, sets, host=Host())
     packed, _ = make_plan(recipe, [*sets, "data.packing=document"], host=Host())
     assert (concat.attention, packed.attention) == ("sdpa_causal", "sdpa_mask")
     gap = packed.estimates["memory_per_device_bytes"]["activations"] - concat.estimates["memory_per_device_bytes"]["activations"]
-    assert gap == 4 * 256 * 256
+    assert gap == 4 * 256 * 256 * (1 + 4 * packed.n_layers)
 
 
 def test_checkpointing_adds_recompute_time(recipe):

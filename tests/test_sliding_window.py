@@ -242,10 +242,13 @@ def test_memory_counts_the_explicit_mask(make_recipe, tmp_path):
     docs, _ = make_plan(make_recipe({"model": {"sliding_window": W}, "data": {"packing": "document"}},
                                     directory=tmp_path / "d"), host=Host())
     flex, _ = make_plan(make_recipe({"model": {"sliding_window": W}}, directory=tmp_path / "f"), CUDA, host=H100)
-    assert mask_bytes(concat, 4, 32) == 32 * 32              # (1, 1, T, T): the same for every row
-    assert mask_bytes(docs, 4, 32) == 4 * 32 * 32            # (batch, 1, T, T): each row's documents
-    assert mask_bytes(flex, 4, 32) == 0                      # a block mask, no (T, T) tensor
-    assert activations(concat, 4, 32) - activations(flex, 4, 32) == 32 * 32
+    # the bool mask, and the copy in the compute dtype SDPA keeps in each layer (fp32 here: 4 bytes)
+    per_element = 1 + 4 * concat.n_layers
+    assert concat.precision == "fp32" and mask_bytes(concat, 4, 32) == 32 * 32 * per_element  # (1, 1, T, T): every row's
+    assert mask_bytes(docs, 4, 32) == 4 * 32 * 32 * per_element       # (batch, 1, T, T): each row's documents
+    assert mask_bytes(docs, 4, 32, "full") == 4 * 32 * 32 * (1 + 4)   # recomputed: one layer's copy at a time
+    assert mask_bytes(flex, 4, 32) == 0                                # a block mask, no (T, T) tensor
+    assert activations(concat, 4, 32) - activations(flex, 4, 32) == 32 * 32 * per_element
     assert concat.estimates["memory_per_device_bytes"]["activations"] == activations(concat, concat.micro_batch, 32)
 
 

@@ -29,15 +29,20 @@ def memory_of(plan: Plan) -> tuple[int, str]:
     return chip.memory_bytes, chip.name
 
 
-def mask_bytes(plan: Plan, micro_batch: int, seq_len: int) -> int:
+def mask_bytes(plan: Plan, micro_batch: int, seq_len: int, checkpointing: str = "none") -> int:
     """The attention mask a micro-batch builds once and every layer keeps for its backward (choose_attention):
     sdpa_mask, a (batch, 1, T, T) bool block mask (documents, prefixes; a sliding window with concat packing is
-    the same for every row: (1, 1, T, T)); sdpa_alibi, the (batch, heads, T, T) fp32 ALiBi bias with padding
-    at -inf (ELECTRA's generator has its own). Causal SDPA, FlexAttention's block mask and unmasked encoders
-    keep no (T, T) tensor."""
+    the same for every row: (1, 1, T, T)), plus the copy in the compute dtype that scaled_dot_product_attention
+    makes of a bool mask in each layer and keeps for that layer's backward (measured on this CPU: 8 MiB a layer
+    at 4 × 1024² in bf16; with full checkpointing one layer's at a time); sdpa_alibi, the (batch, heads, T, T)
+    fp32 ALiBi bias with padding at -inf (ELECTRA's generator has its own). Causal SDPA, FlexAttention's block
+    mask and unmasked encoders keep no (T, T) tensor."""
     if plan.attention == "sdpa_mask":
         shared = plan.recipe.model.sliding_window is not None and plan.recipe.data.packing == "concat"
-        return (1 if shared else micro_batch) * seq_len * seq_len
+        elements = (1 if shared else micro_batch) * seq_len * seq_len
+        width = 2 if plan.precision == "bf16" else 4
+        layers = 1 if checkpointing == "full" else (plan.n_layers or plan.recipe.model.n_layers)
+        return elements * (1 + width * layers)
     if plan.attention == "sdpa_alibi":
         biases = 2 if plan.recipe.objective.kind == "rtd" else 1
         return biases * micro_batch * plan.recipe.model.n_heads * seq_len * seq_len * 4
@@ -48,8 +53,9 @@ def activations(plan: Plan, micro_batch: int, seq_len: int, checkpointing: str |
     """activation_bytes for this plan's model at one batch shape (default: the plan's activation checkpointing),
     with its attention mask (mask_bytes)."""
     m = plan.recipe.model
-    return mask_bytes(plan, micro_batch, seq_len) + activation_bytes(micro_batch, seq_len, m.d_model, n_layers or plan.n_layers or m.n_layers, plan.n_kv_heads * plan.head_dim,
-                            plan.d_ff, plan.padded_vocab, plan.precision, checkpointing or plan.activation_checkpointing,
+    checkpointing = checkpointing or plan.activation_checkpointing
+    return mask_bytes(plan, micro_batch, seq_len, checkpointing) + activation_bytes(micro_batch, seq_len, m.d_model, n_layers or plan.n_layers or m.n_layers, plan.n_kv_heads * plan.head_dim,
+                            plan.d_ff, plan.padded_vocab, plan.precision, checkpointing,
                             None if plan.compile or plan.device == "tpu" else LOSS_CHUNK)
 
 
