@@ -165,3 +165,20 @@ def test_plan_is_deterministic(recipe):
     assert list(a.passes) == ["resolve_shape", "pad_vocab", "run_length", "resolve_objective", "choose_device", "choose_precision",
                               "choose_parallelism", "choose_checkpoint_format", "choose_compile", "choose_attention", "choose_loss",
                               "choose_optimizer", "choose_checkpointing", "batch_split", "estimate"]
+
+
+def test_cpu_processes_share_the_machines_compute_in_the_time_estimate():
+    """target.devices on a CPU starts processes that share its cores: the estimate does not divide by them
+    (it was 2× optimistic for 2 processes); GPUs each bring their own."""
+    from pathlib import Path
+
+    from malt.compiler.api import plan as make_plan
+    from malt.compiler.plan import Host
+
+    tiny = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
+    one, _ = make_plan(tiny, ["target.accelerator=cpu"], host=Host())
+    two, _ = make_plan(tiny, ["target.accelerator=cpu", "target.devices=2"], host=Host())
+    assert two.estimates["estimated_seconds"] == one.estimates["estimated_seconds"]
+    g1, _ = make_plan(tiny, ["target.accelerator=cuda"], host=Host())
+    g2, _ = make_plan(tiny, ["target.accelerator=cuda", "target.devices=2"], host=Host())
+    assert abs(g2.estimates["estimated_seconds"] * 2 / g1.estimates["estimated_seconds"] - 1) < 1e-3

@@ -139,7 +139,10 @@ def run(plan: Plan) -> Plan:
     mfu = chip.default_mfu if r.target.mfu == "auto" else r.target.mfu
     peak = chip.peak_flops[plan.precision]
     recompute = recompute_flops(plan) * (sum(ph.steps * ph.tokens_per_step for ph in plan.phases) if plan.phases else plan.tokens)
-    seconds = (total + recompute) / (peak * mfu * plan.world)  # MFU counts model FLOPs; recomputed ones take time too
+    # MFU counts model FLOPs; recomputed ones take time too. CPU processes of one machine share its cores (the
+    # chip's peak is the machine's), so they add no compute; devices of any other kind each bring their own
+    engines = plan.nodes if plan.device == "cpu" else plan.world
+    seconds = (total + recompute) / (peak * mfu * engines)
     est = {
         **{k: counts[k] for k in ("params", "params_non_embedding", "params_embedding", "params_head", "matmul_params")},
         **({"params_generator": counts["params_generator"]} if "params_generator" in counts else {}),  # ELECTRA's, in params
