@@ -73,7 +73,8 @@ def smallest_fix(plan: Plan) -> tuple[str, Plan] | None:
     if plan.world > 1 and plan.parallelism in ("ddp", "hsdp"):
         p = _replan(plan, target={"parallelism": "fsdp"}, train={"micro_batch": "auto"})
         if fits(p):
-            return f"FSDP: target.parallelism: fsdp (shards weights, gradients and AdamW state over the {plan.world} devices)", p
+            return (f"FSDP: target.parallelism: fsdp (shards weights, gradients and AdamW state over the {plan.world} devices)"
+                    + _also(plan, p)), p
     more = {"parallelism": "fsdp", "activation_checkpointing": "auto"}
     if plan.device == "tpu":  # one host's chips in one SPMD program (the TPU program has no nodes)
         layouts = [(1, d) for d in (2 ** k for k in range(1, 9)) if d > t.devices]
@@ -87,8 +88,21 @@ def smallest_fix(plan: Plan) -> tuple[str, Plan] | None:
         p = _replan(plan, target={**more, "nodes": nodes, "devices": devices}, train={"micro_batch": "auto"})
         if fits(p):
             where = f"target.devices: {devices}" if nodes == 1 else f"target.nodes: {nodes} with target.devices: {devices}"
-            return f"more devices: {where} and target.parallelism: fsdp ({world} devices, {human_bytes(peak(p))} each)", p
+            return (f"more devices: {where} and target.parallelism: fsdp ({world} devices, {human_bytes(peak(p))} each)"
+                    + _also(plan, p)), p
     return None
+
+
+def _also(before: Plan, after: Plan) -> str:
+    """The other settings a suggested fix relied on (it re-plans micro_batch and checkpointing as auto): named, so
+    that applying the hint as written fits."""
+    changes = []
+    if before.recipe.train.micro_batch != "auto" and after.micro_batch != before.micro_batch:
+        changes.append(f"train.micro_batch: {after.micro_batch} (or auto)")
+    if after.activation_checkpointing != before.activation_checkpointing:
+        changes.append(f"target.activation_checkpointing: {after.activation_checkpointing}"
+                       + (" (or auto)" if before.recipe.target.activation_checkpointing != "auto" else ""))
+    return ", with " + " and ".join(changes) if changes else ""
 
 
 def problems(plan: Plan, loaded) -> list[Diagnostic]:

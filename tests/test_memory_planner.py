@@ -253,3 +253,21 @@ def test_a_distillation_teacher_is_in_the_auto_choices(tmp_path):
     mb = one.phases[0].micro_batch
     assert peak == (sum(states(one).values()) + teacher_weight_bytes(one) + activations(one, mb, 2048, checkpointing="none")
                     + distill_logits_bytes(one, mb, 2048))
+
+
+def test_a_fix_names_every_setting_it_relied_on(recipe):
+    """A 7B model with micro_batch 8 and no checkpointing on one A100 80GB: the suggested layout fits only with a
+    smaller micro-batch and checkpointing; the hint names them, and applying it as written fits."""
+    from malt.compiler.fit import smallest_fix
+
+    sets = BASE + SIZES["7B"] + ["target.chip=a100-80gb", "target.activation_checkpointing=none", "train.micro_batch=8"]
+    p, _ = make_plan(recipe, sets, host=Host(), check_fit=False)
+    text, fixed = smallest_fix(p)
+    assert "more devices: target.devices: 2 and target.parallelism: fsdp" in text
+    assert f"with train.micro_batch: {fixed.micro_batch} (or auto) and target.activation_checkpointing: " \
+           f"{fixed.activation_checkpointing} (or auto)" in text
+    applied = planned(recipe, "7B", "a100-80gb", devices=2, extra=[
+        "target.parallelism=fsdp", f"train.micro_batch={fixed.micro_batch}",
+        f"target.activation_checkpointing={fixed.activation_checkpointing}"])
+    from malt.compiler.fit import fits
+    assert fits(applied)
