@@ -305,8 +305,9 @@ def export_hf(run_dir, out, force: bool = False) -> str:
                             **({"sep_token": eos_token, "pad_token": eos_token} if eos_token is not None else {})}
         tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials_map, "unk_token": None,
                       "model_max_length": longest_seq_len(plan), "clean_up_tokenization_spaces": False,
-                      # as the data was encoded: text that spells a special token is that text, not the token
-                      "split_special_tokens": True}
+                      # a decoder, as its data was encoded: text that spells a special token is that text, not the
+                      # token (an encoder's fill-mask input spells [MASK] to mean the token)
+                      **({} if encoder else {"split_special_tokens": True})}
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         (tmp / "special_tokens_map.json").write_text(json.dumps(specials_map, indent=2) + "\n")
     except BaseException:  # an interrupted or failed export leaves nothing half-written behind
