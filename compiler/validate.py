@@ -457,7 +457,7 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
                 f"raise model.vocab_size to at least {tok_vocab}, or remove it to use the tokenizer's size")
 
     name = getattr(r, "name", None)
-    if isinstance(name, str) and ("/" in name or "\\" in name or name.startswith(".")):
+    if isinstance(name, str) and ("/" in name or name.startswith(".")):
         add(("name",), f"the run's name {name!r} names a folder (runs/NAME), so it may not contain '/' or start with '.'",
             "use letters, digits, '.', '_' and '-', such as my-run-v1")
 

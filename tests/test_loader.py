@@ -229,8 +229,11 @@ def test_bad_sets_are_all_reported(d):
 
 
 def test_set_value_that_is_not_yaml_is_kept_as_text(d):
-    assert load("base.yaml", ["name=[oops"]).tree["name"] == "[oops"
+    """Text YAML cannot read stays text; an unclosed bracket or quote (meant as YAML) is an error."""
+    assert load("base.yaml", ["name=@oops"]).tree["name"] == "@oops"
     assert load("base.yaml", ["name="]).tree["name"] == ""
+    with pytest.raises(RecipeError, match="is not valid YAML"):
+        load("base.yaml", ["name=[oops"])
 
 
 # ---- YAML that is valid but not a recipe ---------------------------------------------------------
