@@ -199,11 +199,36 @@ def _unfinished(tmp: Path, step: int):
     except BaseException as e:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        e = _dcp_cause(e)  # a sharded save: DCP wraps each process's own error
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # safetensors reports I/O errors as its own
             raise RunError(f"cannot write the checkpoint of step {step:,} in {tmp.parent}: {e}",
                            "free disk space (or lower train.keep_checkpoints); the checkpoints already written are complete: "
                            "continue with --resume") from None
         raise
+
+
+def _dcp_cause(e: BaseException) -> BaseException:
+    """The first process's own error inside torch.distributed.checkpoint's CheckpointException, else ``e``."""
+    if type(e).__name__ == "CheckpointException" and getattr(e, "failures", None):
+        cause = next(iter(e.failures.values()))
+        return cause[0] if isinstance(cause, tuple) else cause
+    return e
+
+
+@contextmanager
+def _dcp_quiet():
+    """DCP logs a traceback per file it cannot read before raising; the RunError says it once."""
+    import logging
+
+    logs = [logging.getLogger(name) for name in ("torch.distributed.checkpoint", "c10d-NullHandler-dcp_logger")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 def remove_unfinished(run: Run) -> None:
@@ -361,19 +386,24 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     try:
         if optimizer is None:
             state = {"model": get_model_state_dict(model)}
-            with _one_process_is_fine():
+            with _one_process_is_fine(), _dcp_quiet():
                 dcp.load(state, checkpoint_id=str(path / "dcp"))
             set_model_state_dict(model, state["model"])
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)  # this process's layout, filled in place by dcp.load
             state = {"model": model_sd, "optimizer": optim_sd}
-            with _one_process_is_fine():
+            with _one_process_is_fine(), _dcp_quiet():
                 dcp.load(state, checkpoint_id=str(path / "dcp"))
             _keep_implementation(state["optimizer"].get("param_groups") or [], optimizer)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     except (RuntimeError, KeyError, ValueError, OSError, CheckpointException) as e:  # DCP wraps each process's failure
-        raise RunError(f"sharded checkpoint {path} cannot be loaded into this model: {str(e).strip().splitlines()[0][:300]}",
-                       "resume with the recipe that wrote it (same model shape), or remove that checkpoint to use an older one")
+        cause = _dcp_cause(e)
+        text = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ''}"
+        if isinstance(cause, (OSError, EOFError)) or any(w in text.lower() for w in ("unpickl", "corrupt", "no such file", "metadata")):
+            raise RunError(f"sharded checkpoint {path} is corrupt or incomplete ({text})",
+                           "remove that checkpoint folder to resume from an older one") from None
+        raise RunError(f"sharded checkpoint {path} cannot be loaded into this model: {text}",
+                       "resume with the recipe that wrote it (same model shape), or remove that checkpoint to use an older one") from None
 
 
 # how an optimizer computes, not what it has learned: the running program's choice (fused AdamW on CPU and CUDA,

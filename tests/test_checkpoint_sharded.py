@@ -144,3 +144,38 @@ def test_a_resumed_optimizer_keeps_its_own_implementation(tmp_path, fmt):
         assert torch.equal(fused.state[p]["exp_avg"], foreach.state[q]["exp_avg"])
     other(torch.arange(6).view(2, 3)).sum().backward()
     foreach.step()                                             # and it steps as foreach
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "no metadata"])
+def test_a_damaged_sharded_checkpoint_says_so(tmp_path, damage):
+    """A truncated .distcp file or a lost .metadata: 'corrupt or incomplete' with the way out, not 'another shape'."""
+    run = make_run(tmp_path)
+    model, opt = trained()
+    path = checkpoint.save(run, 2, model, opt, fmt="sharded")
+    if damage == "truncated shard":
+        shard = next((path / "dcp").glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        (path / "dcp" / ".metadata").unlink()
+    fresh, fresh_opt = trained(seed=3, steps=0)
+    with pytest.raises(RunError) as info:
+        checkpoint.restore(run, fresh, fresh_opt)
+    assert "is corrupt or incomplete" in info.value.message and "remove that checkpoint folder" in info.value.hint
+
+
+def test_a_full_disk_during_a_sharded_save_is_a_clear_error(tmp_path, monkeypatch):
+    """DCP wraps the OSError of each process in a CheckpointException: the run says what the full format says."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    run = make_run(tmp_path)
+    model, opt = trained()
+
+    def full_disk(state, checkpoint_id):
+        raise CheckpointException("save", {0: (OSError(28, "No space left on device"), None)})
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    with pytest.raises(RunError, match="cannot write the checkpoint of step 2 .*No space left on device") as info:
+        checkpoint.save(run, 2, model, opt, fmt="sharded")
+    assert "free disk space" in info.value.hint
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
