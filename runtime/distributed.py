@@ -51,7 +51,9 @@ def wrap(model: torch.nn.Module, parallelism: str, ctx: Dist, nodes: int = 1) ->
     across nodes. torchrun numbers a node's processes consecutively, so mesh row i is node i.
     """
     if parallelism == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.startswith("cuda") else None)
+        # gradients as views into DDP's communication buckets: no second copy of every gradient (PyTorch's DDP docs)
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.startswith("cuda") else None,
+                                                         gradient_as_bucket_view=True)
     if parallelism in ("fsdp", "hsdp"):
         from torch.distributed.fsdp import fully_shard
 

@@ -332,10 +332,10 @@ def entry(main) -> None:
         main()
     except (RunError, DataError) as e:
         who = f"[process {rank}] " if rank else ""
-        print(f"{who}error: {getattr(e, 'message', str(e))}", file=sys.stderr)
         hint = getattr(e, "hint", None)
-        if hint:
-            print(f"    hint: {hint}", file=sys.stderr)
+        # one write: the processes' messages do not interleave between an error and its hint
+        sys.stderr.write(f"{who}error: {getattr(e, 'message', str(e))}\n" + (f"    hint: {hint}\n" if hint else ""))
+        sys.stderr.flush()
         raise SystemExit(2)
     except KeyboardInterrupt as e:
         import signal

@@ -25,7 +25,7 @@ def memory_of(plan: Plan) -> tuple[int, str]:
         return plan.host.cuda_memory, f"{plan.host.cuda_name} (detected)"
     chip = chip_of(plan)
     if plan.chip == "cpu" and t.devices > 1:  # the processes of one machine share its memory
-        return chip.memory_bytes // t.devices, f"this machine (its memory shared by {t.devices} processes)"
+        return chip.memory_bytes // t.devices, f"this machine's (shared by {t.devices} processes)"
     return chip.memory_bytes, chip.name
 
 
@@ -90,7 +90,8 @@ def states(plan: Plan) -> dict:
     out = {k: -(-v // shards) for k, v in full.items()}
     n_layers = plan.n_layers or plan.recipe.model.n_layers
     per_layer = counts.get("params_per_layer") or counts["params_non_embedding"] // max(1, n_layers)
-    out["gathered"] = 2 * per_layer * 4 * 2 + (counts["params_embedding"] + counts.get("params_head", 0)) * 4
+    width = 2 if plan.master_weights == "bf16" else 4  # pure_bf16 gathers bf16 weights and gradients
+    out["gathered"] = 2 * per_layer * width * 2 + (counts["params_embedding"] + counts.get("params_head", 0)) * width
     return out
 
 
