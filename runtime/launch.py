@@ -20,18 +20,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as e:
-        # torchrun stops the other processes with SIGTERM once one fails: the cause is a failure that is not such a stop
-        # (the earliest of them), unless every process was stopped so
-        def code_of(failure) -> int:
-            return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode  # killed by a signal: -signum
-        causes = {r: f for r, f in e.failures.items() if code_of(f) != 128 + signal.SIGTERM} or e.failures
-        rank, failure = min(causes.items(), key=lambda item: (item[1].timestamp, item[0]))
-        code = code_of(failure)
+        rank, code = cause(e.failures)
         print(f"launch: process {rank} of the run ended with exit code {code}; its messages are above", file=sys.stderr)
         return code or 1
     except SignalException as e:
         return 128 + int(e.sigval)
     return 0
+
+
+def code_of(failure) -> int:
+    return 128 - failure.exitcode if failure.exitcode < 0 else failure.exitcode  # killed by a signal: -signum
+
+
+def cause(failures: dict) -> tuple[int, int]:
+    """(rank, exit code) of the process whose end made the run fail. torchrun stops the others with SIGTERM once one
+    fails, and a process whose collective lost its peer exits PEER_LOST: neither is a cause while another failure is
+    one (the earliest of those); else a signal's stop before a lost peer (the process stopped from outside)."""
+    from .run import PEER_LOST
+
+    consequences = (128 + signal.SIGTERM, PEER_LOST)
+    causes = ({r: f for r, f in failures.items() if code_of(f) not in consequences}
+              or {r: f for r, f in failures.items() if code_of(f) != PEER_LOST} or failures)
+    rank, failure = min(causes.items(), key=lambda item: (item[1].timestamp, item[0]))
+    return rank, code_of(failure)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -345,3 +346,17 @@ def entry(main) -> None:
         if not rank:  # every process gets the signal: one message
             print(f"\n{what}: checkpoints already written are complete; continue with --resume", file=sys.stderr)
         raise SystemExit(128 + signum)
+    except RuntimeError as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _PEER_LOST.search(str(e)):
+            # another process of the run ended (its own message says why): this one's collective lost its peer
+            who = f"[process {rank}] " if rank else ""
+            sys.stderr.write(f"{who}stopped: another process of the run ended; its message says why\n")
+            sys.stderr.flush()
+            raise SystemExit(PEER_LOST) from None
+        raise
+
+
+# what a collective raises when another process of the run is gone (gloo, NCCL)
+_PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|NCCL communicator was aborted",
+                        re.IGNORECASE)
+PEER_LOST = 3  # the exit code of a process that stopped because another one ended (malt.runtime.launch skips it)

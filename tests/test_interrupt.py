@@ -158,3 +158,31 @@ def test_an_error_in_torchruns_processes_ends_with_its_message_and_code(tmp_path
     assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-3000:]
     assert "error: checkpoint" in again.stderr and "[process 1] error: checkpoint" in again.stderr
     assert re.search(r"launch: process [01] of the run ended with exit code 2;", again.stderr)  # either may fail first
+
+
+def test_a_process_whose_peer_ended_says_so_and_is_not_named_the_cause(monkeypatch, capsys):
+    """When one process of a multi-process run ends, the others' collectives fail ('Connection closed by peer'):
+    they say so in one line and exit PEER_LOST, and the launcher names the process that ended first for a reason
+    of its own (it named the victim: process 0, exit 134)."""
+    from types import SimpleNamespace
+
+    from malt.runtime.launch import cause
+    from malt.runtime.run import PEER_LOST, entry
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+    def main():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    with pytest.raises(SystemExit) as info:
+        entry(main)
+    assert info.value.code == PEER_LOST and "stopped: another process of the run ended" in capsys.readouterr().err
+
+    def failure(code, t):
+        return SimpleNamespace(exitcode=code, timestamp=t)
+    # process 1 was killed from outside (SIGTERM, silent); process 0 lost its peer a second later
+    assert cause({0: failure(PEER_LOST, 11), 1: failure(-signal.SIGTERM, 10)}) == (1, 143)
+    # process 1 failed (a disk error, exit 2); torchrun then stopped process 0 with SIGTERM
+    assert cause({0: failure(-signal.SIGTERM, 10), 1: failure(2, 10)}) == (1, 2)
+    # every process stopped by a signal (SIGTERM to the launcher): the first
+    assert cause({0: failure(-signal.SIGTERM, 10), 1: failure(-signal.SIGTERM, 10)}) == (0, 143)
