@@ -8,6 +8,7 @@ SIGTERM or SIGHUP to the launcher itself (which torchrun passes on to its proces
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -17,8 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if "OMP_NUM_THREADS" not in os.environ and str(args.nproc_per_node).isdigit():
+        # torchrun would set 1 thread per process (with a warning): the machine's cores shared out over its processes
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // int(args.nproc_per_node)))
     try:
-        run(parse_args(sys.argv[1:] if argv is None else argv))
+        run(args)
     except ChildFailedError as e:
         rank, code = cause(e.failures)
         print(f"launch: process {rank} of the run ended with exit code {code}; its messages are above", file=sys.stderr)
