@@ -271,3 +271,17 @@ def test_a_fix_names_every_setting_it_relied_on(recipe):
         f"target.activation_checkpointing={fixed.activation_checkpointing}"])
     from malt.compiler.fit import fits
     assert fits(applied)
+
+
+def test_recomputed_flops_follow_each_phases_depth():
+    """Growth by stacking with full activation checkpointing: the small phase recomputes the small model's blocks."""
+    from pathlib import Path
+
+    from malt.compiler.passes.estimate import recompute_flops
+
+    stack = Path(__file__).resolve().parent.parent / "recipes" / "tiny-stack.yaml"
+    p, _ = make_plan(stack, ["target.activation_checkpointing=full"], host=Host())
+    small, big = p.phases[0], p.phases[-1]
+    assert small.n_layers < big.n_layers
+    expected = sum(recompute_flops(p, ph.n_layers, ph.seq_len) * ph.steps * ph.tokens_per_step for ph in p.phases)
+    assert p.estimates["recompute_flops"] == expected < recompute_flops(p) * sum(ph.steps * ph.tokens_per_step for ph in p.phases)

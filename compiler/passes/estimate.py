@@ -95,15 +95,17 @@ def states(plan: Plan) -> dict:
     return out
 
 
-def recompute_flops(plan: Plan) -> int:
-    """FLOPs per token that activation checkpointing adds: one more forward of each MLP (selective) or block (full)."""
+def recompute_flops(plan: Plan, n_layers: int | None = None, seq_len: int | None = None) -> int:
+    """FLOPs per token that activation checkpointing adds: one more forward of each MLP (selective) or block (full),
+    for a model of ``n_layers`` (default: the final depth) at ``seq_len`` (default: train.seq_len)."""
     m = plan.recipe.model
-    n_layers = plan.n_layers or m.n_layers
+    n_layers = n_layers or plan.n_layers or m.n_layers
+    seq_len = seq_len or plan.recipe.train.seq_len
     if plan.activation_checkpointing == "selective":
         return 2 * n_layers * 3 * m.d_model * plan.d_ff
     if plan.activation_checkpointing == "full":
-        c = model_counts(plan)
-        keys = plan.recipe.train.seq_len if m.sliding_window is None else min(plan.recipe.train.seq_len, m.sliding_window)
+        c = model_counts(plan, n_layers)
+        keys = seq_len if m.sliding_window is None else min(seq_len, m.sliding_window)
         return 2 * (c["matmul_params"] - plan.padded_vocab * m.d_model) + 4 * n_layers * m.n_heads * plan.head_dim * keys
     return 0
 
@@ -139,7 +141,8 @@ def run(plan: Plan) -> Plan:
     chip = chip_of(plan)
     mfu = chip.default_mfu if r.target.mfu == "auto" else r.target.mfu
     peak = chip.peak_flops[plan.precision]
-    recompute = recompute_flops(plan) * (sum(ph.steps * ph.tokens_per_step for ph in plan.phases) if plan.phases else plan.tokens)
+    recompute = (sum(recompute_flops(plan, ph.n_layers, ph.seq_len) * ph.steps * ph.tokens_per_step for ph in plan.phases)
+                 if plan.phases else recompute_flops(plan) * plan.tokens)  # each phase at its own depth and length
     # MFU counts model FLOPs; recomputed ones take time too. CPU processes of one machine share its cores (the
     # chip's peak is the machine's), so they add no compute; devices of any other kind each bring their own
     engines = plan.nodes if plan.device == "cpu" else plan.world
