@@ -555,7 +555,10 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
     if tr is not None:
         explicit_phases = bool(getattr(r, "phases", None)) and all(ph.share is None for ph in r.phases)
         if (tr.tokens is None) == (tr.steps is None) and not (explicit_phases and tr.tokens is None):
-            add(("train",), "set exactly one of train.tokens and train.steps" + (" (both are set)" if tr.tokens is not None else ""),
+            # at a --set that made it so, when one did (--set train.tokens=null on a recipe without steps)
+            where = next((("train", k) for k in ("steps", "tokens")
+                          if getattr(loaded.origins.get(("train", k)), "command_line", None)), ("train",))
+            add(where, "set exactly one of train.tokens and train.steps" + (" (both are set)" if tr.tokens is not None else ""),
                 "for example `tokens: 2M` or `steps: 500`")
         if tr.micro_batch != "auto" and tr.global_batch % tr.micro_batch:
             add(("train", "micro_batch"), f"global_batch ({tr.global_batch}) is not divisible by micro_batch ({tr.micro_batch})",

@@ -543,3 +543,8 @@ def test_phase_problems_come_with_the_rest(recipe):
     text = BASE.replace("  steps: 10", "  steps: 10\nphases:\n  - {name: a, share: 50%}\n  - {name: b, share: 30%}")
     out = errors(recipe(text, n_heads="n_heads: 5"), [])
     assert any("model.n_heads" in o for o in out) and any("phases: the phases' shares add up to 80%" in o for o in out), out
+
+
+def test_a_run_length_problem_made_on_the_command_line_points_there(recipe):
+    assert one(recipe(), ["train.steps=null"]).startswith(
+        "command line (--set train.steps=null): error: train.steps: set exactly one of train.tokens and train.steps")
