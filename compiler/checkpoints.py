@@ -79,10 +79,15 @@ def describe(path: Path, longest_seq: int | None = None) -> tuple[dict | None, s
         rope = c.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
         if c.get("rope_scaling") or rope.get("rope_type", "default") != "default":
             return None, f"{path} scales its rotary embeddings ({c.get('rope_scaling') or rope}), which malt's model does not"
+        try:  # a null or text value in config.json is a problem of the directory, not a crash
+            norm_eps = float(c.get("rms_norm_eps") if c.get("rms_norm_eps") is not None else 1e-6)
+            rope_theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        except (TypeError, ValueError):
+            return None, f"{path / 'config.json'} has an unreadable rms_norm_eps or rope_theta ({c.get('rms_norm_eps')!r}, " \
+                         f"{c.get('rope_theta') or rope.get('rope_theta')!r})"
         return {"kind": "hf", "architecture": arch, "shape": {
             "d_model": c["hidden_size"], "n_layers": c["num_hidden_layers"], "n_heads": heads,
             "n_kv_heads": c.get("num_key_value_heads") or heads, "d_ff": c["intermediate_size"], "vocab": c["vocab_size"],
             "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "qkv_bias": arch == "Qwen2ForCausalLM"},
-            "norm_eps": float(c.get("rms_norm_eps", 1e-6)),
-            "rope_theta": float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)}, None
+            "norm_eps": norm_eps, "rope_theta": rope_theta}, None
     return None, f"{path} is neither a malt run directory (plan.json) nor a Hugging Face model directory (config.json)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -86,14 +87,9 @@ def changed_fields(old_lock: str | None, new_lock: str | None, limit: int = 6) -
         old, new = flat(yaml.safe_load(old_lock or "") or {}), flat(yaml.safe_load(new_lock or "") or {})
     except yaml.YAMLError:
         return []
-    from .plan import HASH_FREE_TRAIN
+    from .plan import hashed_field
 
-    def hashed(k: str) -> bool:  # what the recipe hash covers: not target, not the train fields that only watch the run
-        parts = k.split(".")
-        train = parts[1:] if parts[0] == "train" else parts[3:] if parts[0] == "phases" and parts[2:3] == ["train"] else None
-        return parts[0] != "target" and not (train and train[0] in HASH_FREE_TRAIN)
-
-    keys = [k for k in dict.fromkeys([*old, *new]) if hashed(k) and old.get(k) != new.get(k)]
+    keys = [k for k in dict.fromkeys([*old, *new]) if hashed_field(k) and old.get(k) != new.get(k)]
     shown = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}" for k in keys[:limit]]
     return shown + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])
 
@@ -122,9 +118,12 @@ def check_run_dir(directory: Path, recipe_hash: str, resume: bool | None, lock: 
     if old is not None and old != recipe_hash:
         what = "the recipe changed since {d} was started" if resume else "{d} holds a run of another recipe"
         changes = changed_fields(state.get("recipe"), lock) if resume else []
+        same = resume and state.get("recipe") and lock and not changes  # the recipe reads the same: malt's hash rule changed
         raise UserError(what.format(d=directory) + f" (checkpoint at step {found[0]:,}: hash {old[:12]}, this recipe's "
                         f"{recipe_hash[:12]}): its program would no longer match its checkpoints"
-                        + ("; changed: " + "; ".join(changes) if changes else ""),
+                        + ("; changed: " + "; ".join(changes) if changes else "")
+                        + ("; no recipe field differs: the malt that started the run hashed recipes otherwise" if same else ""),
+                        "resume with the malt version that started the run" if same else
                         "resume with the recipe as it was, or use another directory (--run-dir, -o)", code=2)
 
 
@@ -148,10 +147,10 @@ def check(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
 
 def _init_kind(p) -> str:
     """What init_from names, for the plan: a malt run's latest checkpoint (and its step) or a Hugging Face model."""
-    from .checkpoints import describe
+    from .objectives import checkpoint_info
 
     path = Path(p.recipe_file).parent / p.recipe.init_from.path
-    found, _ = describe(path)
+    found, _ = checkpoint_info(path, p.recipe)
     if found is None or found["kind"] != "malt":
         return f"a Hugging Face {found['architecture']}" if found else "init_from"
     steps = sorted(int(d.name[5:]) for d in (path / "checkpoints").glob("step_*") if d.name[5:].isdigit())
@@ -324,7 +323,10 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     def go():
         r, loaded = do_check(recipe, set_, resuming=resume)
         directory = run_dir or Path("runs") / slug(r.name)
-        p, files = compile_files(recipe, directory, set_, resuming=resume)
+        from malt.runtime.checkpoint import latest
+
+        # only a resume that has checkpoints to continue may do without the init_from source (it reads none)
+        p, files = compile_files(recipe, directory, set_, resuming=resume and latest(directory) is not None)
         check_run_dir(directory, p.recipe_hash, resume=resume, lock=files.get("recipe.lock.yaml"))
         from .render import write
 
@@ -357,7 +359,8 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         env = {**os.environ, **({"MALT_DATA_PREPARED": "1"} if p.device != "tpu" else {})}  # logged above: not again
         # the program runs in its own process group, and malt passes Ctrl-C, `kill` and a closed terminal on to it once
         # (a terminal's Ctrl-C reaches only malt's group; a supervisor may signal only malt): it stops with malt
-        child = subprocess.Popen(cmd, env=env, process_group=0)
+        own_group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}  # Python 3.10: no process_group
+        child = subprocess.Popen(cmd, env=env, **own_group)
         forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:

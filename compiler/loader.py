@@ -264,7 +264,7 @@ def load_file(path: str | Path, _chain: tuple = ()) -> Loaded:
         if not isinstance(parent_ref, str):
             raise RecipeError([Diagnostic("extends", "expected the path of a parent recipe, such as base.yaml", ext_origin,
                                           hint="write `extends: base.yaml` (relative to this recipe)")])
-        parent_path = (path.parent / parent_ref)
+        parent_path = path.parent / os.path.expanduser(parent_ref)  # ~ names the home folder, as in the other paths
         if parent_path.resolve() in _chain + (key,):
             cycle = " -> ".join(display_path(p) for p in _chain + (key, parent_path.resolve()))
             raise RecipeError([Diagnostic("extends", f"extends cycle: {cycle}", ext_origin, hint="remove one of the extends: lines")])
@@ -294,14 +294,20 @@ def _parse_set(text: str):
             raise RecipeError([Diagnostic("", f"--set path {dotted!r} has an empty component", Origin("command line", command_line=text),
                                           hint="write the path as dotted keys, such as optimizer.lr or data.sources.0.weight")])
         parts.append(int(piece) if piece.isdigit() else piece)
+    if _ODD_INT.match(raw.strip()):  # as in a recipe file: YAML 1.1 reads 010 as 8 and 1:30 as 90
+        raise RecipeError([Diagnostic(dotted, f"{raw.strip()} is not a plain number here (YAML reads a leading 0 as octal "
+                                      "and a ':' as base 60)", Origin("command line", command_line=text),
+                                      hint="write the number without a leading 0 or ':' (or quote it if it is text)")])
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         if raw.strip()[:1] in "\"'[{":  # meant as YAML (a quoted string, a list, a mapping) but not closed
+            quote = raw.strip()[:1] in "\"'"
             raise RecipeError([Diagnostic(dotted, f"--set value {raw!r} is not valid YAML: {getattr(e, 'problem', None) or e}",
                                           Origin("command line", command_line=text),
-                                          hint="close the quote or bracket; the shell removes one level of quotes, so write "
-                                               "--set 'train.sample_prompt=\"def \"'")]) from None
+                                          hint="close the " + ("quote; the shell removes one level of quotes, so quote the "
+                                                               f"whole argument: --set '{dotted}=\"...\"'" if quote else
+                                                               "bracket or brace"))]) from None
         value = raw  # other text YAML cannot read (such as @name) is taken as it is
     return tuple(parts), value
 
@@ -340,7 +346,8 @@ def apply_sets(loaded: Loaded, sets: list[str]) -> Loaded:
             continue
         last = path[-1]
         if tuple(path[:-1]) in KIND_SECTIONS and last == "kind" and isinstance(node, dict) and node.get("kind") != value:
-            for key in _kind_fields(tuple(path[:-1]), node):  # the other kind's fields (see KIND_SECTIONS)
+            for key in [k for k in _kind_fields(tuple(path[:-1]), node)  # the other kind's fields (see KIND_SECTIONS),
+                        if not getattr(loaded.origins.get(tuple(path[:-1]) + (k,)), "command_line", None)]:  # not a --set's
                 node.pop(key)
                 for k in [k for k in loaded.origins if k[: len(path)] == tuple(path[:-1]) + (key,)]:
                     del loaded.origins[k]

@@ -202,7 +202,7 @@ def problems(recipe, base_dir: Path, where: tuple = ("objective",), obj=None) ->
             add(("weight",), f"must be between 0% and 100%, got {obj.weight:g}", "a usual value is 50%")
         if obj.temperature <= 0:
             add(("temperature",), f"must be positive, got {obj.temperature:g}", "a usual value is 1 or 2")
-        found, problem = teacher_info(base_dir / obj.teacher, recipe)
+        found, problem = checkpoint_info(base_dir / obj.teacher, recipe)
         if not problem:
             from .validate import tokenizer_vocab
 
@@ -220,8 +220,9 @@ def problems(recipe, base_dir: Path, where: tuple = ("objective",), obj=None) ->
 # the teacher
 # --------------------------------------------------------------------------
 
-def teacher_info(path: Path, recipe) -> tuple[dict | None, str | None]:
-    """({kind, shape, norm_eps, rope_theta, ...}, None) for a usable teacher directory of the recipe, else (None, what is wrong)."""
+def checkpoint_info(path: Path, recipe) -> tuple[dict | None, str | None]:
+    """({kind, shape, norm_eps, rope_theta, ...}, None) for a checkpoint directory the recipe reads (a distillation
+    teacher, init_from), else (None, what is wrong): checkpoints.describe at the recipe's longest sequence."""
     from .checkpoints import describe
 
     return describe(path, max(seq_lens(recipe), default=None))
@@ -232,7 +233,7 @@ def teacher_spec(recipe, base_dir: Path) -> dict | None:
     obj = next((o for o in objectives_of(recipe) if o.kind == "distill"), None)
     if obj is None:
         return None
-    found, problem = teacher_info(base_dir / obj.teacher, recipe)
+    found, problem = checkpoint_info(base_dir / obj.teacher, recipe)
     if problem:
         return None
     return {"path": obj.teacher, "kind": found["kind"], **found["shape"],

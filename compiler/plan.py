@@ -236,11 +236,22 @@ MONITORING = ("checkpoint_format", "checkpoint_every", "keep_checkpoints", "eval
 HASH_FREE_TRAIN = (*MONITORING, "micro_batch")
 
 
+def hashed_field(dotted: str) -> bool:
+    """Whether recipe_hash covers the recipe field at ``dotted`` (such as train.steps or phases.1.train.micro_batch):
+    not target, not HASH_FREE_TRAIN (top-level or a phase's)."""
+    parts = dotted.split(".")
+    train = parts[1:] if parts[0] == "train" else parts[3:] if parts[0] == "phases" and parts[2:3] == ["train"] else None
+    return parts[0] != "target" and not (train and train[0] in HASH_FREE_TRAIN)
+
+
 def recipe_hash(recipe: Recipe) -> str:
     """sha256 of what the recipe says differently from malt's defaults, without its target and the train fields
-    that only watch the run (MONITORING: evaluation, logging, checkpoints, sample): the same training on any hardware has the same hash, so a run can resume on another
-    machine, number of devices or precision; and a malt that adds fields (defaulting to the old behaviour) keeps
-    the hashes of existing runs, so they resume after an upgrade. ``DEFAULTS_VERSION`` stands for the defaults."""
+    that only watch or split the run (HASH_FREE_TRAIN: evaluation, logging, checkpoints, sample, micro_batch, also in
+    phases): the same training on any hardware has the same hash, so a run can resume on another machine, number
+    of devices or precision; and a malt that adds fields (defaulting to the old behaviour) keeps the hashes of
+    existing runs, so they resume after an upgrade. ``DEFAULTS_VERSION`` stands for the defaults. (Leaving
+    micro_batch out, 2026-11-26, changed the hash of recipes that write it: such runs resume with the malt that
+    started them.)"""
     data = recipe.model_dump(mode="json", exclude_defaults=True)
     data.pop("target", None)
     for key in HASH_FREE_TRAIN:  # how the run is watched, saved and split, not what it trains: a resume may change them

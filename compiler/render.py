@@ -19,7 +19,7 @@ from pathlib import Path
 import jinja2
 import yaml
 
-from .objectives import added_tokens, objectives_of, phase_objective as ph_objective, render_context as objective_context, seq_lens
+from .objectives import added_tokens, objectives_of, phase_objective as ph_objective, render_context as objective_context
 from .conditioning import masked_target_reasons, metadata_off, source_entry
 from .phases import tidy
 from .estimates import LOSS_CHUNK
@@ -137,10 +137,10 @@ def _source_options(s) -> dict:
 
 
 def init_from_spec(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
-    from .checkpoints import describe
+    from .objectives import checkpoint_info
 
     init = plan.recipe.init_from
-    found, _ = describe(base_dir / init.path, max(seq_lens(plan.recipe), default=None))
+    found, _ = checkpoint_info(base_dir / init.path, plan.recipe)
     kind = found["kind"] if found else _previous_init_kind(out_dir)  # gone on --resume: the kind compiled before
     return {"path": _source_path(init.path, base_dir, out_dir), "kind": kind, "optimizer": init.optimizer}
 

@@ -61,7 +61,7 @@ def problems(r, base_dir: Path | None = None) -> list[tuple[tuple, str, str]]:
 
 def _teacher_problems(r, base_dir: Path) -> list[tuple[tuple, str, str]]:
     """A distillation teacher that a malt run trained with a sliding window: the teacher model attends to every earlier position."""
-    from .checkpoints import describe
+    from .objectives import checkpoint_info
 
     out = []
     objective = getattr(r, "objective", None)
@@ -71,7 +71,7 @@ def _teacher_problems(r, base_dir: Path) -> list[tuple[tuple, str, str]]:
     for where, obj in places:
         if obj.kind != "distill":
             continue
-        found, _ = describe(base_dir / obj.teacher, max(seq_lens(r), default=None))  # an unusable teacher is reported by objectives.problems
+        found, _ = checkpoint_info(base_dir / obj.teacher, r)  # an unusable teacher is reported by objectives.problems
         window = (found or {}).get("sliding_window")
         if window:
             out.append((where + ("teacher",), (f"the teacher {obj.teacher} was trained with model.sliding_window {window}; "

@@ -19,7 +19,7 @@ from . import encoder, sliding_window
 from .diagnostics import Diagnostic, RecipeError, did_you_mean
 from .loader import Loaded
 from .conditioning import problems as conditioning_problems
-from .objectives import added_tokens, problems as objective_problems, seq_lens
+from .objectives import added_tokens, problems as objective_problems
 from .phases import resolve as resolve_phases, schedule_field_problems, schedule_overlap_problems, tidy
 from .schema import SCHEDULE_FIELD_USERS, ModelSpec, Recipe, steps_of
 from .tpu import problems as tpu_problems
@@ -778,17 +778,14 @@ def _phase_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
 
 def _init_from_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
     """init_from must name a checkpoint whose shapes are this model's, field by field."""
-    from .checkpoints import describe
+    from .objectives import checkpoint_info
 
     out = []
     where = ("init_from", "path")
     directory = loaded.base_dir / r.init_from.path
-    found, problem = describe(directory, max(seq_lens(r), default=None))
+    found, problem = checkpoint_info(directory, r)
     if problem:
-        readable = (directory / "plan.json").is_file() or (directory / "config.json").is_file()
-        return [Diagnostic("init_from.path", problem, loaded.origin(where),
-                           hint="start from another checkpoint: malt's model cannot compute what this one does" if readable else
-                           "name a run directory of `malt run` (runs/NAME) or a Hugging Face model directory (config.json + safetensors)")]
+        return [Diagnostic("init_from.path", problem, loaded.origin(where), hint=_init_from_hint(problem))]
     if r.init_from.optimizer == "carry" and found["kind"] != "malt":
         out.append(Diagnostic("init_from.optimizer", "optimizer state can only be carried over from a malt run directory",
                               loaded.origin(("init_from", "optimizer")), hint="use optimizer: fresh for a Hugging Face model"))
@@ -825,6 +822,19 @@ def _init_from_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
             out.append(Diagnostic(_dotted(path), message, loaded.origin(path if path in loaded.origins else ("model",)), hint=hint))
     out += _init_from_numerics(r, loaded, found)
     return out
+
+
+def _init_from_hint(problem: str) -> str:
+    """How to get past what checkpoints.describe found wrong with an init_from (or teacher) directory."""
+    if "without a checkpoint yet" in problem:
+        return "train that run first (malt run), or name another run directory"
+    if "no .safetensors" in problem:
+        return "save the model as safetensors (transformers: save_pretrained(DIR, safe_serialization=True))"
+    if "not valid JSON" in problem or "not a readable malt plan" in problem or "unreadable rms_norm_eps" in problem:
+        return "that file is damaged: export or copy the model again"
+    if any(w in problem for w in ("hidden_act", "rotary", "head_dim", "bias", "sliding-window", "init_from reads")):
+        return "start from another checkpoint: malt's model cannot compute what this one does"
+    return "name a run directory of `malt run` (runs/NAME) or a Hugging Face model directory (config.json + safetensors)"
 
 
 def _file_tokenizer_lacks(r: Recipe, base_dir: Path) -> list[str]:

@@ -548,3 +548,38 @@ def test_phase_problems_come_with_the_rest(recipe):
 def test_a_run_length_problem_made_on_the_command_line_points_there(recipe):
     assert one(recipe(), ["train.steps=null"]).startswith(
         "command line (--set train.steps=null): error: train.steps: set exactly one of train.tokens and train.steps")
+
+
+def test_review_fixes_of_the_loader(recipe, tmp_path, monkeypatch):
+    """A --set before --set X.kind=... is kept; ~ in extends names the home folder; --set 010 is refused as in a file."""
+    from malt.compiler.api import check
+
+    r, _ = check(recipe(), ["optimizer.rank=8", "optimizer.kind=galore"])
+    assert r.optimizer.kind == "galore" and r.optimizer.rank == 8
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "base.yaml").write_text((tmp_path / recipe()).read_text().replace("path: docs.txt", f"path: {tmp_path / 'docs.txt'}"))
+    monkeypatch.setenv("HOME", str(home))
+    r, _ = check(recipe("extends: ~/base.yaml\nname: child\n", name="child.yaml"))
+    assert r.name == "child"
+    assert "010 is not a plain number" in one(recipe(), ["train.steps=010"])
+
+
+def test_init_from_hints_fit_the_problem(recipe, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "plan.json").write_text(json.dumps({"model": {}}))
+    assert "train that run first" in one(recipe(BASE + f"init_from: {run}\n"))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors").write_bytes(b"")
+    (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+                                                "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 320,
+                                                "rms_norm_eps": "1e-6x"}))
+    text = one(recipe(BASE + f"init_from: {hf}\n"))
+    assert "unreadable rms_norm_eps" in text and "damaged" in text
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "rms_norm_eps": None}))  # null: transformers' default (1e-6)
+    assert any("norm_eps is 1e-05 here (the default) but 1e-06" in e for e in errors(recipe(BASE + f"init_from: {hf}\n")))

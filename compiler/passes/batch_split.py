@@ -32,8 +32,8 @@ def split(plan: Plan, global_batch: int, seq_len: int, micro_batch, distill: boo
     for mb in reversed(divisors(gb)):
         if fixed + activations(plan, mb, seq_len) + (distill_logits_bytes(plan, mb, seq_len) if teacher else 0) <= budget:
             if mb == gb:
-                return mb, f"auto: {per}the whole {'device' if world > 1 else 'global'} batch ({gb}) fits in {BUDGET_SHARE:.0%} of {where} memory{ac}"
-            return mb, (f"auto: {per}largest divisor of {gb} whose activations fit in {BUDGET_SHARE:.0%} of {where} memory{ac}; "
+                return mb, f"auto: {per}the whole {'device' if world > 1 else 'global'} batch ({gb}) fits in {BUDGET_SHARE:.0%} of the memory of {where}{ac}"
+            return mb, (f"auto: {per}largest divisor of {gb} whose activations fit in {BUDGET_SHARE:.0%} of the memory of {where}{ac}; "
                         f"{gb} / {mb} = {gb // mb} accumulation steps")
     return 1, f"auto: even micro_batch 1 exceeds the memory budget of {where}; see memory estimate"
 

@@ -60,7 +60,7 @@ def run(plan: Plan) -> Plan:
         ok, peak = fits(plan, m)
         if ok:
             if m == "none":
-                why = f"auto: micro_batch {mb} fits in {BUDGET_SHARE:.0%} of the {human_bytes(budget)} of {where} without it"
+                why = f"auto: micro_batch {mb} fits in {BUDGET_SHARE:.0%} of the {human_bytes(budget)} of {where}, without it"
             else:
                 why = (f"auto: micro_batch {mb} needs more than {BUDGET_SHARE:.0%} of the {human_bytes(budget)} of {where} "
                        f"with less; {WHAT[m]} brings it to {human_bytes(peak)}")

@@ -25,7 +25,7 @@ def memory_of(plan: Plan) -> tuple[int, str]:
         return plan.host.cuda_memory, f"{plan.host.cuda_name} (detected)"
     chip = chip_of(plan)
     if plan.chip == "cpu" and t.devices > 1:  # the processes of one machine share its memory
-        return chip.memory_bytes // t.devices, f"this machine's (shared by {t.devices} processes)"
+        return chip.memory_bytes // t.devices, f"this machine, shared by {t.devices} processes"
     return chip.memory_bytes, chip.name
 
 

@@ -28,7 +28,7 @@ SEED = 1337                             # seed
 
 SEQ_LEN = 1024                          # train.seq_len
 GLOBAL_BATCH = 64                       # train.global_batch, sequences per optimizer step
-MICRO_BATCH = 64                        # train.micro_batch auto: the whole global batch (64) fits in 80% of NVIDIA H100 SXM memory
+MICRO_BATCH = 64                        # train.micro_batch auto: the whole global batch (64) fits in 80% of the memory of NVIDIA H100 SXM
 GRAD_ACCUM = 1                          # global_batch 64 / micro_batch 64
 TOKENS_PER_STEP = 65536                 # global_batch 64 × seq_len 1024 = 65,536
 MAX_STEPS = 38146                       # train.tokens 2,500,000,000 / (global_batch 64 × seq_len 1024 = 65,536 tokens per step), rounded down

@@ -28,7 +28,7 @@ SEED = 1337                             # seed
 
 SEQ_LEN = 1024                          # train.seq_len
 GLOBAL_BATCH = 64                       # train.global_batch, sequences per optimizer step
-MICRO_BATCH = 2                         # train.micro_batch auto: 64 / 32 devices = 2 per device; the whole device batch (2) fits in 80% of NVIDIA H100 SXM memory
+MICRO_BATCH = 2                         # train.micro_batch auto: 64 / 32 devices = 2 per device; the whole device batch (2) fits in 80% of the memory of NVIDIA H100 SXM
 DEVICE_BATCH = 2                        # global_batch 64 / 32 devices: sequences per device per step
 GRAD_ACCUM = 1                          # DEVICE_BATCH 2 / micro_batch 2
 TOKENS_PER_STEP = 65536                 # global_batch 64 × seq_len 1024 = 65,536

@@ -28,7 +28,7 @@ SEED = 1337                             # seed
 
 SEQ_LEN = 1024                          # train.seq_len
 GLOBAL_BATCH = 64                       # train.global_batch, sequences per optimizer step
-MICRO_BATCH = 32                        # train.micro_batch auto: largest divisor of 64 whose activations fit in 80% of NVIDIA H100 SXM memory; 64 / 32 = 2 accumulation steps
+MICRO_BATCH = 32                        # train.micro_batch auto: largest divisor of 64 whose activations fit in 80% of the memory of NVIDIA H100 SXM; 64 / 32 = 2 accumulation steps
 GRAD_ACCUM = 2                          # global_batch 64 / micro_batch 32
 TOKENS_PER_STEP = 65536                 # global_batch 64 × seq_len 1024 = 65,536
 MAX_STEPS = 106811                      # train.tokens 7,000,000,000 / (global_batch 64 × seq_len 1024 = 65,536 tokens per step), rounded down

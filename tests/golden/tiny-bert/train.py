@@ -28,7 +28,7 @@ SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len
 GLOBAL_BATCH = 32                       # train.global_batch, sequences per optimizer step
-MICRO_BATCH = 32                        # train.micro_batch auto: the whole global batch (32) fits in 80% of CPU (2 cores) memory
+MICRO_BATCH = 32                        # train.micro_batch auto: the whole global batch (32) fits in 80% of the memory of CPU (2 cores)
 GRAD_ACCUM = 1                          # global_batch 32 / micro_batch 32
 TOKENS_PER_STEP = 4096                  # global_batch 32 × seq_len 128 = 4,096
 MAX_STEPS = 244                         # train.tokens 1,000,000 / (global_batch 32 × seq_len 128 = 4,096 tokens per step), rounded down

@@ -29,7 +29,7 @@ SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len
 GLOBAL_BATCH = 16                       # train.global_batch, sequences per optimizer step
-MICRO_BATCH = 16                        # train.micro_batch auto: the whole global batch (16) fits in 80% of CPU (2 cores) memory
+MICRO_BATCH = 16                        # train.micro_batch auto: the whole global batch (16) fits in 80% of the memory of CPU (2 cores)
 GRAD_ACCUM = 1                          # global_batch 16 / micro_batch 16
 TOKENS_PER_STEP = 2048                  # global_batch 16 × seq_len 128 = 2,048
 MAX_STEPS = 488                         # train.tokens 1,000,000 / (global_batch 16 × seq_len 128 = 2,048 tokens per step), rounded down

@@ -29,7 +29,7 @@ SEED = 1337                             # seed
 
 SEQ_LEN = 128                           # train.seq_len
 GLOBAL_BATCH = 16                       # train.global_batch, sequences per optimizer step
-MICRO_BATCH = 4                         # train.micro_batch auto: 16 / 4 devices = 4 per device; the whole device batch (4) fits in 80% of this machine's (shared by 2 processes) memory
+MICRO_BATCH = 4                         # train.micro_batch auto: 16 / 4 devices = 4 per device; the whole device batch (4) fits in 80% of the memory of this machine, shared by 2 processes
 DEVICE_BATCH = 4                        # global_batch 16 / 4 devices: sequences per device per step
 GRAD_ACCUM = 1                          # DEVICE_BATCH 4 / micro_batch 4
 TOKENS_PER_STEP = 2048                  # global_batch 16 × seq_len 128 = 2,048
