@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..objectives import distill_logits_bytes, phase_objective, teacher_costs
+from ..objectives import phase_objective
 from ..plan import Plan
 from ..units import divisors
-from .estimate import activations, memory_of, states
+from .estimate import memory_of, step_peak
 
 # share of device memory the planner lets a run use (the rest is for the allocator, kernels' workspace, the data)
 BUDGET_SHARE = 0.8
@@ -24,13 +24,9 @@ def split(plan: Plan, global_batch: int, seq_len: int, micro_batch, distill: boo
         return micro_batch, f"train.micro_batch {micro_batch}: {per}{gb} / {micro_batch} = {gb // micro_batch} accumulation steps"
     memory, where = memory_of(plan)
     budget = int(memory * BUDGET_SHARE)
-    fixed = sum(states(plan).values())
-    teacher = plan.teacher if distill and plan.teacher else None
-    if teacher:
-        fixed += teacher_costs(plan)["weights_bytes"]
     ac = "" if plan.activation_checkpointing == "none" else f" with {plan.activation_checkpointing} activation checkpointing"
     for mb in reversed(divisors(gb)):
-        if fixed + activations(plan, mb, seq_len) + (distill_logits_bytes(plan, mb, seq_len) if teacher else 0) <= budget:
+        if step_peak(plan, mb, seq_len, distill=distill) <= budget:
             if mb == gb:
                 return mb, f"auto: {per}the whole {'device' if world > 1 else 'global'} batch ({gb}) fits in {BUDGET_SHARE:.0%} of the memory of {where}{ac}"
             return mb, (f"auto: {per}largest divisor of {gb} whose activations fit in {BUDGET_SHARE:.0%} of the memory of {where}{ac}; "

@@ -10,10 +10,9 @@ the smallest micro-batch the batch split may choose fits the memory budget.
 from __future__ import annotations
 
 from ..plan import Plan
-from ..objectives import distill_logits_bytes, teacher_weight_bytes
 from ..units import human_bytes
 from .batch_split import BUDGET_SHARE
-from .estimate import activations, memory_of, states
+from .estimate import memory_of, step_peak
 
 MODES = ("none", "selective", "full")
 WHAT = {"none": "no activation checkpointing", "selective": "selective activation checkpointing (each MLP recomputed)",
@@ -30,10 +29,7 @@ def smallest_shapes(plan: Plan) -> list[tuple[int, int]]:
 def fits(plan: Plan, mode: str) -> tuple[bool, int]:
     """(whether the smallest micro-batches fit with ``mode``, the peak bytes per device)."""
     budget, _ = memory_of(plan)
-    fixed = sum(states(plan).values()) + teacher_weight_bytes(plan)  # a distillation teacher's weights too
-    distill = plan.teacher is not None
-    peak = fixed + max(activations(plan, mb, seq, checkpointing=mode) + (distill_logits_bytes(plan, mb, seq) if distill else 0)
-                       for mb, seq in smallest_shapes(plan))
+    peak = max(step_peak(plan, mb, seq, checkpointing=mode) for mb, seq in smallest_shapes(plan))
     return peak <= budget * BUDGET_SHARE, peak
 
 

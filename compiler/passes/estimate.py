@@ -59,6 +59,17 @@ def activations(plan: Plan, micro_batch: int, seq_len: int, checkpointing: str |
                             None if plan.compile or plan.device == "tpu" else LOSS_CHUNK)
 
 
+def step_peak(plan: Plan, micro_batch: int, seq_len: int, checkpointing: str | None = None, distill: bool | None = None) -> int:
+    """Bytes one device holds at the peak of a step: the training state, a distillation teacher's weights (loaded
+    for the whole run), one micro-batch's activations and, where the step distills (``distill``, default: the run
+    has a teacher), the logits the distillation loss keeps. What batch_split and choose_checkpointing weigh."""
+    from ..objectives import distill_logits_bytes, teacher_weight_bytes
+
+    distill = plan.teacher is not None if distill is None else distill and plan.teacher is not None
+    return (sum(states(plan).values()) + teacher_weight_bytes(plan) + activations(plan, micro_batch, seq_len, checkpointing)
+            + (distill_logits_bytes(plan, micro_batch, seq_len) if distill else 0))
+
+
 def model_counts(plan: Plan, n_layers: int | None = None) -> dict:
     """Parameter counts of the model with ``n_layers`` layers (default: the final model's depth)."""
     m = plan.recipe.model
