@@ -164,10 +164,14 @@ def _parse_file(path: Path, shown: str) -> tuple[dict, dict[Path_, Origin]]:
 KIND_SECTIONS = {("objective",): None, ("optimizer",): ("rank", "update_every", "scale")}
 
 
-def _kind_fields(path: Path_, section: dict) -> list:
-    """The fields of ``section`` (at ``path``) that belong to its kind."""
+def _drop_kind_fields(section: dict, path: Path_, origins: dict, keep=lambda key: False) -> None:
+    """Remove, in place, the fields of ``section`` (at ``path``) that belong to its kind, and their origins; a field
+    for which ``keep(key)`` holds stays."""
     own = KIND_SECTIONS[path]
-    return [k for k in section if k != "kind" and (own is None or k in own)]
+    for key in [k for k in section if k != "kind" and (own is None or k in own) and not keep(k)]:
+        section.pop(key)
+        for k in [k for k in origins if k[: len(path) + 1] == path + (key,)]:
+            del origins[k]
 
 
 def _switches_kind(path: Path_, parent: dict, child: dict) -> bool:
@@ -186,9 +190,8 @@ def _merge(parent: dict, child: dict, origins: dict, c_origins: dict, path: Path
         if isinstance(value, dict) and isinstance(parent.get(key), dict):
             base = parent[key]
             if _switches_kind(sub, base, value):  # the parent's fields of its own kind are not inherited
-                base = {k: v for k, v in base.items() if k not in _kind_fields(sub, base)}
-                for k in [k for k in origins if len(k) > len(sub) and k[: len(sub)] == sub and k[len(sub)] not in base]:
-                    del origins[k]
+                base = dict(base)
+                _drop_kind_fields(base, sub, origins)
             out[key] = _merge(base, value, origins, c_origins, sub)
             origins[sub] = c_origins[sub]
             continue
@@ -345,12 +348,10 @@ def apply_sets(loaded: Loaded, sets: list[str]) -> Loaded:
             problems.append(Diagnostic(".".join(map(str, path)), problem[0], origin, hint=problem[1]))
             continue
         last = path[-1]
-        if tuple(path[:-1]) in KIND_SECTIONS and last == "kind" and isinstance(node, dict) and node.get("kind") != value:
-            for key in [k for k in _kind_fields(tuple(path[:-1]), node)  # the other kind's fields (see KIND_SECTIONS),
-                        if not getattr(loaded.origins.get(tuple(path[:-1]) + (k,)), "command_line", None)]:  # not a --set's
-                node.pop(key)
-                for k in [k for k in loaded.origins if k[: len(path)] == tuple(path[:-1]) + (key,)]:
-                    del loaded.origins[k]
+        section = tuple(path[:-1])
+        if section in KIND_SECTIONS and last == "kind" and isinstance(node, dict) and node.get("kind") != value:
+            _drop_kind_fields(node, section, loaded.origins,  # the other kind's fields, not those an earlier --set wrote
+                              keep=lambda key: getattr(loaded.origins.get(section + (key,)), "command_line", None))
         node[last] = value
         for k in [k for k in loaded.origins if k[: len(path)] == path]:
             del loaded.origins[k]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
@@ -74,6 +73,17 @@ def test_carrying_optimizer_state_needs_a_malt_run(trained, tmp_path):
         check(recipe)
 
 
+def assert_starts_as(run_dir, hf_dir, hf):
+    """The generated model of run_dir, started from hf_dir by init_from, computes transformers' logits (to 1e-5)."""
+    from .conftest import import_model_module
+
+    model = import_model_module(run_dir).Transformer().eval()
+    init_from(hf_dir, "hf", model, log=lambda *_: None)
+    tokens = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_hugging_face_layouts_load_with_identical_logits(tmp_path, arch):
     """A directory written by transformers' own save_pretrained (not malt's export) loads into malt's model."""
@@ -93,15 +103,7 @@ def test_hugging_face_layouts_load_with_identical_logits(tmp_path, arch):
     sets = ["model.tie_embeddings=false", f"model.qkv_bias={'true' if qkv else 'false'}"]
     recipe = with_init(write_tiny_recipe(tmp_path / "r"), f"init_from: {tmp_path / 'hf'}\n")
     compile_to(recipe, tmp_path / "run", sets=sets, host=Host())
-    spec = importlib.util.spec_from_file_location(f"m_{arch}", tmp_path / "run" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.Transformer().eval()
-    init_from(tmp_path / "hf", "hf", model, log=lambda *_: None)
-    tokens = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
-    sys.modules.pop(f"m_{arch}", None)
+    assert_starts_as(tmp_path / "run", tmp_path / "hf", hf)
 
 
 def test_tokens_the_recipe_adds_are_named_when_they_grow_the_vocabulary(trained, tmp_path):
@@ -141,15 +143,7 @@ def test_a_checkpoints_rotary_base_and_norm_eps_must_be_the_recipes(tmp_path):
 
     sets += ["model.rope_theta=1000000", "model.norm_eps=1e-6"]
     compile_to(recipe, tmp_path / "run", sets=sets, host=Host())
-    spec = importlib.util.spec_from_file_location("m_qwen2_theta", tmp_path / "run" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.Transformer().eval()
-    init_from(tmp_path / "hf", "hf", model, log=lambda *_: None)
-    tokens = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-5, rtol=1e-5)
-    sys.modules.pop("m_qwen2_theta", None)
+    assert_starts_as(tmp_path / "run", tmp_path / "hf", hf)
 
     for change, expected in [({"hidden_act": "gelu"}, "uses hidden_act 'gelu'; malt's model is SwiGLU"),
                              ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "scales its rotary embeddings")]:
