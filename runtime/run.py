@@ -323,11 +323,42 @@ def entry(main) -> None:
     """Run a program's main() and turn user errors, Ctrl-C, SIGTERM and SIGHUP into a message and an exit code."""
     import signal
 
-    from .data import DataError
-
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             signal.signal(sig, _terminate)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _main_with_messages(main)
+        return
+    try:
+        _main_with_messages(main)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+    _leave(code)
+
+
+def _leave(code: int) -> None:
+    """End one process of a run of several without the interpreter's shutdown.
+
+    With torch 2.13, FSDP2 keeps the gloo process group alive past destroy_process_group (DTensor's sharding
+    cache holds its mesh), and a gloo worker thread that drops the last reference to a collective's tensor
+    while the interpreter shuts down aborts the process ("terminate called without an active exception",
+    SIGABRT: pytorch/pytorch#190489), about one run in thirty on this CPU. Everything the run writes is
+    closed by then (metrics at run.end(), checkpoints before their rename), so flush what is buffered and exit.
+    """
+    import logging
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _main_with_messages(main) -> None:
+    from .data import DataError
+
     rank = int(os.environ.get("RANK", "0"))  # torchrun's processes: the first speaks for all, the others say who they are
     try:
         main()

@@ -169,8 +169,14 @@ def test_a_process_whose_peer_ended_says_so_and_is_not_named_the_cause(monkeypat
     from malt.runtime.launch import cause
     from malt.runtime.run import PEER_LOST, entry
 
+    from malt.runtime import run
+
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+
+    def leave(code):  # a process of several ends with os._exit (test_a_process_of_several_exits_with_its_code)
+        raise SystemExit(code)
+    monkeypatch.setattr(run, "_leave", leave)
 
     def main():
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
@@ -186,3 +192,24 @@ def test_a_process_whose_peer_ended_says_so_and_is_not_named_the_cause(monkeypat
     assert cause({0: failure(-signal.SIGTERM, 10), 1: failure(2, 10)}) == (1, 2)
     # every process stopped by a signal (SIGTERM to the launcher): the first
     assert cause({0: failure(-signal.SIGTERM, 10), 1: failure(-signal.SIGTERM, 10)}) == (0, 143)
+
+
+@pytest.mark.parametrize("ending, code, err", [("return", 0, ""), ("raise RunError('no room', 'free some')", 2, "[process 1] error: no room"),
+                                               ("raise SystemExit(5)", 5, ""), ("raise SystemExit('bye')", 1, "bye")])
+def test_a_process_of_several_exits_with_its_code(tmp_path, ending, code, err):
+    """A process of a multi-process run skips the interpreter's shutdown (gloo's worker threads can abort it under
+    torch 2.13: pytorch/pytorch#190489): its exit code and everything it printed, buffered or not, still come out."""
+    script = tmp_path / "prog.py"
+    script.write_text(
+        "import sys\n"
+        "from malt.runtime.run import RunError, entry\n"
+        "def main():\n"
+        "    sys.stdout.write('trained')  # no newline, no flush: still in the buffer at the end\n"
+        f"    {ending}\n"
+        "entry(main)\n")
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}
+    env.pop("PYTHONUNBUFFERED", None)  # a buffered stdout, as under torchrun
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == "trained"
+    assert err in proc.stderr and "Traceback" not in proc.stderr
