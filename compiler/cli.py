@@ -201,7 +201,8 @@ def _plan_text(p) -> str:
         + f"activations {human_bytes(mem['activations'])}"
         + (f" (phase {est['activations_phase']}'s, the most of the phases)" if est.get("activations_phase") else ""),
         f"time       ≈ {human_seconds(est['estimated_seconds'])} on {basis['chip']} at {basis['mfu']:.0%} MFU of {basis['peak_flops'] / 1e12:g} TFLOP/s "
-        f"({ex['precision']}; {basis['peak_source']})",
+        f"({ex['precision']}; {basis['peak_source']})"
+        + (f"; evaluations {human_seconds(est['eval_seconds'])} of it" if est.get("eval_seconds") else ""),
         f"execution  {ex['device'] if ex['devices'] == 1 else str(ex['devices']) + ' × ' + ex['device'] + ' (' + ex['parallelism'] + ')'}, {'pure bf16' if ex.get('master_weights') == 'bf16' else ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
         + (f"GaLore AdamW (rank {p.galore['rank']}, projector every {p.galore['update_every']} steps)" if p.galore else
            f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW")

@@ -240,8 +240,9 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         _blank(),
         const("LOG_EVERY", tr.log_every, "train.log_every (steps)"),
         const("EVAL_EVERY", tr.eval_every, "train.eval_every (steps; 0 = never)"),
-        const("EVAL_BATCHES", tr.eval_batches, f"train.eval_batches: {tr.eval_batches} × {render_xla.eval_batch_note(plan)} validation sequences"
-              if not phased else "train.eval_batches, micro-batches of the current phase"),
+        const("EVAL_BATCHES", tr.eval_batches, f"train.eval_batches: global batches per evaluation ({tr.eval_batches} × {tr.global_batch} = "
+              f"{tr.eval_batches * tr.global_batch:,} validation sequences)"
+              if not phased else "train.eval_batches: global batches per evaluation (of the current phase's size)"),
         const("CHECKPOINT_EVERY", tr.checkpoint_every, "train.checkpoint_every (steps; the last step is always saved)"),
         const("KEEP_CHECKPOINTS", tr.keep_checkpoints, "train.keep_checkpoints, newest kept"),
         *([const("SAMPLE_TOKENS", tr.sample_tokens, "train.sample_tokens, printed at the end"),
@@ -275,8 +276,9 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
     schedules, lr_dispatch = _schedules(plan)
     phase_comments, phase_rows = _phase_table(plan) if phased else ([], [])
     e = ({"micro_batch": 'phase["micro_batch"]', "seq_len": 'phase["seq_len"]', "grad_accum": 'phase["grad_accum"]',
-          "weights": ', weights=phase["weights"]', "device_start": 'dist.rank * phase["device_batch"]'} if phased else
-         {"micro_batch": "MICRO_BATCH", "seq_len": "SEQ_LEN", "grad_accum": "GRAD_ACCUM", "weights": "",
+          "global_batch": 'phase["global_batch"]', "weights": ', weights=phase["weights"]',
+          "device_start": 'dist.rank * phase["device_batch"]'} if phased else
+         {"micro_batch": "MICRO_BATCH", "seq_len": "SEQ_LEN", "grad_accum": "GRAD_ACCUM", "global_batch": "GLOBAL_BATCH", "weights": "",
           "device_start": "dist.rank * DEVICE_BATCH"})
     # masked targets (-100): micro-batches weighted by their targets with a loss, so the step's loss is the mean over them
     # (ELECTRA's rtd mixes a masked-LM loss with a loss over every token: its model divides each sum by the step's count)
@@ -451,7 +453,8 @@ def _phase_table(plan: Plan) -> tuple[list[str], list[str]]:
         comments.append(f"{ph.name:<{width}}  steps {ph.start:,}-{ph.end:,} ({ph.steps:,} steps, {tokens:,} tokens): {changes}")
         row = {
             "name": ph.name, "start": ph.start, "end": ph.end,
-            "n_layers": ph.n_layers, "seq_len": ph.seq_len, "micro_batch": ph.micro_batch, "grad_accum": ph.grad_accum,
+            "n_layers": ph.n_layers, "seq_len": ph.seq_len, "global_batch": ph.global_batch, "micro_batch": ph.micro_batch,
+            "grad_accum": ph.grad_accum,
             "tokens_per_step": ph.tokens_per_step, "tokens_before": tokens_before,
             **({"device_batch": ph.global_batch // plan.world} if plan.world > 1 or plan.parallelism == "fsdp" else {}),
             "weights": dict(zip(names, ph.weights)), "rope_theta": ph.rope_theta,

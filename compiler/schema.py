@@ -376,7 +376,7 @@ class TrainSpec(Section):
     tokens: Optional[Count] = None
     steps: Optional[Count] = None
     eval_every: Count = 100                                  # steps; 0 disables
-    eval_batches: Int = Field(default=8, gt=0)               # micro-batches per evaluation
+    eval_batches: Int = Field(default=8, gt=0)               # global batches per evaluation (the same set on any devices)
     eval_per_source: bool = False                            # also each source's own validation loss (eval_batches each)
     checkpoint_every: Count = 200                            # steps; 0 = only the final checkpoint
     keep_checkpoints: Int = Field(default=2, gt=0)

@@ -32,11 +32,11 @@ def runs(tmp_path_factory):
     recipe = write_tiny_recipe(tmp / "r", steps=8, eval_every=4, checkpoint_every=4)
     cache = tmp / "cache"
     out = {}
-    for name, sets in {"single": [], "ddp": ["target.devices=2", "target.parallelism=ddp"],
+    # DDP also splits each device's 4 sequences into 2 micro-batches: the losses and the validation set (3 global
+    # batches, each device its slice) stay those of one process with micro-batches of 4
+    for name, sets in {"single": [], "ddp": ["target.devices=2", "target.parallelism=ddp", "train.micro_batch=2"],
                        "fsdp": ["target.devices=2", "target.parallelism=fsdp"]}.items():
         out[name] = tmp / name
-        # 3 validation batches on 2 devices: one gets two, the other one (under FSDP every forward is a collective:
-        # the device with one batch must still take part in the other's second forward, or evaluation hangs)
         compile_to(recipe, out[name], sets=[*sets, "train.eval_batches=3"], host=Host())
     run_program(out["single"], cache, "--quiet")
     torchrun(out["ddp"], cache)
@@ -59,7 +59,8 @@ def test_two_processes_follow_the_single_process_loss_curve(runs, kind):
 def test_checkpoint_of_two_processes_resumes(runs, tmp_path, kind):
     tmp, recipe, cache, out = runs
     resumed = tmp_path / kind
-    compile_to(recipe, resumed, sets=["target.devices=2", f"target.parallelism={kind}"], host=Host())
+    compile_to(recipe, resumed, sets=["target.devices=2", f"target.parallelism={kind}", *(["train.micro_batch=2"] if kind == "ddp" else [])],
+               host=Host())
     shutil.copytree(out[kind] / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
     (resumed / "checkpoints" / "latest").write_text("step_00000004\n")
     torchrun(resumed, cache, "--resume")

@@ -144,7 +144,10 @@ def test_estimates_by_hand(recipe):
     assert est["params"] == 320 * 64 + 2 * per_layer + 64
     assert est["flops_per_token"] == 6 * (2 * (attn + mlp) + 320 * 64) + 12 * 2 * 4 * 16 * 32
     assert est["total_flops"] == est["flops_per_token"] * p.tokens
-    assert est["estimated_seconds"] == pytest.approx(est["total_flops"] / (2 * 80e9 * 0.5), rel=1e-3)
+    # evaluations at steps 0, 4 and 8, each a forward (a third of the FLOPs) of eval_batches 2 × global_batch 8 × 32 tokens
+    assert (p.steps, p.recipe.train.eval_every, p.recipe.train.global_batch) == (8, 4, 8)
+    assert est["eval_flops"] == pytest.approx(3 * est["flops_per_token"] / 3 * 2 * 8 * 32)
+    assert est["estimated_seconds"] == pytest.approx((est["total_flops"] + est["eval_flops"]) / (2 * 80e9 * 0.5), rel=1e-3)
     mem = est["memory_per_device_bytes"]
     assert mem["weights"] == 4 * est["params"] and mem["optimizer"] == 8 * est["params"]
     assert mem["total"] == mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"]
@@ -182,3 +185,22 @@ def test_cpu_processes_share_the_machines_compute_in_the_time_estimate():
     g1, _ = make_plan(tiny, ["target.accelerator=cuda"], host=Host())
     g2, _ = make_plan(tiny, ["target.accelerator=cuda", "target.devices=2"], host=Host())
     assert abs(g2.estimates["estimated_seconds"] * 2 / g1.estimates["estimated_seconds"] - 1) < 1e-3
+
+
+def test_the_time_estimate_counts_the_evaluations():
+    """Evaluations take eval_batches global batches' forwards every eval_every steps: llama-124m evaluating every 10
+    steps spends over 20 minutes of an H100's time on them, which the plan shows; with evaluation off, none."""
+    from pathlib import Path
+
+    from malt.compiler.api import plan as make_plan
+    from malt.compiler.plan import Host
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "llama-124m.yaml"
+    often, _ = make_plan(recipe, ["train.eval_every=10"], host=Host())
+    never, _ = make_plan(recipe, ["train.eval_every=0"], host=Host())
+    est = often.estimates
+    evaluations = len(range(0, often.steps + 1, 10)) + (often.steps % 10 != 0)  # step 0, every 10 steps, the last
+    assert est["eval_flops"] == pytest.approx(evaluations * est["flops_per_token"] / 3 * 8 * 64 * 1024)
+    assert est["eval_seconds"] > 20 * 60
+    assert "eval_flops" not in never.estimates
+    assert est["estimated_seconds"] == pytest.approx(never.estimates["estimated_seconds"] + est["eval_seconds"], rel=1e-4)

@@ -31,10 +31,10 @@ def _same(ref: dict, got: dict):
 
 @pytest.mark.parametrize("packing", ["concat", "best_fit"])
 def test_one_or_four_micro_batches_give_the_same_steps(packing, tmp_path):
-    # global batch 8 in 1 or 4 micro-batches; validation reads eval_batches × micro_batch = 16 sequences in both
+    # global batch 8 in 1 or 4 micro-batches; validation reads eval_batches × global_batch = 16 sequences in both
     one = reference("tiny-electra", tmp_path / "one", steps=STEPS, packing=packing, micro_batch=8, eval_batches=2,
                     eval_every=3)
-    four = reference("tiny-electra", tmp_path / "four", steps=STEPS, packing=packing, micro_batch=2, eval_batches=8,
+    four = reference("tiny-electra", tmp_path / "four", steps=STEPS, packing=packing, micro_batch=2, eval_batches=2,
                      eval_every=3)
     for d in (one, four):
         run_program(d, tmp_path / "cache", "--quiet")
@@ -45,8 +45,8 @@ def test_one_or_four_micro_batches_give_the_same_steps(packing, tmp_path):
 
 
 def test_two_processes_give_the_same_steps_as_one(tmp_path):
-    one = reference("tiny-electra", tmp_path / "one", steps=STEPS, micro_batch=4, eval_batches=4, eval_every=3)
-    two = reference("tiny-electra", tmp_path / "two", steps=STEPS, micro_batch=2, eval_batches=8, eval_every=3,
+    one = reference("tiny-electra", tmp_path / "one", steps=STEPS, micro_batch=4, eval_batches=2, eval_every=3)
+    two = reference("tiny-electra", tmp_path / "two", steps=STEPS, micro_batch=2, eval_batches=2, eval_every=3,
                     target={"devices": 2, "parallelism": "ddp"})
     assert "distributed.reduce_sum" in (two / "train.py").read_text()
     run_program(one, tmp_path / "cache", "--quiet")

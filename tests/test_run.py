@@ -33,6 +33,23 @@ def val_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r}
 
 
+def test_the_validation_set_does_not_depend_on_the_micro_batch(tmp_path):
+    """train.eval_batches counts global batches, so the validation set is the same whatever the split: val losses of
+    micro_batch 2 and 8 (of global_batch 8) agree (they were the first 2 × micro_batch sequences, 4 against 16)."""
+    recipe = write_tiny_recipe(tmp_path / "r", steps=3, eval_every=1, checkpoint_every=0)
+    cache = tmp_path / "cache"
+    runs = {}
+    for micro in (2, 8):
+        runs[micro] = tmp_path / f"m{micro}"
+        compile_to(recipe, runs[micro], sets=[f"train.micro_batch={micro}", "train.sample_tokens=0"], host=Host())
+        run_program(runs[micro], cache, "--quiet")
+    a, b = val_losses(runs[2]), val_losses(runs[8])
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    assert a[0] == pytest.approx(b[0], rel=1e-6)  # the same weights: only the order of the sums differs
+    for step in (1, 2, 3):  # after updates from gradients accumulated in 4 micro-steps against 1
+        assert a[step] == pytest.approx(b[step], rel=1e-5), step
+
+
 def test_train_then_resume_after_sigkill_reproduces_losses_exactly(tmp_path):
     recipe = write_tiny_recipe(tmp_path / "r", steps=40, eval_every=10, checkpoint_every=5)
     cache = tmp_path / "cache"

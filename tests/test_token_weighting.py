@@ -27,9 +27,9 @@ def _compile(tmp_path, name, sets):
 
 
 def test_one_or_four_micro_batches_give_the_same_steps(tmp_path):
-    # evaluation reads eval_batches × micro_batch sequences: 16 in both, the same ones
+    # evaluation reads eval_batches × global_batch sequences: 16 in both, the same ones
     one = _compile(tmp_path, "one", ["train.micro_batch=8", "train.eval_batches=2"])
-    four = _compile(tmp_path, "four", ["train.micro_batch=2", "train.eval_batches=8"])
+    four = _compile(tmp_path, "four", ["train.micro_batch=2", "train.eval_batches=2"])
     assert "step_counted" in (four / "train.py").read_text()
     for d in (one, four):
         run_program(d, tmp_path / "cache", "--quiet")
@@ -43,7 +43,7 @@ def test_one_or_four_micro_batches_give_the_same_steps(tmp_path):
 
 def test_two_processes_give_the_same_steps_as_one(tmp_path):
     one = _compile(tmp_path, "one", ["train.micro_batch=4", "train.eval_batches=4"])
-    two = _compile(tmp_path, "two", ["train.micro_batch=2", "train.eval_batches=8", "target.devices=2", "target.parallelism=ddp"])
+    two = _compile(tmp_path, "two", ["train.micro_batch=2", "train.eval_batches=4", "target.devices=2", "target.parallelism=ddp"])
     assert "distributed.reduce_sum" in (two / "train.py").read_text()
     run_program(one, tmp_path / "cache", "--quiet")
     torchrun(two, tmp_path / "cache")

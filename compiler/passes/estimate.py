@@ -121,6 +121,26 @@ def recompute_flops(plan: Plan, n_layers: int | None = None, seq_len: int | None
     return 0
 
 
+def eval_flops(plan: Plan, heads: int, window: int | None) -> float:
+    """The evaluations' forward FLOPs (a third of a training token's): at step 0, every eval_every steps and at the end,
+    each over eval_batches global batches of the phase it falls in (and once more per source with eval_per_source)."""
+    r, tr = plan.recipe, plan.recipe.train
+    if tr.eval_every <= 0 or not (r.data.validation > 0 or any(s.validation_path for s in r.data.sources)):
+        return 0.0
+    at = sorted({0, *range(tr.eval_every, plan.steps + 1, tr.eval_every), plan.steps})
+    sets = 1 + (len(r.data.sources) if tr.eval_per_source else 0)
+    if not plan.phases:
+        fpt = flops_per_token(model_counts(plan)["matmul_params"], plan.n_layers or r.model.n_layers, heads, plan.head_dim,
+                              tr.seq_len, window)
+        return fpt / 3 * tr.eval_batches * tr.global_batch * tr.seq_len * sets * len(at)
+    total = 0.0
+    for step in at:
+        ph = next((ph for ph in plan.phases if ph.start <= step < ph.end), plan.phases[-1])
+        fpt = flops_per_token(model_counts(plan, ph.n_layers)["matmul_params"], ph.n_layers, heads, plan.head_dim, ph.seq_len, window)
+        total += fpt / 3 * tr.eval_batches * ph.global_batch * ph.seq_len * sets
+    return total
+
+
 def run(plan: Plan) -> Plan:
     r = plan.recipe
     m, tr = r.model, r.train
@@ -157,7 +177,8 @@ def run(plan: Plan) -> Plan:
     # MFU counts model FLOPs; recomputed ones take time too. CPU processes of one machine share its cores (the
     # chip's peak is the machine's), so they add no compute; devices of any other kind each bring their own
     engines = plan.nodes if plan.device == "cpu" else plan.world
-    seconds = (total + recompute) / (peak * mfu * engines)
+    evaluation = eval_flops(plan, heads, window)
+    seconds = (total + recompute + evaluation) / (peak * mfu * engines)
     est = {
         **{k: counts[k] for k in ("params", "params_non_embedding", "params_embedding", "params_head", "matmul_params")},
         **({"params_generator": counts["params_generator"]} if "params_generator" in counts else {}),  # ELECTRA's, in params
@@ -171,6 +192,7 @@ def run(plan: Plan) -> Plan:
         "memory_budget_bytes": memory_of(plan)[0],
         "estimated_seconds": float(f"{seconds:.6g}"),
         **({"recompute_flops": recompute} if recompute else {}),
+        **({"eval_flops": evaluation, "eval_seconds": float(f"{evaluation / (peak * mfu * engines):.6g}")} if evaluation else {}),
         "basis": {
             "chip": chip.name, "peak_flops": peak, "peak_source": chip.note, "mfu": mfu, "devices": plan.world,
             "flops": "6 × matmul params + 12 × n_layers × n_heads × head_dim × seq_len per token (PaLM, appendix B)"

@@ -43,7 +43,7 @@ GRAD_CLIP = 1.0                         # optimizer.grad_clip, max global gradie
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 50                         # train.eval_every (steps; 0 = never)
-EVAL_BATCHES = 8                        # train.eval_batches: 8 × 32 validation sequences
+EVAL_BATCHES = 8                        # train.eval_batches: global batches per evaluation (8 × 32 = 256 validation sequences)
 CHECKPOINT_EVERY = 100                  # train.checkpoint_every (steps; the last step is always saved)
 KEEP_CHECKPOINTS = 2                    # train.keep_checkpoints, newest kept
 
@@ -127,17 +127,21 @@ def main(argv=None):
     optimizer = make_optimizer(model)
     autocast = nullcontext()  # fp32 throughout
 
+    def val_starts():
+        """Where the validation micro-batches start: EVAL_BATCHES global batches of the validation split."""
+        return range(0, EVAL_BATCHES * GLOBAL_BATCH, MICRO_BATCH)
+
     def counted(y):
         """How many targets of a micro-batch carry a loss (the others are -100)."""
         return int((y != -100).sum())
 
     def evaluate():
-        """Mean loss over the targets with a loss in EVAL_BATCHES validation micro-batches."""
+        """Mean loss over the targets with a loss in the validation set."""
         model.eval()
         total, count = 0.0, 0
         with torch.no_grad(), autocast:
-            for i in range(EVAL_BATCHES):
-                x, y = make_batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
+            for start in val_starts():
+                x, y = make_batch("val", 0, start, MICRO_BATCH, SEQ_LEN)
                 n = counted(y)
                 x, y = data.to_device(DEVICE, x, y)
                 total += forward(x, y).item() * n  # the model returns the mean over its n

@@ -36,7 +36,7 @@ WEIGHT_DECAY = 0.1                      # optimizer.weight_decay
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 100                        # train.eval_every (steps; 0 = never)
-EVAL_BATCHES = 8                        # train.eval_batches, micro-batches of the current phase
+EVAL_BATCHES = 8                        # train.eval_batches: global batches per evaluation (of the current phase's size)
 CHECKPOINT_EVERY = 100                  # train.checkpoint_every (steps; the last step is always saved)
 KEEP_CHECKPOINTS = 2                    # train.keep_checkpoints, newest kept
 SAMPLE_TOKENS = 64                      # train.sample_tokens, printed at the end
@@ -74,6 +74,7 @@ PHASES = [
         'end': 415,
         'n_layers': 4,
         'seq_len': 128,
+        'global_batch': 16,
         'micro_batch': 16,
         'grad_accum': 1,
         'tokens_per_step': 2048,
@@ -91,6 +92,7 @@ PHASES = [
         'end': 488,
         'n_layers': 4,
         'seq_len': 128,
+        'global_batch': 16,
         'micro_batch': 16,
         'grad_accum': 1,
         'tokens_per_step': 2048,
@@ -165,17 +167,22 @@ def main(argv=None):
         optimizer.param_groups[0]["weight_decay"] = phase["weight_decay"]  # matrices only
         run.log(f"phase {phase['name']}: steps {phase['start']:,} to {phase['end']:,}")
 
+    def val_starts(phase):
+        """Where the validation micro-batches start: the phase's EVAL_BATCHES global batches of the validation split."""
+        return range(0, EVAL_BATCHES * phase["global_batch"], phase["micro_batch"])
+
     def evaluate(phase):
-        """Mean loss over EVAL_BATCHES validation micro-batches at the phase's sequence length, over the recipe's mixture."""
+        """The mean of the validation micro-batches' mean losses at the phase's sequence length, over the recipe's mixture."""
         model.eval()
+        starts = val_starts(phase)
         total = 0.0
         with torch.no_grad(), autocast:
-            for i in range(EVAL_BATCHES):
-                x, y = dataset.batch("val", 0, i * phase["micro_batch"], phase["micro_batch"], phase["seq_len"])
+            for start in starts:
+                x, y = dataset.batch("val", 0, start, phase["micro_batch"], phase["seq_len"])
                 x, y = data.to_device(DEVICE, x, y)
                 total += forward(x, y).item()  # the model returns the mean cross-entropy
         model.train()
-        return total / EVAL_BATCHES
+        return total / len(starts)
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     phase = next(p for p in PHASES if p["start"] <= start_step < p["end"]) if start_step < MAX_STEPS else PHASES[-1]

@@ -43,7 +43,7 @@ GRAD_CLIP = 1.0                         # optimizer.grad_clip, max global gradie
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 50                         # train.eval_every (steps; 0 = never)
-EVAL_BATCHES = 8                        # train.eval_batches: 8 × 32 validation sequences
+EVAL_BATCHES = 8                        # train.eval_batches: global batches per evaluation (8 × 32 = 256 validation sequences)
 CHECKPOINT_EVERY = 100                  # train.checkpoint_every (steps; the last step is always saved)
 KEEP_CHECKPOINTS = 2                    # train.keep_checkpoints, newest kept
 
@@ -131,16 +131,19 @@ def main(argv=None):
     optimizer = make_optimizer(model)
     autocast = nullcontext()  # fp32 throughout
 
+    def val_starts():
+        """Where the validation micro-batches start: EVAL_BATCHES global batches of the validation split."""
+        return range(0, EVAL_BATCHES * GLOBAL_BATCH, MICRO_BATCH)
+
     def counted(x, y):
         """(masked positions, tokens) of a micro-batch: what the generator's and the discriminator's losses cover."""
         return torch.tensor([float((y != -100).sum()), float(x.numel())])
 
     def evaluate():
-        """ELECTRA's loss on EVAL_BATCHES validation micro-batches as one batch: the generator's mean over
-        all their masked positions + DISCRIMINATOR_WEIGHT × the discriminator's mean over all their tokens."""
+        """ELECTRA's loss on the validation set as one batch: the generator's mean over
+        all its masked positions + DISCRIMINATOR_WEIGHT × the discriminator's mean over all its tokens."""
         model.eval()
-        batches = [make_batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
-                   for i in range(EVAL_BATCHES)]
+        batches = [make_batch("val", 0, start, MICRO_BATCH, SEQ_LEN) for start in val_starts()]
         counts = sum((counted(x, y) for x, y, uniforms in batches), torch.zeros(2)).to(DEVICE)
         counts = counts.clamp(min=1)  # (masked positions, tokens) of all the batches
         total = 0.0

@@ -38,7 +38,7 @@ WEIGHT_DECAY = 0.1                      # optimizer.weight_decay
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 25                         # train.eval_every (steps; 0 = never)
-EVAL_BATCHES = 8                        # train.eval_batches, micro-batches of the current phase
+EVAL_BATCHES = 8                        # train.eval_batches: global batches per evaluation (of the current phase's size)
 CHECKPOINT_EVERY = 100                  # train.checkpoint_every (steps; the last step is always saved)
 KEEP_CHECKPOINTS = 2                    # train.keep_checkpoints, newest kept
 SAMPLE_TOKENS = 64                      # train.sample_tokens, printed at the end
@@ -82,6 +82,7 @@ PHASES = [
         'end': 87,
         'n_layers': 4,
         'seq_len': 128,
+        'global_batch': 16,
         'micro_batch': 16,
         'grad_accum': 1,
         'tokens_per_step': 2048,
@@ -100,6 +101,7 @@ PHASES = [
         'end': 96,
         'n_layers': 4,
         'seq_len': 128,
+        'global_batch': 16,
         'micro_batch': 16,
         'grad_accum': 1,
         'tokens_per_step': 2048,
@@ -155,17 +157,21 @@ def main(argv=None):
         optimizer.param_groups[0]["weight_decay"] = phase["weight_decay"]  # matrices only
         run.log(f"phase {phase['name']}: steps {phase['start']:,} to {phase['end']:,}")
 
+    def val_starts(phase):
+        """Where the validation micro-batches start: the phase's EVAL_BATCHES global batches of the validation split."""
+        return range(0, EVAL_BATCHES * phase["global_batch"], phase["micro_batch"])
+
     def counted(y):
         """How many targets of a micro-batch carry a loss (the others are -100)."""
         return int((y != -100).sum())
 
     def evaluate(phase):
-        """Mean loss over the targets with a loss in EVAL_BATCHES validation micro-batches at the phase's sequence length, over the recipe's mixture."""
+        """Mean loss over the targets with a loss in the validation set at the phase's sequence length, over the recipe's mixture."""
         model.eval()
         total, count = 0.0, 0
         with torch.no_grad(), autocast:
-            for i in range(EVAL_BATCHES):
-                x, y = dataset.batch("val", 0, i * phase["micro_batch"], phase["micro_batch"], phase["seq_len"], metadata=phase["metadata"])
+            for start in val_starts(phase):
+                x, y = dataset.batch("val", 0, start, phase["micro_batch"], phase["seq_len"], metadata=phase["metadata"])
                 n = counted(y)
                 x, y = data.to_device(DEVICE, x, y)
                 total += forward(x, y).item() * n  # the model returns the mean over its n

@@ -44,7 +44,7 @@ GRAD_CLIP = 1.0                         # optimizer.grad_clip, max global gradie
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 100                        # train.eval_every (steps; 0 = never)
-EVAL_BATCHES = 8                        # train.eval_batches: 8 × 4 devices × 4 validation sequences
+EVAL_BATCHES = 8                        # train.eval_batches: global batches per evaluation (8 × 16 = 128 validation sequences)
 CHECKPOINT_EVERY = 100                  # train.checkpoint_every (steps; the last step is always saved)
 KEEP_CHECKPOINTS = 2                    # train.keep_checkpoints, newest kept
 SAMPLE_TOKENS = 64                      # train.sample_tokens, printed at the end
@@ -112,15 +112,16 @@ def main(argv=None):
     autocast = torch.autocast("xla", dtype=torch.bfloat16)  # bf16 compute, fp32 weights and optimizer state
 
     def evaluate():
-        """Mean loss over EVAL_BATCHES validation batches of MICRO_BATCH * DEVICES sequences."""
+        """Mean loss over the validation set: EVAL_BATCHES global batches, in batches of MICRO_BATCH * DEVICES sequences as in training."""
         model.eval()
         total = 0.0
-        batches = (dataset.batch("val", 0, i * MICRO_BATCH * DEVICES, MICRO_BATCH * DEVICES, SEQ_LEN) for i in range(EVAL_BATCHES))
+        starts = range(0, EVAL_BATCHES * GLOBAL_BATCH, MICRO_BATCH * DEVICES)
+        batches = (dataset.batch("val", 0, start, MICRO_BATCH * DEVICES, SEQ_LEN) for start in starts)
         with torch.no_grad(), autocast:
-            for x, y in xla.loader(batches, device, mesh, expected=EVAL_BATCHES):
+            for x, y in xla.loader(batches, device, mesh, expected=len(starts)):
                 total += forward(x, y).item()  # the mean cross-entropy; .item() runs the (once compiled) eval graph
         model.train()
-        return total / EVAL_BATCHES
+        return total / len(starts)
 
     def train_batches():
         """(x, y) of every micro-step from start_step on: GRAD_ACCUM batches of MICRO_BATCH * DEVICES sequences per step."""

@@ -44,7 +44,7 @@ GRAD_CLIP = 1.0                         # optimizer.grad_clip, max global gradie
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 100                        # train.eval_every (steps; 0 = never)
-EVAL_BATCHES = 8                        # train.eval_batches: 8 × 16 validation sequences
+EVAL_BATCHES = 8                        # train.eval_batches: global batches per evaluation (8 × 16 = 128 validation sequences)
 CHECKPOINT_EVERY = 100                  # train.checkpoint_every (steps; the last step is always saved)
 KEEP_CHECKPOINTS = 2                    # train.keep_checkpoints, newest kept
 SAMPLE_TOKENS = 64                      # train.sample_tokens, printed at the end
@@ -106,17 +106,22 @@ def main(argv=None):
     optimizer = make_optimizer(model)
     autocast = nullcontext()  # fp32 throughout
 
+    def val_starts():
+        """Where the validation micro-batches start: EVAL_BATCHES global batches of the validation split."""
+        return range(0, EVAL_BATCHES * GLOBAL_BATCH, MICRO_BATCH)
+
     def evaluate():
-        """Mean loss over EVAL_BATCHES validation micro-batches."""
+        """The mean of the validation micro-batches' mean losses."""
         model.eval()
+        starts = val_starts()
         total = 0.0
         with torch.no_grad(), autocast:
-            for i in range(EVAL_BATCHES):
-                x, y = dataset.batch("val", 0, i * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
+            for start in starts:
+                x, y = dataset.batch("val", 0, start, MICRO_BATCH, SEQ_LEN)
                 x, y = data.to_device(DEVICE, x, y)
                 total += forward(x, y).item()  # the model returns the mean cross-entropy
         model.train()
-        return total / EVAL_BATCHES
+        return total / len(starts)
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     run.begin(start_step, MAX_STEPS, TOKENS_PER_STEP)

@@ -45,7 +45,7 @@ GRAD_CLIP = 1.0                         # optimizer.grad_clip, max global gradie
 
 LOG_EVERY = 10                          # train.log_every (steps)
 EVAL_EVERY = 100                        # train.eval_every (steps; 0 = never)
-EVAL_BATCHES = 8                        # train.eval_batches: 8 × 4 validation sequences
+EVAL_BATCHES = 8                        # train.eval_batches: global batches per evaluation (8 × 16 = 128 validation sequences)
 CHECKPOINT_EVERY = 100                  # train.checkpoint_every (steps; the last step is always saved)
 KEEP_CHECKPOINTS = 2                    # train.keep_checkpoints, newest kept
 SAMPLE_TOKENS = 64                      # train.sample_tokens, printed at the end
@@ -114,19 +114,23 @@ def main(argv=None):
     optimizer = make_optimizer(model)
     autocast = nullcontext()  # fp32 throughout
 
+    def val_starts():
+        """Where this device's validation micro-batches start: EVAL_BATCHES global batches of the validation split, this device's slice of each."""
+        return [b * GLOBAL_BATCH + dist.rank * DEVICE_BATCH + micro * MICRO_BATCH
+                for b in range(EVAL_BATCHES) for micro in range(GRAD_ACCUM)]
+
     def evaluate():
-        """Mean loss over EVAL_BATCHES validation micro-batches."""
+        """The mean of the validation micro-batches' mean losses."""
         model.eval()
+        starts = val_starts()
         total = 0.0
-        rounds = -(-EVAL_BATCHES // dist.world)  # HSDP's forward may be a collective (it gathers the weights): every device runs as many
         with torch.no_grad(), autocast:
-            for i in range(dist.rank, rounds * dist.world, dist.world):  # the devices share the batches
-                x, y = dataset.batch("val", 0, (i % EVAL_BATCHES) * MICRO_BATCH, MICRO_BATCH, SEQ_LEN)
+            for start in starts:
+                x, y = dataset.batch("val", 0, start, MICRO_BATCH, SEQ_LEN)
                 x, y = data.to_device(device, x, y)
-                loss = forward(x, y).item()  # the model returns the mean cross-entropy
-                total += loss if i < EVAL_BATCHES else 0.0  # past EVAL_BATCHES: a repeat that only keeps the collectives in step
+                total += forward(x, y).item()  # the model returns the mean cross-entropy
         model.train()
-        return distributed.total(total, device) / EVAL_BATCHES
+        return distributed.total(total, device) / (len(starts) * dist.world)
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     run.begin(start_step, MAX_STEPS, TOKENS_PER_STEP)
