@@ -138,6 +138,8 @@ class Plan:
             "memory_per_device_bytes": est.get("memory_per_device_bytes"),
             "memory_budget_bytes": est.get("memory_budget_bytes"),  # one device's memory (a plan uses at most 80% of it)
             **({"recompute_flops": est["recompute_flops"]} if est.get("recompute_flops") else {}),  # activation checkpointing
+            **({"masked_attention_flops": est["masked_attention_flops"]}  # a sliding window as a dense mask: keys computed, then masked
+               if est.get("masked_attention_flops") else {}),
             **({"eval_flops": est["eval_flops"], "eval_seconds": est["eval_seconds"]}
                if est.get("eval_flops") else {}),  # the evaluations' forwards, in estimated_seconds
             "estimated_seconds": est.get("estimated_seconds"),

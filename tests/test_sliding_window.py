@@ -235,6 +235,24 @@ def test_flops_per_token_counts_the_window(make_recipe, tmp_path):
     assert flops_per_token(1000, 2, 4, 16, 32, window=64) == flops_per_token(1000, 2, 4, 16, 32)  # a longer window cuts nothing
 
 
+def test_the_time_counts_the_keys_a_dense_mask_computes(make_recipe, tmp_path):
+    """On a CPU the window is SDPA's explicit mask: every query's seq_len keys are computed, the time counts them
+    (the FLOPs, MFU's model FLOPs, count the window's); on cuda FlexAttention skips the blocks, and the time does too."""
+    recipe = make_recipe({"model": {"sliding_window": W}, "train": {"eval_every": 0}}, directory=tmp_path / "w")
+    cpu, _ = make_plan(recipe, ["target.accelerator=cpu"], host=Host())
+    gpu, _ = make_plan(recipe, ["target.accelerator=cuda"], host=Host())
+    m = cpu.recipe.model
+    assert (cpu.attention, gpu.attention) == ("sdpa_mask", "flex")
+    est = cpu.estimates
+    assert est["masked_attention_flops"] == 12 * m.n_layers * m.n_heads * cpu.head_dim * (32 - W) * cpu.tokens
+    basis = est["basis"]
+    assert est["estimated_seconds"] == pytest.approx((est["total_flops"] + est["masked_attention_flops"])
+                                                     / (basis["peak_flops"] * basis["mfu"]), rel=1e-4)
+    assert "masked_attention_flops" not in gpu.estimates
+    assert gpu.estimates["estimated_seconds"] == pytest.approx(
+        gpu.estimates["total_flops"] / (gpu.estimates["basis"]["peak_flops"] * gpu.estimates["basis"]["mfu"]), rel=1e-4)
+
+
 def test_memory_counts_the_explicit_mask(make_recipe, tmp_path):
     from malt.compiler.passes.estimate import activations, mask_bytes
 

@@ -178,7 +178,14 @@ def run(plan: Plan) -> Plan:
     # chip's peak is the machine's), so they add no compute; devices of any other kind each bring their own
     engines = plan.nodes if plan.device == "cpu" else plan.world
     evaluation = eval_flops(plan, heads, window)
-    seconds = (total + recompute + evaluation) / (peak * mfu * engines)
+    # a sliding window as SDPA's explicit mask (every device but cuda, where FlexAttention skips the blocks outside
+    # every window) computes all seq_len keys of each query and masks most away: those FLOPs take time too
+    masked = 0
+    if window is not None and plan.attention != "flex":
+        masked = (sum(12 * ph.n_layers * heads * plan.head_dim * max(0, ph.seq_len - window) * ph.steps * ph.tokens_per_step
+                      for ph in plan.phases) if plan.phases
+                  else 12 * n_layers * heads * plan.head_dim * max(0, tr.seq_len - window) * plan.tokens)
+    seconds = (total + recompute + masked + evaluation) / (peak * mfu * engines)
     est = {
         **{k: counts[k] for k in ("params", "params_non_embedding", "params_embedding", "params_head", "matmul_params")},
         **({"params_generator": counts["params_generator"]} if "params_generator" in counts else {}),  # ELECTRA's, in params
@@ -192,6 +199,7 @@ def run(plan: Plan) -> Plan:
         "memory_budget_bytes": memory_of(plan)[0],
         "estimated_seconds": float(f"{seconds:.6g}"),
         **({"recompute_flops": recompute} if recompute else {}),
+        **({"masked_attention_flops": masked} if masked else {}),
         **({"eval_flops": evaluation, "eval_seconds": float(f"{evaluation / (peak * mfu * engines):.6g}")} if evaluation else {}),
         "basis": {
             "chip": chip.name, "peak_flops": peak, "peak_source": chip.note, "mfu": mfu, "devices": plan.world,
