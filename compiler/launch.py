@@ -45,6 +45,12 @@ SLURM_SBATCH = """#!/usr/bin/env bash
 #SBATCH --exclusive
 {gpus}#SBATCH --output=slurm-%j.out
 set -euo pipefail
+# the program splits each step's batch over {nodes} nodes: an allocation of another size would wait out the rendezvous
+if [ "${{SLURM_JOB_NUM_NODES:-{nodes}}}" != "{nodes}" ]; then
+    echo "slurm.sbatch: error: this program was compiled for {nodes} nodes (target.nodes), the job has $SLURM_JOB_NUM_NODES" >&2
+    echo "    hint: submit without --nodes/-N, or recompile with --set target.nodes=$SLURM_JOB_NUM_NODES" >&2
+    exit 2
+fi
 # the first node of the allocation hosts the rendezvous
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 export MASTER_ADDR

@@ -8,6 +8,7 @@ and they meet at a c10d rendezvous on localhost, as real nodes meet on the first
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 import shutil
 import socket
@@ -56,6 +57,29 @@ def test_multinode_target_writes_rendezvous_and_slurm_scripts(tmp_path):
         assert subprocess.run(["bash", "-n", str(out / name)], check=False).returncode == 0
     single = compile_to(recipe, tmp_path / "one", sets=["train.micro_batch=2"], host=Host())
     assert single.recipe_hash == p.recipe_hash and not (tmp_path / "one" / "slurm.sbatch").exists()
+
+
+def test_slurm_script_refuses_an_allocation_of_another_size(tmp_path):
+    """sbatch --nodes=3 on a program compiled for 2 nodes: a clear error at once (it waited out the rendezvous);
+    with 2 nodes it starts launch.sh on each (scontrol and srun stand-ins here)."""
+    recipe = write_tiny_recipe(tmp_path / "r")
+    out = tmp_path / "b"
+    compile_to(recipe, out, sets=["target.nodes=2", "target.devices=2", "train.micro_batch=2"], host=Host())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "srun $* MASTER_ADDR=$MASTER_ADDR"\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "7",
+           "SLURM_SUBMIT_DIR": str(out)}
+    wrong = subprocess.run(["bash", str(out / "slurm.sbatch")], env={**env, "SLURM_JOB_NUM_NODES": "3"}, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "compiled for 2 nodes (target.nodes), the job has 3" in wrong.stderr
+    assert "--set target.nodes=3" in wrong.stderr and "srun" not in wrong.stdout
+    right = subprocess.run(["bash", str(out / "slurm.sbatch"), "--resume"], env={**env, "SLURM_JOB_NUM_NODES": "2"},
+                           capture_output=True, text=True)
+    assert right.returncode == 0, right.stderr
+    assert right.stdout.strip() == f"srun --kill-on-bad-exit=1 {out}/launch.sh --resume MASTER_ADDR=node-a"
 
 
 def test_malt_run_refuses_several_nodes_and_says_how(tmp_path):
