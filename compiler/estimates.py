@@ -115,7 +115,7 @@ AUTOCAST_FP32_PER_LAYER = 16
 
 def activation_bytes(micro_batch: int, seq_len: int, d_model: int, n_layers: int, kv_dim: int, d_ff: int,
                      vocab: int, precision: str, checkpointing: str = "none", loss_chunk: int | None = LOSS_CHUNK,
-                     eager: bool | None = None) -> int:
+                     eager: bool | None = None, encoder: str | None = None) -> int:
     """Tensors saved for the backward pass of one micro-batch, at their peak.
 
     Per layer and token: the two residual inputs, two norm outputs, q and k before
@@ -141,14 +141,20 @@ def activation_bytes(micro_batch: int, seq_len: int, d_model: int, n_layers: int
     bf16 autocast without compile (``eager``, default: not compiled, as
     ``loss_chunk`` says) adds the fp32 tensors it keeps (AUTOCAST_FP32_PER_LAYER·d
     bytes per token and layer), and a checkpointed block's input is fp32.
+
+    A BERT-style layer (``encoder``: its feed-forward, "gelu" or "geglu") keeps 8·d in
+    attention (the block's input, q, k, v, the attention output, the output
+    projection's input, the two LayerNorms' inputs; no rotary copies) and 2·d_ff
+    (gelu: its input and output) or 4·d_ff (geglu: gate, its gelu, up, their product),
+    as saved_tensors_hooks count them in the generated model (tiny-bert, tiny-mosaicbert).
     """
     tokens = micro_batch * seq_len
     width = 2 if precision == "bf16" else 4
     eager = loss_chunk is not None if eager is None else eager
     fp32_kept = AUTOCAST_FP32_PER_LAYER * d_model if precision == "bf16" and eager else 0
     block_input = d_model * (4 if fp32_kept else width)
-    attn = (7 * d_model + 3 * kv_dim) * width
-    mlp = 4 * d_ff * width
+    attn = (8 * d_model if encoder else 7 * d_model + 3 * kv_dim) * width
+    mlp = (2 if encoder == "gelu" else 4) * d_ff * width
     if checkpointing == "full":
         layers = tokens * (n_layers * block_input + attn + mlp + fp32_kept)
     elif checkpointing == "selective":
