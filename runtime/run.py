@@ -336,6 +336,11 @@ def entry(main) -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if isinstance(e.code, str):
             sys.stderr.write(e.code + "\n")
+    except BaseException:  # a bug or an unexpected error: its traceback, then the same exit as any other
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     _leave(code)
 
 
@@ -349,9 +354,16 @@ def _leave(code: int) -> None:
     closed by then (metrics at run.end(), checkpoints before their rename), so flush what is buffered and exit.
     """
     import logging
+    import signal
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # a late SIGTERM from torchrun: no Terminated in here
+        if sig is not None:
+            signal.signal(sig, signal.SIG_DFL)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
     logging.shutdown()
     os._exit(code)
 

@@ -195,7 +195,8 @@ def test_a_process_whose_peer_ended_says_so_and_is_not_named_the_cause(monkeypat
 
 
 @pytest.mark.parametrize("ending, code, err", [("return", 0, ""), ("raise RunError('no room', 'free some')", 2, "[process 1] error: no room"),
-                                               ("raise SystemExit(5)", 5, ""), ("raise SystemExit('bye')", 1, "bye")])
+                                               ("raise SystemExit(5)", 5, ""), ("raise SystemExit('bye')", 1, "bye"),
+                                               ("raise ValueError('a bug')", 1, "ValueError: a bug")])
 def test_a_process_of_several_exits_with_its_code(tmp_path, ending, code, err):
     """A process of a multi-process run skips the interpreter's shutdown (gloo's worker threads can abort it under
     torch 2.13: pytorch/pytorch#190489): its exit code and everything it printed, buffered or not, still come out."""
@@ -212,4 +213,4 @@ def test_a_process_of_several_exits_with_its_code(tmp_path, ending, code, err):
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == "trained"
-    assert err in proc.stderr and "Traceback" not in proc.stderr
+    assert err in proc.stderr and ("Traceback" in proc.stderr) == (code == 1 and "bug" in err)

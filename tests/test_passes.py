@@ -204,3 +204,24 @@ def test_the_time_estimate_counts_the_evaluations():
     assert est["eval_seconds"] > 20 * 60
     assert "eval_flops" not in never.estimates
     assert est["estimated_seconds"] == pytest.approx(never.estimates["estimated_seconds"] + est["eval_seconds"], rel=1e-4)
+
+
+def test_an_evaluation_on_a_phase_boundary_costs_the_ending_phase():
+    """tiny-stack grows from 2 to 4 layers at step 122: the evaluation after step 122 runs before the growth, on 2
+    layers (it was costed at 4)."""
+    from pathlib import Path
+
+    from malt.compiler.api import plan as make_plan
+    from malt.compiler.estimates import flops_per_token
+    from malt.compiler.passes.estimate import model_counts
+    from malt.compiler.plan import Host
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "tiny-stack.yaml"
+    p, _ = make_plan(recipe, ["train.eval_every=122", "target.accelerator=cpu"], host=Host())
+    assert [(ph.start, ph.end, ph.n_layers) for ph in p.phases] == [(0, 122, 2), (122, 488, 4)]
+    tokens = p.recipe.train.eval_batches * p.recipe.train.global_batch * 128
+
+    def forward(layers):
+        return flops_per_token(model_counts(p, layers)["matmul_params"], layers, p.recipe.model.n_heads, p.head_dim, 128) / 3
+    # after steps 0 and 122 on 2 layers; after 244, 366 and 488 on 4
+    assert p.estimates["eval_flops"] == pytest.approx(tokens * (2 * forward(2) + 3 * forward(4)))

@@ -148,6 +148,28 @@ def test_two_phase_run_resumes_inside_the_second_phase_exactly(tmp_path):
         assert torch.allclose(model(x), hf(x).logits, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_two_processes_evaluate_each_phase_as_one(tmp_path):
+    """Each phase's validation set (eval_batches of its global batches, at its seq_len) is the same on two DDP
+    processes as on one: the val losses of both phases agree, and so do the training losses."""
+    from .test_distributed import torchrun
+
+    recipe = phased_recipe(tmp_path)
+    cache = tmp_path / "cache"
+    one, two = tmp_path / "one", tmp_path / "two"
+    compile_to(recipe, one, host=Host())
+    compile_to(recipe, two, sets=["target.devices=2", "target.parallelism=ddp"], host=Host())
+    assert 'phase["device_batch"]' in (two / "train.py").read_text()
+    run_program(one, cache, "--quiet")
+    torchrun(two, cache)
+    ref, got = val_losses(one), val_losses(two)
+    assert sorted(got) == sorted(ref) == [0, 4, 8, 12, 16, 20]  # 16 and 20 in phase long
+    for step, v in ref.items():
+        assert got[step] == pytest.approx(v, rel=2e-5, abs=2e-5), step
+    for step, v in losses(one).items():
+        assert losses(two)[step] == pytest.approx(v, rel=2e-5, abs=2e-5), step
+
+
 def test_phase_mixture_over_sources_only_a_phase_uses(tmp_path):
     extra = """
 phases:

@@ -151,8 +151,8 @@ def eval_flops(plan: Plan, heads: int, window: int | None) -> float:
                               tr.seq_len, window)
         return fpt / 3 * tr.eval_batches * tr.global_batch * tr.seq_len * sets * len(at)
     total = 0.0
-    for step in at:
-        ph = next((ph for ph in plan.phases if ph.start <= step < ph.end), plan.phases[-1])
+    for step in at:  # the evaluation after step s runs before the next step enters its phase: the phase of step s - 1
+        ph = next(ph for ph in plan.phases if ph.start <= max(step - 1, 0) < ph.end)
         fpt = flops_per_token(model_counts(plan, ph.n_layers)["matmul_params"], ph.n_layers, heads, plan.head_dim, ph.seq_len, window)
         total += fpt / 3 * tr.eval_batches * ph.global_batch * ph.seq_len * sets
     return total
