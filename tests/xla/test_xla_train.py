@@ -100,6 +100,18 @@ def test_spmd_over_two_devices_computes_one_device(runs):
         assert a["loss"] == pytest.approx(b["loss"], abs=2e-4), (a, b)
 
 
+def test_the_validation_set_is_the_cpu_programs_on_any_mesh(runs):
+    """eval_batches global batches: one TPU device (micro-batches of 4), a mesh of two (2 per device) and the CPU
+    program evaluate the same sequences, so their val losses agree."""
+    def vals(name):
+        records = [json.loads(line) for line in (runs[name] / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    cpu, one, two = vals("cpu_fp32"), vals("tpu_fp32"), vals("tpu2_fp32")
+    assert sorted(cpu) == sorted(one) == sorted(two) == [0, 4, 8]
+    for step, v in cpu.items():
+        assert one[step] == pytest.approx(v, abs=2e-4) and two[step] == pytest.approx(v, abs=2e-4), step
+
+
 @pytest.mark.parametrize("name", ["tpu_fp32", "tpu2_fp32"])
 def test_checkpoints_have_the_cpu_programs_format(runs, name):
     ck = runs[name] / "checkpoints" / f"step_{STEPS:08d}"
