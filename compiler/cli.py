@@ -202,7 +202,7 @@ def _plan_text(p) -> str:
         + (f" (phase {est['activations_phase']}'s, the most of the phases)" if est.get("activations_phase") else ""),
         f"time       ≈ {human_seconds(est['estimated_seconds'])} on {basis['chip']} at {basis['mfu']:.0%} MFU of {basis['peak_flops'] / 1e12:g} TFLOP/s "
         f"({ex['precision']}; {basis['peak_source']})"
-        + (f"; evaluations {human_seconds(est['eval_seconds'])} of it" if est.get("eval_seconds") else ""),
+        + _evaluations(est),
         f"execution  {ex['device'] if ex['devices'] == 1 else str(ex['devices']) + ' × ' + ex['device'] + ' (' + ex['parallelism'] + ')'}, {'pure bf16' if ex.get('master_weights') == 'bf16' else ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
         + (f"GaLore AdamW (rank {p.galore['rank']}, projector every {p.galore['update_every']} steps)" if p.galore else
            f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW")
@@ -443,6 +443,21 @@ def located_data_error(e: Exception, recipe, loaded):
 # objectives whose rows are seq_len + 1 raw tokens of a source (span_corruption and ul2 draw shorter raw rows,
 # encoders seq_len: the program checks those when it draws them)
 LENGTH_CHECKED = ("causal_lm", "fim", "distill", "prefix_lm")
+
+
+def _evaluations(est: dict) -> str:
+    """The time line's share of the evaluations (train.eval_batches global batches every train.eval_every steps), and
+    how to spend less when they take more than a tenth of the run."""
+    from .units import human_seconds
+
+    seconds = est.get("eval_seconds")
+    if not seconds:
+        return ""
+    share = seconds / est["estimated_seconds"]
+    text = f"; evaluations {human_seconds(seconds) if seconds >= 0.05 else 'under 0.1 s'} of it ({share:.1%})"
+    if share > 0.1:
+        text += ": lower train.eval_batches or raise train.eval_every to spend less"
+    return text
 
 
 def check_lengths(ds, p) -> None:

@@ -267,3 +267,16 @@ def test_a_run_directory_takes_only_its_own_recipe(recipe, tmp_path):
     r = malt("run", path, "--run-dir", "run")
     assert r.exit_code == 2 and "run already holds a run (checkpoint at step 4)" in r.output, r.output
     assert "LR = 0.0003" in (tmp_path / "run" / "train.py").read_text()                       # nothing replaced it
+
+
+def test_plan_says_what_the_evaluations_cost_and_how_to_spend_less():
+    """The time line gives the evaluations' share of the run; past a tenth, how to lower it."""
+    llama = ROOT / "recipes" / "llama-124m.yaml"
+    usual = malt("plan", llama)
+    line = next(x for x in usual.stdout.splitlines() if x.startswith("time"))
+    assert "evaluations 26.5 s of it (0.5%)" in line and "eval_every" not in line
+    often = malt("plan", llama, "--set", "train.eval_every=10")
+    line = next(x for x in often.stdout.splitlines() if x.startswith("time"))
+    assert "(21.1%): lower train.eval_batches or raise train.eval_every to spend less" in line
+    off = malt("plan", llama, "--set", "train.eval_every=0")
+    assert "evaluations" not in next(x for x in off.stdout.splitlines() if x.startswith("time"))
