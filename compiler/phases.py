@@ -58,7 +58,7 @@ class Schedule:
         if t < self.decay_start:
             return self.plateau_lr
         p = (t - self.decay_start) / max(1, self.total - self.decay_start)
-        return self.plateau_lr - (self.plateau_lr - self.min_lr) * p
+        return self.plateau_lr * (self.min_lr / self.plateau_lr) ** p  # exponential, as Ibrahim et al. 2024
 
 
 def tidy(x: float) -> float:
@@ -294,6 +294,9 @@ def resolve(r: Recipe) -> Resolved:
             own = _merged_schedule(r.schedule, ph.schedule)
             changes.append("schedule")
             problems += schedule_field_problems(ph.schedule, own.decay, where + ("schedule",))
+            if own.decay == "infinite" and own.min_lr_ratio <= 0:
+                problems.append((where + ("schedule", "min_lr_ratio"), "the infinite schedule anneals exponentially to the final "
+                                 "lr, which must be above 0", "use a small share such as 1%"))
             if n:  # (a phase without a valid length, or shorter than a step, is reported as such; its warmup waits for it)
                 warm = steps_of(own.warmup, n)
                 if warm >= n:

@@ -363,7 +363,7 @@ _DECAY_DOC = {
     "constant": "then constant {lr}",
     "inverse_sqrt": "then {lr} × sqrt(warmup / (step + 1)) (inverse square root)",
     "infinite": ("then cosine cooldown to {plateau} until {cooldown_end}, constant {plateau} until {decay_start}, "
-                 "then linear annealing to {min_lr} at {total} (infinite schedule)"),
+                 "then exponential annealing to {min_lr} at {total} (infinite schedule)"),
 }
 
 

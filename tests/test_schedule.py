@@ -79,8 +79,24 @@ def test_inverse_sqrt_and_infinite_schedules(tmp_path):
     assert t.lr_at(100) == pytest.approx(lr)                                      # cooldown starts at the peak
     assert t.lr_at(200) == pytest.approx(plateau + (lr - plateau) * 0.5)           # halfway down the cosine
     assert t.lr_at(300) == t.lr_at(650) == t.lr_at(899) == pytest.approx(plateau)  # the plateau
-    assert t.lr_at(950) == pytest.approx(plateau - (plateau - lo) * 0.5)           # annealing
+    # annealing: exponential, plateau × (η_min / plateau)^progress (Ibrahim et al. 2024): halfway, the geometric mean
+    assert t.lr_at(950) == pytest.approx(math.sqrt(plateau * lo))
+    assert t.lr_at(925) == pytest.approx(plateau * (lo / plateau) ** 0.25)
     assert t.lr_at(1000) == pytest.approx(lo)
+
+
+def test_the_infinite_schedule_needs_a_final_lr_above_zero(tmp_path):
+    """Its exponential annealing cannot reach 0: min_lr_ratio 0 is an error, for the recipe's schedule and a phase's."""
+    from malt.compiler.api import check
+    from malt.compiler.diagnostics import RecipeError
+
+    recipe = write_tiny_recipe(tmp_path / "r", steps=100)
+    with pytest.raises(RecipeError, match="schedule.min_lr_ratio: the infinite schedule anneals exponentially"):
+        check(recipe, ["schedule.decay=infinite", "schedule.min_lr_ratio=0"])
+    phased = recipe.read_text() + "phases:\n  - {name: a, share: 50%}\n  - {name: b, share: 50%, schedule: {decay: infinite, min_lr_ratio: 0}}\n"
+    recipe.write_text(phased)
+    with pytest.raises(RecipeError, match=r"recipe.yaml:15:55: error: phases\.1\.schedule\.min_lr_ratio: the infinite schedule anneals exponentially"):
+        check(recipe)
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant", "wsd", "inverse_sqrt", "infinite"])
