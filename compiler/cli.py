@@ -476,6 +476,17 @@ def check_lengths(ds, p) -> None:
             if tr.eval_per_source:
                 for name in names:
                     ds.check(ph.seq_len, "val", {name: 1.0})
+    if evaluates and p.phases:
+        # an evaluation reads eval_batches global batches; a smaller validation split is read with overlapping windows
+        reads = max(tr.eval_batches * ph.global_batch * ph.seq_len for ph in p.phases)
+        held = {s["name"]: s["val_tokens"] for s in ds.sources}
+        splits = [("the validation split", sum(held.values()))] + ([(f"source {n}'s validation split", held[n]) for n in names]
+                                                                   if tr.eval_per_source else [])
+        for what, tokens in splits:
+            if 0 < tokens < reads:
+                typer.echo(f"data: warning: an evaluation reads {reads:,} tokens (train.eval_batches {tr.eval_batches} global batches) "
+                           f"but {what} holds {tokens:,}: each of its tokens is read about {reads / tokens:.1f} times; lower "
+                           "train.eval_batches, or raise data.validation", err=True)
 
 
 def prepare_located(spec: dict, recipe, loaded, plan=None, **kwargs):

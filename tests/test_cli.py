@@ -280,3 +280,22 @@ def test_plan_says_what_the_evaluations_cost_and_how_to_spend_less():
     assert "(21.1%): lower train.eval_batches or raise train.eval_every to spend less" in line
     off = malt("plan", llama, "--set", "train.eval_every=0")
     assert "evaluations" not in next(x for x in off.stdout.splitlines() if x.startswith("time"))
+
+
+def test_malt_data_warns_when_an_evaluation_reads_more_than_the_validation_split(tmp_path, monkeypatch):
+    """eval_batches counts global batches: past the validation split's size the same tokens are read again; `malt data`
+    says so with the numbers (no warning at the recipe's own eval_batches 2: 512 tokens)."""
+    import re
+
+    from .helpers import write_tiny_recipe
+
+    monkeypatch.setenv("MALT_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = write_tiny_recipe(tmp_path / "r")
+    usual = malt("data", recipe)
+    assert usual.exit_code == 0 and "warning: an evaluation reads" not in usual.stderr
+    held = int(re.search(r"^total(?:\s+[\d,]+){4}\s+([\d,]+)", usual.stdout, re.M).group(1).replace(",", ""))
+    batches = held // (8 * 32) + 1  # global_batch 8 × seq_len 32
+    many = malt("data", recipe, "--set", f"train.eval_batches={batches}")
+    assert many.exit_code == 0
+    assert (f"warning: an evaluation reads {batches * 256:,} tokens (train.eval_batches {batches} global batches) but the "
+            f"validation split holds {held:,}") in many.stderr
