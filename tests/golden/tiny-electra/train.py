@@ -146,13 +146,13 @@ def main(argv=None):
         batches = [make_batch("val", 0, start, MICRO_BATCH, SEQ_LEN) for start in val_starts()]
         counts = sum((counted(x, y) for x, y, uniforms in batches), torch.zeros(2)).to(DEVICE)
         counts = counts.clamp(min=1)  # (masked positions, tokens) of all the batches
-        total = 0.0
+        total = torch.zeros((), device=DEVICE)  # the sum stays on the device: one sync per evaluation
         with torch.no_grad(), autocast:
             for x, y, uniforms in batches:
                 x, y, uniforms = data.to_device(DEVICE, x, y, uniforms)
-                total += forward(x, y, uniforms=uniforms, counts=counts).item()  # this batch's part of the loss
+                total += forward(x, y, uniforms=uniforms, counts=counts)  # this batch's part of the loss
         model.train()
-        return total
+        return total.item()
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     run.begin(start_step, MAX_STEPS, TOKENS_PER_STEP)

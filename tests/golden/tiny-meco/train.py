@@ -168,16 +168,16 @@ def main(argv=None):
     def evaluate(phase):
         """Mean loss over the targets with a loss in the validation set at the phase's sequence length, over the recipe's mixture."""
         model.eval()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=DEVICE), 0  # the sum stays on the device: one sync per evaluation
         with torch.no_grad(), autocast:
             for start in val_starts(phase):
                 x, y = dataset.batch("val", 0, start, phase["micro_batch"], phase["seq_len"], metadata=phase["metadata"])
                 n = counted(y)
                 x, y = data.to_device(DEVICE, x, y)
-                total += forward(x, y).item() * n  # the model returns the mean over its n
+                total += forward(x, y) * n  # the model returns the mean over its n
                 count += n
         model.train()
-        return total / max(1, count)
+        return total.item() / max(1, count)
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     phase = next(p for p in PHASES if p["start"] <= start_step < p["end"]) if start_step < MAX_STEPS else PHASES[-1]

@@ -145,16 +145,16 @@ def main(argv=None):
     def evaluate():
         """Mean loss over the targets with a loss in the validation set."""
         model.eval()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=DEVICE), 0  # the sum stays on the device: one sync per evaluation
         with torch.no_grad(), autocast:
             for start in val_starts():
                 x, y, prefix_len = make_batch("val", 0, start, MICRO_BATCH, SEQ_LEN)
                 n = counted(y)
                 x, y, prefix_len = data.to_device(DEVICE, x, y, prefix_len)
-                total += forward(x, y, prefix_len=prefix_len).item() * n  # the model returns the mean over its n
+                total += forward(x, y, prefix_len=prefix_len) * n  # the model returns the mean over its n
                 count += n
         model.train()
-        return total / max(1, count)
+        return total.item() / max(1, count)
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     run.begin(start_step, MAX_STEPS, TOKENS_PER_STEP)

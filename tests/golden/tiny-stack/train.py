@@ -158,14 +158,14 @@ def main(argv=None):
         """The mean of the validation micro-batches' mean losses at the phase's sequence length, over the recipe's mixture."""
         model.eval()
         starts = val_starts(phase)
-        total = 0.0
+        total = torch.zeros((), device=DEVICE)  # the sum stays on the device: one sync per evaluation
         with torch.no_grad(), autocast:
             for start in starts:
                 x, y = dataset.batch("val", 0, start, phase["micro_batch"], phase["seq_len"])
                 x, y = data.to_device(DEVICE, x, y)
-                total += forward(x, y).item()  # the model returns the mean cross-entropy
+                total += forward(x, y)  # the model returns the mean cross-entropy
         model.train()
-        return total / len(starts)
+        return total.item() / len(starts)
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     phase = next(p for p in PHASES if p["start"] <= start_step < p["end"]) if start_step < MAX_STEPS else PHASES[-1]

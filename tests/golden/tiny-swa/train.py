@@ -114,14 +114,14 @@ def main(argv=None):
         """The mean of the validation micro-batches' mean losses."""
         model.eval()
         starts = val_starts()
-        total = 0.0
+        total = torch.zeros((), device=DEVICE)  # the sum stays on the device: one sync per evaluation
         with torch.no_grad(), autocast:
             for start in starts:
                 x, y = dataset.batch("val", 0, start, MICRO_BATCH, SEQ_LEN)
                 x, y = data.to_device(DEVICE, x, y)
-                total += forward(x, y).item()  # the model returns the mean cross-entropy
+                total += forward(x, y)  # the model returns the mean cross-entropy
         model.train()
-        return total / len(starts)
+        return total.item() / len(starts)
 
     start_step = checkpoint.restore(run, model, optimizer) if run.resume else 0
     run.begin(start_step, MAX_STEPS, TOKENS_PER_STEP)
