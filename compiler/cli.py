@@ -186,6 +186,7 @@ def _plan_text(p) -> str:
          if not shapes_vary else f"run        {j['steps']:,} steps = {j['tokens']:,} tokens ({human_count(j['tokens'])}); the phases' batches differ (below)"),
         f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation"
         + (f" × {ex['devices']} devices" if ex['devices'] > 1 else "") + (f" (phase {p.phases[0].name})" if shapes_vary else ""),
+        *([_eval_line(p, shapes_vary)] if est.get("eval_flops") else []),
         (f"compute    {human_count(est['total_flops'] / j['tokens'])}FLOPs/token on average (the phases' models or lengths differ) "
          f"× {human_count(j['tokens'])} tokens" if flops_vary else
          f"compute    {human_count(est['flops_per_token'])}FLOPs/token × {human_count(j['tokens'])} tokens")
@@ -443,6 +444,18 @@ def located_data_error(e: Exception, recipe, loaded):
 # objectives whose rows are seq_len + 1 raw tokens of a source (span_corruption and ul2 draw shorter raw rows,
 # encoders seq_len: the program checks those when it draws them)
 LENGTH_CHECKED = ("causal_lm", "fim", "distill", "prefix_lm")
+
+
+def _eval_line(p, shapes_vary: bool) -> str:
+    """What an evaluation reads: train.eval_batches global batches, the same sequences on any devices and split."""
+    from .units import human_count
+
+    tr = p.recipe.train
+    ph = p.phases[0]
+    sequences = tr.eval_batches * ph.global_batch
+    return (f"eval       every {tr.eval_every:,} steps: {tr.eval_batches} global batches = {sequences:,} validation sequences "
+            f"({human_count(sequences * ph.seq_len)} tokens"
+            + (f", phase {ph.name}'s" if shapes_vary else "") + ("; each source's too" if tr.eval_per_source else "") + ")")
 
 
 def _evaluations(est: dict) -> str:

@@ -275,11 +275,13 @@ def test_plan_says_what_the_evaluations_cost_and_how_to_spend_less():
     usual = malt("plan", llama)
     line = next(x for x in usual.stdout.splitlines() if x.startswith("time"))
     assert "evaluations 26.5 s of it (0.5%)" in line and "eval_every" not in line
+    assert "\neval       every 500 steps: 8 global batches = 512 validation sequences (524k tokens)\n" in usual.stdout
     often = malt("plan", llama, "--set", "train.eval_every=10")
     line = next(x for x in often.stdout.splitlines() if x.startswith("time"))
     assert "(21.1%): lower train.eval_batches or raise train.eval_every to spend less" in line
     off = malt("plan", llama, "--set", "train.eval_every=0")
     assert "evaluations" not in next(x for x in off.stdout.splitlines() if x.startswith("time"))
+    assert "\neval " not in off.stdout
 
 
 def test_malt_data_warns_when_an_evaluation_reads_more_than_the_validation_split(tmp_path, monkeypatch):
