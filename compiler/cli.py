@@ -480,16 +480,18 @@ def check_lengths(ds, p) -> None:
         return
     tr = p.recipe.train
     names = [s.name for s in p.sources]
-    evaluates = tr.eval_every > 0 and (p.recipe.data.validation > 0 or any(s.validation_path for s in p.recipe.data.sources))
+    from .passes.estimate import evaluates
+
+    evaluating = evaluates(p.recipe)
     for ph in p.phases:
         weights = dict(zip(names, ph.weights))
         ds.check(ph.seq_len, "train", weights)
-        if evaluates:
+        if evaluating:
             ds.check(ph.seq_len, "val", weights)
             if tr.eval_per_source:
                 for name in names:
                     ds.check(ph.seq_len, "val", {name: 1.0})
-    if evaluates and p.phases:
+    if evaluating and p.phases:
         # an evaluation reads eval_batches global batches; a smaller validation split is read with overlapping windows
         reads = max(tr.eval_batches * ph.global_batch * ph.seq_len for ph in p.phases)
         held = {s["name"]: s["val_tokens"] for s in ds.sources}

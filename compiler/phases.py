@@ -80,6 +80,14 @@ def resolve_schedule(spec: ScheduleSpec, lr: float, total: int) -> Schedule:
     return Schedule(spec.decay, lr, min_lr, total, warmup, decay_start, cooldown_end, plateau)
 
 
+def final_lr_problems(spec: ScheduleSpec, where: tuple) -> list:
+    """The infinite schedule anneals exponentially to its final lr, so that lr must be above 0."""
+    if spec.decay == "infinite" and spec.min_lr_ratio <= 0:
+        return [(where + ("min_lr_ratio",), "the infinite schedule anneals exponentially to the final lr, which must be above 0",
+                 "use a small share such as 1%")]
+    return []
+
+
 def schedule_overlap_problems(spec: ScheduleSpec, total: int, where: tuple) -> list:
     """wsd and infinite: the warmup (and infinite's cooldown) must end before the final decay starts, or the
     learning rate jumps where one stage cuts the other short."""
@@ -294,9 +302,7 @@ def resolve(r: Recipe) -> Resolved:
             own = _merged_schedule(r.schedule, ph.schedule)
             changes.append("schedule")
             problems += schedule_field_problems(ph.schedule, own.decay, where + ("schedule",))
-            if own.decay == "infinite" and own.min_lr_ratio <= 0:
-                problems.append((where + ("schedule", "min_lr_ratio"), "the infinite schedule anneals exponentially to the final "
-                                 "lr, which must be above 0", "use a small share such as 1%"))
+            problems += final_lr_problems(own, where + ("schedule",))
             if n:  # (a phase without a valid length, or shorter than a step, is reported as such; its warmup waits for it)
                 warm = steps_of(own.warmup, n)
                 if warm >= n:

@@ -20,7 +20,7 @@ from .diagnostics import Diagnostic, RecipeError, did_you_mean
 from .loader import Loaded
 from .conditioning import problems as conditioning_problems
 from .objectives import added_tokens, problems as objective_problems
-from .phases import resolve as resolve_phases, schedule_field_problems, schedule_overlap_problems, tidy
+from .phases import final_lr_problems, resolve as resolve_phases, schedule_field_problems, schedule_overlap_problems, tidy
 from .schema import SCHEDULE_FIELD_USERS, ModelSpec, Recipe, steps_of
 from .tpu import problems as tpu_problems
 from .units import divisors
@@ -590,10 +590,10 @@ def _cross_checks(r: Recipe | SimpleNamespace, loaded: Loaded) -> list[Diagnosti
             if sch.cooldown_share + sch.decay_share >= 1:
                 add(("schedule", "cooldown_share"), f"cooldown_share {sch.cooldown_share:.0%} and decay_share {sch.decay_share:.0%} leave no constant plateau",
                     "make their sum well below 100%, e.g. 10% and 20%")
-            if sch.min_lr_ratio <= 0:
-                add(("schedule", "min_lr_ratio"), "the infinite schedule anneals exponentially to the final lr, which must be above 0",
-                    "use a small share such as 1%")
-            elif sch.constant_ratio <= sch.min_lr_ratio:
+            final = final_lr_problems(sch, ("schedule",))
+            for path, message, hint in final:
+                add(path, message, hint)
+            if not final and sch.constant_ratio <= sch.min_lr_ratio:
                 add(("schedule", "constant_ratio"), f"the plateau ({sch.constant_ratio:.0%} of lr) must lie above the final lr ({sch.min_lr_ratio:.0%} of lr)",
                     "raise constant_ratio or lower min_lr_ratio")
         # a field of the recipe's schedule is also read by phases whose own schedule inherits it

@@ -321,11 +321,7 @@ def _terminate(signum, frame):
 
 def entry(main) -> None:
     """Run a program's main() and turn user errors, Ctrl-C, SIGTERM and SIGHUP into a message and an exit code."""
-    import signal
-
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            signal.signal(sig, _terminate)
+    _on_stop_signals(_terminate)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         _main_with_messages(main)
         return
@@ -344,6 +340,15 @@ def entry(main) -> None:
     _leave(code)
 
 
+def _on_stop_signals(handler) -> None:
+    """``handler`` for SIGTERM and SIGHUP (where the platform has it)."""
+    import signal
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, handler)
+
+
 def _leave(code: int) -> None:
     """End one process of a run of several without the interpreter's shutdown.
 
@@ -356,9 +361,7 @@ def _leave(code: int) -> None:
     import logging
     import signal
 
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):  # a late SIGTERM from torchrun: no Terminated in here
-        if sig is not None:
-            signal.signal(sig, signal.SIG_DFL)
+    _on_stop_signals(signal.SIG_DFL)  # a late SIGTERM from torchrun: no Terminated in here
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -138,11 +138,16 @@ def recompute_flops(plan: Plan, n_layers: int | None = None, seq_len: int | None
     return 0
 
 
+def evaluates(recipe) -> bool:
+    """Whether the program evaluates: train.eval_every above 0 and a validation split to read."""
+    return recipe.train.eval_every > 0 and (recipe.data.validation > 0 or any(s.validation_path for s in recipe.data.sources))
+
+
 def eval_flops(plan: Plan, heads: int, window: int | None) -> float:
     """The evaluations' forward FLOPs (a third of a training token's): at step 0, every eval_every steps and at the end,
     each over eval_batches global batches of the phase it falls in (and once more per source with eval_per_source)."""
     r, tr = plan.recipe, plan.recipe.train
-    if tr.eval_every <= 0 or not (r.data.validation > 0 or any(s.validation_path for s in r.data.sources)):
+    if not evaluates(r):
         return 0.0
     at = sorted({0, *range(tr.eval_every, plan.steps + 1, tr.eval_every), plan.steps})
     sets = 1 + (len(r.data.sources) if tr.eval_per_source else 0)
