@@ -133,6 +133,7 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     Every process must call it (gathering a sharded model is collective). ``fmt`` "full": the main
     process writes whole tensors; "sharded": every process writes its shards (torch.distributed.checkpoint).
     """
+    stop_if_not_finite(run, step, model.named_parameters())
     if fmt == "sharded":
         return _save_sharded(run, step, model, optimizer, keep, extra)
     tensors = _model_tensors(model)
@@ -142,6 +143,27 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
         _write(run, step, tensors, opt_tensors, meta, keep, extra)
     _barrier()
     return final
+
+
+def stop_if_not_finite(run: Run, step: int, named_tensors) -> None:
+    """Never write a checkpoint from weights that hold nan or inf (a diverged run): stop the run instead, so the
+    newest checkpoint stays the last good one. Each process checks its own shards on its device; one all-reduce
+    makes every process see every shard's result, so they all stop together."""
+    from .distributed import reduce_sum
+
+    names, flags = [], []
+    for name, t in named_tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 parameter: this process's shard
+        names.append(name)
+        flags.append(torch.isfinite(local.detach()).all().logical_not())
+    if not flags:
+        return
+    counts = reduce_sum(torch.stack(flags).to(torch.int32)).tolist()
+    bad = [n for n, c in zip(names, counts) if c]
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise run.diverged(step, f"{len(bad)} of the model's {len(names)} weight tensors hold nan or inf ({shown}), "
+                                 "so this step's checkpoint was not written")
 
 
 @contextmanager

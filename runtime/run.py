@@ -25,6 +25,23 @@ class RunError(Exception):
         self.hint = hint
 
 
+DIVERGED = 4  # the exit code of a run stopped because its loss, gradient norm or weights are no longer finite
+
+
+class Diverged(RunError):
+    """Training diverged: a logged loss or gradient norm, or the weights about to be checkpointed, are nan or inf.
+    Every process of the run raises it at the same step (the values checked are the same on all of them)."""
+
+    exit_code = DIVERGED
+    said_by_the_first = True  # every process raises it: the first process's message speaks for all
+
+
+def _not_finite(values: dict) -> str:
+    """'the loss is nan' for each of ``values`` (name: value; None: not measured) that is nan or inf; '' when all
+    are finite."""
+    return " and ".join(f"the {name} is {v}" for name, v in values.items() if v is not None and not math.isfinite(v))
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("MALT_CACHE_DIR")
     if env:
@@ -167,11 +184,20 @@ class Run:
 
     def log_step(self, step: int, loss: float, lr: float, grad_norm=None, tokens: int | None = None, **extra) -> None:
         """Record a step; ``tokens`` is the run's tokens so far (default step × tokens_per_step);
-        ``extra``: more fields of the metrics record (the TPU program's count of compiled XLA graphs)."""
+        ``extra``: more fields of the metrics record (the TPU program's count of compiled XLA graphs).
+
+        A loss or gradient norm that is nan or inf is recorded, then stops the run (``Diverged``): every process
+        gets the same values (the loss is averaged over them, the gradient norm is global)."""
         if hasattr(grad_norm, "full_tensor"):  # a sharded (FSDP) norm: every process takes part
             grad_norm = grad_norm.full_tensor()
-        if not self.is_main:
-            return
+        gn = float(grad_norm) if grad_norm is not None else None
+        if self.is_main:
+            self._record_step(step, loss, lr, gn, tokens, extra)
+        bad = _not_finite({"loss": loss, "gradient norm": gn})
+        if bad:
+            raise self.diverged(step, bad)
+
+    def _record_step(self, step: int, loss: float, lr: float, gn: float | None, tokens: int | None, extra: dict) -> None:
         now = time.perf_counter()
         tokens = step * self._tokens_per_step if tokens is None else tokens
         tok_s = (tokens - self._tokens_last) / max(now - self._t_last, 1e-9)
@@ -179,7 +205,6 @@ class Run:
         elapsed = now - self._t0
         done = step - self._start_step
         eta = elapsed / done * (self._max_steps - step) if done else float("inf")
-        gn = float(grad_norm) if grad_norm is not None else None
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens": tokens,
                   "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 3), **extra}
         torch = sys.modules.get("torch")
@@ -193,13 +218,33 @@ class Run:
             print(f"step {step:>6,}/{self._max_steps:,} | {status} | ETA {_fmt_duration(eta)}", flush=True)
 
     def log_eval(self, step: int, val_loss: float, **per_source: float) -> None:
-        """An evaluation: the mixture's validation loss, and (train.eval_per_source) ``val_loss/NAME`` of each source."""
-        if not self.is_main:
-            return
-        self.last_eval = val_loss
-        self._write({"step": step, "val_loss": val_loss, **per_source})
-        sources = "".join(f" | {k.split('/', 1)[1]} {v:.4f}" for k, v in per_source.items())
-        self.log(f"step {step:>6,}/{self._max_steps:,} | val loss {val_loss:.4f}{sources}")
+        """An evaluation: the mixture's validation loss, and (train.eval_per_source) ``val_loss/NAME`` of each source.
+        A loss that is nan or inf is recorded, then stops the run, as in ``log_step``."""
+        if self.is_main:
+            self.last_eval = val_loss
+            self._write({"step": step, "val_loss": val_loss, **per_source})
+            sources = "".join(f" | {k.split('/', 1)[1]} {v:.4f}" for k, v in per_source.items())
+            self.log(f"step {step:>6,}/{self._max_steps:,} | val loss {val_loss:.4f}{sources}")
+        bad = _not_finite({"validation loss": val_loss, **{f"validation loss of {k.split('/', 1)[1]}": v for k, v in per_source.items()}})
+        if bad:
+            raise self.diverged(step, bad)
+
+    def diverged(self, step: int, what: str) -> Diverged:
+        """The error that stops a run whose training diverged by ``step``; ``what`` says which value is not finite.
+        No checkpoint is written from then on, so the newest one is from before and the message names it."""
+        from .checkpoint import latest
+
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        last = latest(self.dir)
+        kept = (f"the newest checkpoint, step {last[0]:,}, is from before and is kept" if last
+                else "no checkpoint had been written yet")
+        hint = "lower optimizer.lr or lengthen schedule.warmup (and set optimizer.grad_clip if the recipe has none), then train again"
+        if last:
+            hint += (f" (in another run directory; to start from step {last[0]:,}'s weights: "
+                     f"init_from: {{path: {self.dir}, optimizer: carry}})")
+        return Diverged(f"training diverged at step {step:,}: {what}; {kept}", hint)
 
     def end(self) -> None:
         if not self.is_main:
@@ -378,12 +423,14 @@ def _main_with_messages(main) -> None:
     try:
         main()
     except (RunError, DataError) as e:
+        if rank and getattr(e, "said_by_the_first", False):
+            raise SystemExit(e.exit_code) from None
         who = f"[process {rank}] " if rank else ""
         hint = getattr(e, "hint", None)
         # one write: the processes' messages do not interleave between an error and its hint
         sys.stderr.write(f"{who}error: {getattr(e, 'message', str(e))}\n" + (f"    hint: {hint}\n" if hint else ""))
         sys.stderr.flush()
-        raise SystemExit(2)
+        raise SystemExit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt as e:
         import signal
 

@@ -161,6 +161,7 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     torch_xla.sync(wait=True)  # the step's results are on the device before they are read
     tensors = {k: host_copy(v).contiguous() for k, v in model.state_dict().items()
                if not (k == "lm_head.weight" and checkpoint._tied(model))}  # a tied head is stored once
+    checkpoint.stop_if_not_finite(run, step, tensors.items())  # host copies: one process holds the whole model
     osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))  # keyed by name
     opt_tensors, plain = {}, {}
     for name, st in osd.get("state", {}).items():

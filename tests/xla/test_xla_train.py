@@ -241,3 +241,36 @@ def test_a_resumed_run_on_a_mesh_is_sharded_like_the_first(tmp_path):
     proc = subprocess.run([sys.executable, "-c", RESUME_SHARDING_CHECK, str(tmp_path / "run")], check=False,
                           env=_env(tmp_path / "cache", 2), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+NOT_FINITE_CHECK = """
+import sys
+from pathlib import Path
+
+import torch, torch_xla
+from malt.runtime import checkpoint, xla
+from malt.runtime.run import Diverged, Run
+
+device, mesh = xla.setup(2)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 6)).to(device)
+optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+forward = xla.shard(model, mesh, optimizer)
+run = Run(Path(sys.argv[1]), "t", "h", resume=False, quiet=True)
+xla.save(run, 1, model, optimizer)
+with torch.no_grad():
+    model[2].weight.fill_(float("nan"))   # a sharded weight
+try:
+    xla.save(run, 2, model, optimizer)
+except Diverged as e:
+    assert "at step 2: 1 of the model's 4 weight tensors hold nan or inf (2.weight)" in e.message, e.message
+else:
+    raise AssertionError("a checkpoint was written from nan weights")
+assert checkpoint.latest(run.dir)[0] == 1 and not (run.checkpoints / "step_00000002").exists()
+print("ok")
+"""
+
+
+def test_no_checkpoint_is_written_from_weights_that_are_not_finite(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", NOT_FINITE_CHECK, str(tmp_path / "run")], check=False,
+                          env=_env(tmp_path, 2), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

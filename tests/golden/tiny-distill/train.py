@@ -217,6 +217,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
+        # a loss, gradient norm or weight that is nan or inf stops the run (exit 4) and is never checkpointed
         if done % LOG_EVERY == 0 or done == MAX_STEPS:
             tokens = phase["tokens_before"] + (done - phase["start"]) * phase["tokens_per_step"]
             run.log_step(done, loss=(loss_sum / phase["grad_accum"]).item(), lr=lr, grad_norm=grad_norm, tokens=tokens)

@@ -165,6 +165,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
+        # a loss, gradient norm or weight that is nan or inf stops the run (exit 4) and is never checkpointed
         if done % LOG_EVERY == 0 or done == MAX_STEPS:
             run.log_step(done, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm)
         if EVAL_EVERY and (done % EVAL_EVERY == 0 or done == MAX_STEPS) and DATA["validation"] > 0:

@@ -151,6 +151,7 @@ def main(argv=None):
         torch_xla.sync()  # the end of the step: XLA compiles the traced graph (once) and runs it
 
         done = step + 1
+        # a loss, gradient norm or weight that is nan or inf stops the run (exit 4) and is never checkpointed
         if done % LOG_EVERY == 0 or done == MAX_STEPS:  # .item() and float() wait for the device here only
             run.log_step(done, loss=(loss_sum / GRAD_ACCUM).item(), lr=lr, grad_norm=grad_norm, xla_graphs=xla.compiled_graphs())
         if EVAL_EVERY and (done % EVAL_EVERY == 0 or done == MAX_STEPS) and DATA["validation"] > 0:

@@ -1,0 +1,122 @@
+"""A run whose training diverges (a loss, gradient norm or weight that is nan or inf) stops with a message and exit
+code 4, and never writes a checkpoint from weights that are not finite: the newest checkpoint stays the last good one,
+where before the run trained on to its end, rotated its good checkpoints out for broken ones and crashed in the final
+sample."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from malt.compiler.api import compile_to
+from malt.compiler.plan import Host
+from malt.runtime import checkpoint
+from malt.runtime.run import DIVERGED, Diverged, Run
+
+from .helpers import run_env, run_program, write_tiny_recipe
+
+WILD = """\
+phases:
+  - {name: calm, share: 50%}
+  - {name: wild, share: 50%, optimizer: {lr: 1.0e+30}, schedule: {warmup: 0, decay: constant}}
+"""
+
+
+def diverging_recipe(directory: Path) -> Path:
+    """Twelve steps with checkpoints every 3: six good ones, then a learning rate of 1e30 wrecks the weights."""
+    recipe = write_tiny_recipe(directory, steps=12, eval_every=0, checkpoint_every=3)
+    recipe.write_text(recipe.read_text() + WILD)
+    return recipe
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[-1]) for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def _diverged_at(stderr: str) -> int:
+    found = re.search(r"error: training diverged at step (\d+): ", stderr)
+    assert found, stderr
+    return int(found.group(1))
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    compile_to(diverging_recipe(tmp_path / "r"), run_dir, host=Host())
+    proc = run_program(run_dir, cache, check=False)
+    assert proc.returncode == DIVERGED, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    step = _diverged_at(proc.stderr)
+    assert 7 <= step <= 9  # the first wild update lands at step 7; its effect shows at the next log or checkpoint
+    assert "the newest checkpoint, step 6, is from before and is kept" in proc.stderr
+    assert f"init_from: {{path: {run_dir}, optimizer: carry}}" in proc.stderr
+    assert checkpoint_steps(run_dir) == [3, 6]
+    assert checkpoint.latest(run_dir)[0] == 6
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]  # the step that showed it is recorded, with its value
+    assert last["step"] == step
+    assert not (math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"]))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records[:-1])
+    assert "sample (" not in proc.stdout  # the end of the program (final sample) is not reached
+
+
+def test_no_checkpoint_is_written_from_weights_that_are_not_finite(tmp_path):
+    run = Run(tmp_path / "run", "t", "hash", resume=False, quiet=True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    checkpoint.save(run, 1, model, optimizer)
+    with torch.no_grad():
+        model[1].bias[0] = float("inf")
+        model[0].weight[2, 3] = float("nan")
+    with pytest.raises(Diverged) as info:
+        checkpoint.save(run, 2, model, optimizer)
+    assert info.value.exit_code == DIVERGED
+    assert info.value.message == ("training diverged at step 2: 2 of the model's 4 weight tensors hold nan or inf "
+                                  "(0.weight, 1.bias), so this step's checkpoint was not written; the newest "
+                                  "checkpoint, step 1, is from before and is kept")
+    assert checkpoint_steps(run.dir) == [1] and checkpoint.latest(run.dir)[0] == 1
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["latest", "step_00000001"]
+
+
+def test_a_validation_loss_that_is_not_finite_stops_the_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    run = Run(tmp_path / "run", "t", "hash", resume=False, quiet=True)
+    run.begin(0, 10, 8)
+    run.log_eval(5, val_loss=2.0, **{"val_loss/web_text": 2.5})
+    with pytest.raises(Diverged, match=r"at step 10: the validation loss of web_text is inf; no checkpoint had been "):
+        run.log_eval(10, val_loss=3.0, **{"val_loss/web_text": float("inf")})
+    with pytest.raises(Diverged, match=r"at step 10: the loss is nan and the gradient norm is inf;"):
+        run.log_step(10, loss=float("nan"), lr=1e-3, grad_norm=torch.tensor(float("inf")))
+    run.log_step(10, loss=2.0, lr=1e-3, grad_norm=None)  # no gradient clipping: no norm to check
+    lines = (run.dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and '"loss": NaN' in lines[2]  # what stopped the run is on record
+
+
+@pytest.mark.slow
+def test_every_process_of_a_sharded_run_stops_together(tmp_path):
+    """FSDP2 on two processes: the weights are DTensor shards, checked on each process and summed over both; both
+    stop at the same step, through the launcher, with one message and the run's exit code."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    compile_to(diverging_recipe(tmp_path / "r"), run_dir,
+               sets=["target.devices=2", "target.parallelism=fsdp", "train.log_every=4"], host=Host())
+    cmd = [sys.executable, "-m", "malt.runtime.launch", "--standalone", "--nproc_per_node", "2",
+           str(run_dir / "train.py"), "--quiet"]  # as launch.sh and `malt run` start it
+    proc = subprocess.run(cmd, env=run_env(cache), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == DIVERGED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("training diverged") == 1, proc.stderr  # the first process speaks for both
+    assert "[process 1]" not in proc.stderr
+    assert "launch: process 0 of the run ended with exit code 4" in proc.stderr
+    # log_every 4: the checkpoint at step 9, between the logs at 8 and 12, is the first check after step 7's update
+    # unless the loss at step 8 already shows it
+    assert _diverged_at(proc.stderr) in (8, 9)
+    assert checkpoint_steps(run_dir) == [3, 6]
