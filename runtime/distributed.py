@@ -105,6 +105,16 @@ def reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def largest(value: int) -> int:
+    """The largest of a Python int over all processes (every process calls it; on NCCL through this process's GPU)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(int(value), dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+    return value
+
+
 def total(value: float, device) -> float:
     """The sum of a Python float over all processes."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -154,6 +154,7 @@ class Run:
         phased runs pass it, since their tokens per step change).
         """
         self._start_step, self._max_steps, self._tokens_per_step = start_step, max_steps, tokens_per_step
+        _STOP.deferring = True  # from here a stop signal lets the step finish and be saved (stop_requested, stop)
         self._tokens_last = self._tokens_start = start_step * tokens_per_step if tokens_done is None else tokens_done
         if not self.is_main:
             return
@@ -229,6 +230,26 @@ class Run:
         if bad:
             raise self.diverged(step, bad)
 
+    def stop_requested(self, agree: bool = True) -> bool:
+        """Whether Ctrl-C, SIGTERM or SIGHUP arrived during training: the program then saves its step and calls
+        ``stop``. The processes of a run stop at the same step: they agree (one all-reduce) at the steps where
+        ``agree`` is true, those whose loss they already wait for, and a signal that reached any of them counts."""
+        if self.world_size > 1:
+            if not agree:
+                return False
+            from .distributed import largest
+
+            _STOP.signum = largest(_STOP.signum or 0) or None
+        return _STOP.signum is not None
+
+    def stop(self, step: int) -> None:
+        """End the run after ``stop_requested``, its step ``step`` saved: exit 128 + the signal, with the message."""
+        _STOP.deferring = False
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        raise Terminated(_STOP.signum, saved=step)
+
     def diverged(self, step: int, what: str) -> Diverged:
         """The error that stops a run whose training diverged by ``step``; ``what`` says which value is not finite.
         No checkpoint is written from then on, so the newest one is from before and the message names it."""
@@ -247,6 +268,7 @@ class Run:
         return Diverged(f"training diverged at step {step:,}: {what}; {kept}", hint)
 
     def end(self) -> None:
+        _STOP.deferring = False
         if not self.is_main:
             return
         if self._progress is not None:
@@ -353,14 +375,46 @@ def start_run(directory: Path, name: str, recipe_hash: str, argv=None, rank: int
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (a scheduler's preemption, a closed terminal, `kill`): stop as for Ctrl-C."""
+    """Ctrl-C, SIGTERM or SIGHUP (a scheduler's preemption, a closed terminal, `kill`): the program stops.
+    ``saved``: the step it saved before stopping (a signal during training), else None (stopped at once)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, saved: int | None = None):
         super().__init__(signum)
         self.signum = signum
+        self.saved = saved
+
+
+class _Stop:
+    deferring = False  # training: a first signal is noted, and the program saves its step, then stops
+    signum = None      # the signal noted
+    at = 0.0           # when (time.monotonic)
+
+
+REPEAT_WINDOW = 1.0  # seconds: a stop signal again within this is the same stop delivered twice (see _terminate)
+
+
+_STOP = _Stop()
 
 
 def _terminate(signum, frame):
+    """The handler of Ctrl-C, SIGTERM and SIGHUP. During training the first one is noted and the step goes on, to
+    be saved (nothing trained is lost); a second one, or one at any other time, stops the program at once (a
+    checkpoint being written is then removed: the ones written before stay complete)."""
+    if _STOP.deferring:
+        now = time.monotonic()
+        if _STOP.signum is None:
+            _STOP.signum, _STOP.at = signum, now
+            if not int(os.environ.get("RANK", "0")):
+                import signal
+
+                name = signal.Signals(signum).name
+                sys.stderr.write(f"\n{name}: finishing this step and saving it before stopping ({name} again stops at once)\n")
+                sys.stderr.flush()
+            return
+        if now - _STOP.at < REPEAT_WINDOW:
+            # the same stop, delivered twice: Slurm signals every process of a job step and torchrun passes its own
+            # signal on; a terminal's Ctrl-C reaches torchrun and its processes, and torchrun passes it on too
+            return
     raise Terminated(signum)
 
 
@@ -386,12 +440,15 @@ def entry(main) -> None:
 
 
 def _on_stop_signals(handler) -> None:
-    """``handler`` for SIGTERM and SIGHUP (where the platform has it)."""
+    """``handler`` for SIGTERM, SIGHUP (where the platform has it) and SIGINT (unless this process was started
+    with SIGINT ignored, as `nohup` and a shell's background jobs are)."""
     import signal
 
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
             signal.signal(sig, handler)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handler)
 
 
 def _leave(code: int) -> None:
@@ -436,8 +493,10 @@ def _main_with_messages(main) -> None:
 
         signum = getattr(e, "signum", signal.SIGINT)
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        saved = getattr(e, "saved", None)
         if not rank:  # every process gets the signal: one message
-            print(f"\n{what}: checkpoints already written are complete; continue with --resume", file=sys.stderr)
+            print(f"\n{what} at step {saved:,}: saved; continue with --resume" if saved is not None else
+                  f"\n{what}: checkpoints already written are complete; continue with --resume", file=sys.stderr)
         raise SystemExit(128 + signum)
     except RuntimeError as e:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _PEER_LOST.search(str(e)):

@@ -64,11 +64,14 @@ def test_a_stopped_training_says_so_and_resumes(tmp_path, sig):
     out, err = proc.communicate(timeout=120)
     name = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"
     assert proc.returncode == 128 + sig, err
-    assert f"{name}: checkpoints already written are complete; continue with --resume" in err and "Traceback" not in err
+    assert f"{sig.name}: finishing this step and saving it before stopping ({sig.name} again stops at once)" in err
+    saved = re.search(rf"{name} at step (\d+): saved; continue with --resume", err)
+    assert saved and "Traceback" not in err, err
     left = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert all(n.startswith("step_") or n == "latest" for n in left), left    # nothing half-written
     step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    assert step >= 10 and lock_holder(run_dir) is None
+    assert step == int(saved.group(1)) == _steps_logged(run_dir) >= 12         # the step it was in: nothing trained is lost
+    assert lock_holder(run_dir) is None
 
     resumed = _start(run_dir, cache, "--resume", "--quiet")
     _wait_for(lambda: _steps_logged(run_dir) >= step + 3 or resumed.poll() is not None)
@@ -87,7 +90,8 @@ def test_malt_run_stops_its_program_when_it_is_stopped(tmp_path, devices, sig):
     script = Path(sys.executable).with_name("malt")
     malt = [str(script)] if script.exists() else [sys.executable, "-m", "malt.compiler.cli"]
     run_dir = tmp_path / "run"
-    sets = ["--set", "target.devices=2", "--set", "target.parallelism=ddp"] if devices == 2 else []
+    # two processes log (and so agree on a stop) every 4 steps
+    sets = ["--set", "target.devices=2", "--set", "target.parallelism=ddp", "--set", "train.log_every=4"] if devices == 2 else []
     proc = subprocess.Popen(malt + ["run", str(recipe), "--run-dir", str(run_dir), *sets], env=run_env(tmp_path / "cache"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
@@ -103,6 +107,33 @@ def test_malt_run_stops_its_program_when_it_is_stopped(tmp_path, devices, sig):
     n = _steps_logged(run_dir)
     time.sleep(1.0)
     assert _steps_logged(run_dir) == n
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert f"{said} at step {step}: saved" in err               # the step it stopped at is saved ...
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step  # ... and was the last logged
+    assert step % (4 if devices == 2 else 1) == 0
+
+
+def test_a_second_signal_stops_at_once(monkeypatch, tmp_path):
+    """During training the first signal lets the step finish and be saved; a second one stops at once."""
+    from malt.runtime import run as run_module
+
+    monkeypatch.setattr(run_module, "_STOP", run_module._Stop())
+    (tmp_path / "run").mkdir()
+    run = run_module.Run(tmp_path / "run", "t", "h", resume=False, quiet=True)
+    with pytest.raises(run_module.Terminated):                  # before training: at once
+        run_module._terminate(signal.SIGTERM, None)
+    run.begin(0, 10, 8)
+    assert not run.stop_requested()
+    run_module._terminate(signal.SIGTERM, None)                 # noted: the step goes on
+    assert run.stop_requested()
+    run_module._terminate(signal.SIGTERM, None)                 # the same stop delivered twice (torchrun, Slurm): noted once
+    run_module._STOP.at -= run_module.REPEAT_WINDOW             # a second stop, later
+    with pytest.raises(run_module.Terminated) as again:
+        run_module._terminate(signal.SIGINT, None)
+    assert again.value.signum == signal.SIGINT and again.value.saved is None
+    with pytest.raises(run_module.Terminated) as stopped:
+        run.stop(3)
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.saved == 3
 
 
 def test_a_checkpoint_that_cannot_be_written_is_removed_and_explained(tmp_path):

@@ -205,8 +205,11 @@ def main(argv=None):
             run.log_step(done, loss=(loss_sum / phase["grad_accum"]).item(), lr=lr, grad_norm=grad_norm, tokens=tokens)
         if EVAL_EVERY and (done % EVAL_EVERY == 0 or done == MAX_STEPS) and DATA["validation"] > 0:
             run.log_eval(done, val_loss=evaluate(phase))
-        if (CHECKPOINT_EVERY and done % CHECKPOINT_EVERY == 0) or done == MAX_STEPS:
+        stopping = run.stop_requested()  # Ctrl-C, SIGTERM or SIGHUP: the step is saved, then the run stops (a second one: at once)
+        if stopping or (CHECKPOINT_EVERY and done % CHECKPOINT_EVERY == 0) or done == MAX_STEPS:
             checkpoint.save(run, done, model, optimizer, keep=KEEP_CHECKPOINTS)
+        if stopping:
+            run.stop(done)
 
     run.end()
     if SAMPLE_TOKENS:

@@ -156,8 +156,11 @@ def main(argv=None):
             run.log_step(done, loss=(loss_sum / GRAD_ACCUM).item(), lr=lr, grad_norm=grad_norm, xla_graphs=xla.compiled_graphs())
         if EVAL_EVERY and (done % EVAL_EVERY == 0 or done == MAX_STEPS) and DATA["validation"] > 0:
             run.log_eval(done, val_loss=evaluate())
-        if (CHECKPOINT_EVERY and done % CHECKPOINT_EVERY == 0) or done == MAX_STEPS:
+        stopping = run.stop_requested()  # Ctrl-C, SIGTERM or SIGHUP: the step is saved, then the run stops (a second one: at once)
+        if stopping or (CHECKPOINT_EVERY and done % CHECKPOINT_EVERY == 0) or done == MAX_STEPS:
             xla.save(run, done, model, optimizer, keep=KEEP_CHECKPOINTS)  # from CPU copies, in the same format as on cpu and cuda
+        if stopping:
+            run.stop(done)
 
     run.end()
     if SAMPLE_TOKENS:  # on the CPU: on the device every new length would compile another graph

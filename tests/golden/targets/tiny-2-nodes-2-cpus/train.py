@@ -161,8 +161,13 @@ def main(argv=None):
             run.log_step(done, loss=distributed.mean(loss_sum / GRAD_ACCUM), lr=lr, grad_norm=grad_norm)
         if EVAL_EVERY and (done % EVAL_EVERY == 0 or done == MAX_STEPS) and DATA["validation"] > 0:
             run.log_eval(done, val_loss=evaluate())
-        if (CHECKPOINT_EVERY and done % CHECKPOINT_EVERY == 0) or done == MAX_STEPS:
+        # Ctrl-C, SIGTERM or SIGHUP: the step is saved, then the run stops (a second one: at once); the processes
+        # agree at the logged steps
+        stopping = run.stop_requested(agree=done % LOG_EVERY == 0 or done == MAX_STEPS)
+        if stopping or (CHECKPOINT_EVERY and done % CHECKPOINT_EVERY == 0) or done == MAX_STEPS:
             checkpoint.save(run, done, model, optimizer, keep=KEEP_CHECKPOINTS, fmt=CHECKPOINT_FORMAT)
+        if stopping:
+            run.stop(done)
 
     run.end()
     if SAMPLE_TOKENS:
