@@ -140,6 +140,8 @@ class Plan:
             **({"recompute_flops": est["recompute_flops"]} if est.get("recompute_flops") else {}),  # activation checkpointing
             **({"masked_attention_flops": est["masked_attention_flops"]}  # a sliding window as a dense mask: keys computed, then masked
                if est.get("masked_attention_flops") else {}),
+            **({"unselected_head_flops": est["unselected_head_flops"]}  # a compiled masked-LM head decodes every position
+               if est.get("unselected_head_flops") else {}),
             **({"eval_flops": est["eval_flops"], "eval_seconds": est["eval_seconds"]}
                if est.get("eval_flops") else {}),  # the evaluations' forwards, in estimated_seconds
             "estimated_seconds": est.get("estimated_seconds"),

@@ -160,6 +160,24 @@ def test_rtd_plan_counts_the_generator(tmp_path):
     assert not any("word_embeddings" in n for n, _ in model.generator.named_parameters())
 
 
+def test_the_time_counts_a_compiled_mlm_head_at_every_position(tmp_path):
+    """The FLOPs (MFU's) count the MLM head at the selected mask_rate of the positions; compiled whole, the model
+    decodes every position (static shapes), and the time counts the others too. Eager, or compiled per block under
+    FSDP2 (the head then runs eagerly), it decodes the selected ones only."""
+    eager, _ = build(tmp_path / "eager", {"target": {"compile": "off"}})
+    compiled, _ = build(tmp_path / "compiled", {"target": {"compile": "on"}})
+    sharded, _ = build(tmp_path / "fsdp", {"target": {"compile": "on", "devices": 2, "parallelism": "fsdp"}})
+    m, rate = compiled.recipe.model, compiled.recipe.objective.mask_rate
+    assert compiled.estimates["total_flops"] == eager.estimates["total_flops"]
+    head = 6 * (1 - rate) * (m.d_model ** 2 + compiled.padded_vocab * m.d_model) * compiled.tokens
+    assert compiled.estimates["unselected_head_flops"] == round(head) > 0
+    assert compiled.to_json()["unselected_head_flops"] == round(head)
+    assert compiled.estimates["estimated_seconds"] == pytest.approx(
+        eager.estimates["estimated_seconds"] * (1 + head / (eager.estimates["total_flops"]
+                                                            + eager.estimates.get("eval_flops", 0))), rel=1e-4)
+    assert "unselected_head_flops" not in eager.estimates and "unselected_head_flops" not in sharded.estimates
+
+
 # ---- ALiBi ---------------------------------------------------------------------------------------------------
 
 

@@ -207,7 +207,13 @@ def run(plan: Plan) -> Plan:
         masked = (sum(12 * ph.n_layers * heads * plan.head_dim * max(0, ph.seq_len - window) * ph.steps * ph.tokens_per_step
                       for ph in plan.phases) if plan.phases
                   else 12 * n_layers * heads * plan.head_dim * max(0, tr.seq_len - window) * plan.tokens)
-    seconds = (total + recompute + masked + evaluation) / (peak * mfu * engines)
+    # a compiled masked-LM model (whole, not under FSDP2: there the head runs eagerly) decodes every position, for static
+    # shapes, not only the selected mask_rate the FLOPs count: the other positions' head FLOPs take time too
+    unselected = 0
+    if r.objective.kind == "mlm" and plan.compile and plan.parallelism not in ("fsdp", "hsdp"):
+        trained = sum(ph.steps * ph.tokens_per_step for ph in plan.phases) if plan.phases else plan.tokens
+        unselected = round(6 * (1 - r.objective.mask_rate) * (m.d_model ** 2 + plan.padded_vocab * m.d_model) * trained)
+    seconds = (total + recompute + masked + unselected + evaluation) / (peak * mfu * engines)
     est = {
         **{k: counts[k] for k in ("params", "params_non_embedding", "params_embedding", "params_head", "matmul_params")},
         **({"params_generator": counts["params_generator"]} if "params_generator" in counts else {}),  # ELECTRA's, in params
@@ -222,6 +228,7 @@ def run(plan: Plan) -> Plan:
         "estimated_seconds": float(f"{seconds:.6g}"),
         **({"recompute_flops": recompute} if recompute else {}),
         **({"masked_attention_flops": masked} if masked else {}),
+        **({"unselected_head_flops": unselected} if unselected else {}),
         **({"eval_flops": evaluation, "eval_seconds": float(f"{evaluation / (peak * mfu * engines):.6g}")} if evaluation else {}),
         "basis": {
             "chip": chip.name, "peak_flops": peak, "peak_source": chip.note, "mfu": mfu, "devices": plan.world,
