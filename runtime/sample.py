@@ -20,7 +20,10 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int, device: str = "
     vocab = tokenizer.get_vocab_size()
     tokens = torch.tensor([ids], dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
-        logits = model(tokens[:, -max_len:])[0, -1].float().cpu()
+        # eagerly: the blocks of a program compiled under FSDP2 are compiled in place, and every new length would
+        # compile them again
+        with torch.compiler.set_stance("force_eager"):
+            logits = model(tokens[:, -max_len:])[0, -1].float().cpu()
         logits = logits[:vocab]  # never sample the padding rows of the vocabulary
         if temperature <= 0:
             nxt = int(logits.argmax())

@@ -123,3 +123,28 @@ def test_phased_run_on_two_processes_follows_one_process(tmp_path):
     assert sorted(got) == sorted(ref) == list(range(1, 21))
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), step
+
+
+def test_fsdp_compiles_each_block_and_the_loss(tmp_path):
+    """torch.compile of the whole model stops at FSDP2's first hook and runs all of it eagerly (the loss too, on whole
+    fp32 logits): the program compiles each block and the output norm, head and loss apart. No graph break, and the
+    losses of one compiled process; the final sample runs eagerly (no recompilation for its lengths)."""
+    recipe = write_tiny_recipe(tmp_path / "r", steps=4, eval_every=2, checkpoint_every=4)
+    cache = tmp_path / "cache"
+    one, two = tmp_path / "one", tmp_path / "two"
+    compile_to(recipe, one, sets=["target.compile=on"], host=Host())
+    compile_to(recipe, two, sets=["target.compile=on", "target.devices=2", "target.parallelism=fsdp"], host=Host())
+    assert "layer.compile()" in (two / "train.py").read_text()
+    run_program(one, cache, "--quiet")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(two / "train.py"),
+           "--quiet"]
+    proc = subprocess.run(cmd, env={**run_env(cache), "TORCH_LOGS": "graph_breaks,recompiles"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Graph break" not in proc.stderr and "falling back to eager" not in proc.stderr, proc.stderr[-3000:]
+    assert "size mismatch" not in proc.stderr, proc.stderr[-3000:]  # the sample's lengths compiled nothing
+    ref, got = losses(one), losses(two)
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=2e-5, abs=2e-5), step
+    assert val_losses(two) == pytest.approx(val_losses(one), rel=2e-5, abs=2e-5)

@@ -139,9 +139,13 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin)
+        return self.output(x, targets)
+
+    def output(self, x, targets=None):
+        """The final norm, then logits (batch, seq, VOCAB_SIZE), or with targets the mean next-token cross-entropy."""
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
-        # target.compile: torch.compile fuses the loss with the model, so it needs no chunking
+        # target.compile: torch.compile fuses the loss with the head, so it needs no chunking
         logits = self.lm_head(x).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

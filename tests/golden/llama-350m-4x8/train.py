@@ -98,8 +98,14 @@ def main(argv=None):
     run.adopt_tokenizer(dataset.tokenizer_path)
 
     model = Transformer().to(device)
+    # target.compile under FSDP2: its hooks run between the blocks, where a graph of the whole model would stop (and
+    # torch.compile fall back to running it eagerly), so each block is one graph, and the output norm, head and loss
+    # another (fused: the fp32 logits are never materialised whole)
+    for layer in model.layers:
+        layer.compile()
+    model.output = torch.compile(model.output)
     wrapped = distributed.wrap(model, PARALLELISM, dist, nodes=NODES)  # HSDP: FSDP2 on a (nodes, devices) mesh, sharded within a node, replicated across nodes
-    forward = torch.compile(wrapped)  # target.compile
+    forward = wrapped  # its blocks and output are compiled (above)
 
     def make_optimizer(model):
         """AdamW; weight decay on matrices only (not on norms)."""

@@ -168,7 +168,7 @@ def main(argv=None):
         # loss sums by those counts, so the step's loss is ELECTRA's on the global batch (the generator's mean over the
         # masked positions + DISCRIMINATOR_WEIGHT × the discriminator's mean over the tokens) however it is split
         batches = [make_batch("train", step, micro * MICRO_BATCH, MICRO_BATCH, SEQ_LEN) for micro in range(GRAD_ACCUM)]
-        counts = sum(counted(x, y) for x, y, uniforms in batches).clamp(min=1).to(DEVICE)  # (masked positions, tokens)
+        counts, = data.to_device(DEVICE, sum(counted(x, y) for x, y, uniforms in batches).clamp(min=1))  # (masked positions, tokens)
         for micro, (x, y, uniforms) in enumerate(batches):
             x, y, uniforms = data.to_device(DEVICE, x, y, uniforms)
             with autocast:

@@ -205,6 +205,10 @@ class Transformer(nn.Module):
         mask = None if prefix_len is None else prefix_lm_mask(prefix_len, T)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
+        return self.output(x, targets)
+
+    def output(self, x, targets=None):
+        """The final norm, then logits (batch, seq, VOCAB_SIZE), or with targets the mean next-token cross-entropy."""
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)

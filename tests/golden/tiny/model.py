@@ -184,6 +184,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin)
+        return self.output(x, targets)
+
+    def output(self, x, targets=None):
+        """The final norm, then logits (batch, seq, VOCAB_SIZE), or with targets the mean next-token cross-entropy."""
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
