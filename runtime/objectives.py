@@ -770,6 +770,17 @@ def rtd_targets(original: torch.Tensor, sampled: torch.Tensor, mlm_positions: to
 # knowledge distillation
 # --------------------------------------------------------------------------
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, weight: float,
+                      temperature: float, vocab: int) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): ``weight × T² × KL(teacher ‖ student, both softened by T)
+    + (1 - weight) × next-token cross-entropy``; targets of -100 carry no loss, and the KL runs over the
+    tokenizer's ``vocab`` tokens (not the vocabulary padding). Compiled, it is a few fused kernels over the logits
+    instead of a whole fp32 copy of them per softmax."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    kl = distill_kl(logits[..., :vocab], teacher_logits[..., :vocab], temperature, mask=targets != -100)
+    return weight * kl + (1 - weight) * ce
+
+
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over tokens of ``T² · KL(softmax(teacher / T) ‖ softmax(student / T))``.

@@ -10,6 +10,7 @@ from malt.runtime.objectives import (
     UL2_DENOISERS,
     Denoiser,
     distill_kl,
+    distillation_loss,
     fim,
     fim_window,
     mlm_batch,
@@ -513,6 +514,24 @@ def test_distill_kl():
     mask = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 1]]).bool()
     per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
     assert distill_kl(s, t, 1.0, mask).item() == pytest.approx(per[mask].mean().item(), rel=1e-5)
+
+
+def test_distillation_loss_mixes_kl_and_cross_entropy_and_compiles_to_the_same():
+    """weight × T² KL over the tokenizer's tokens + (1 - weight) × CE over the padded vocabulary, targets of -100
+    left out of both; torch.compile of it (what a compiled program runs) computes the same, gradients too."""
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(2, 6, 13, requires_grad=True), torch.randn(2, 6, 13)
+    targets = torch.randint(0, 10, (2, 6))
+    targets[0, :2] = IGNORE
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    kl = distill_kl(logits[..., :10], teacher[..., :10], 2.0, mask=targets != IGNORE)
+    loss = distillation_loss(logits, teacher, targets, 0.7, 2.0, 10)
+    assert loss.item() == pytest.approx((0.7 * kl + 0.3 * ce).item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logits)
+    compiled = torch.compile(distillation_loss)(logits, teacher, targets, 0.7, 2.0, 10)
+    (compiled_grad,) = torch.autograd.grad(compiled, logits)
+    assert compiled.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert torch.allclose(compiled_grad, grad, rtol=1e-4, atol=1e-6)
 
 
 def test_no_empty_attention_rows():

@@ -141,15 +141,14 @@ def main(argv=None):
     model = Transformer().to(DEVICE)
     forward = model
 
+    distillation = objectives.distillation_loss
+
     def distill_loss(x, y, weight, temperature):
         """Knowledge distillation (Hinton et al. 2015): weight × T² × KL(teacher ‖ student, both softened by T)
-        + (1 - weight) × next-token cross-entropy; the KL runs over the tokenizer's tokens (not the vocabulary padding)."""
+        + (1 - weight) × next-token cross-entropy, over the tokenizer's tokens (objectives.distillation_loss)."""
         with torch.no_grad():
-            teacher_logits = teacher(x)[..., :dataset.vocab_size]
-        logits = forward(x)                                            # (batch, seq, VOCAB_SIZE)
-        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # targets of -100 carry no loss
-        kl = objectives.distill_kl(logits[..., :dataset.vocab_size], teacher_logits, temperature, mask=y != -100)
-        return weight * kl + (1 - weight) * ce
+            teacher_logits = teacher(x)
+        return distillation(forward(x), teacher_logits, y, weight, temperature, dataset.vocab_size)
 
     def make_optimizer(model):
         """AdamW; weight decay on matrices only (not on norms)."""
