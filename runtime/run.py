@@ -239,7 +239,10 @@ class Run:
                 return False
             from .distributed import largest
 
-            _STOP.signum = largest(_STOP.signum or 0) or None
+            agreed = largest(_STOP.signum or 0)  # a signal noted during the all-reduce is kept for the next logged step
+            if agreed:
+                _STOP.signum = agreed
+            return bool(agreed)
         return _STOP.signum is not None
 
     def stop(self, step: int) -> None:
@@ -248,7 +251,7 @@ class Run:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        raise Terminated(_STOP.signum, saved=step)
+        raise Terminated(_STOP.signum, saved=step, complete=step >= self._max_steps)
 
     def diverged(self, step: int, what: str) -> Diverged:
         """The error that stops a run whose training diverged by ``step``; ``what`` says which value is not finite.
@@ -259,18 +262,23 @@ class Run:
             self._progress.stop()
             self._progress = None
         last = latest(self.dir)
-        kept = (f"the newest checkpoint, step {last[0]:,}, is from before and is kept" if last
+        kept = (f"the newest checkpoint, step {last[0]:,}, is from before and is kept (its weights are finite; metrics.jsonl "
+                 "shows where the loss rose)" if last
                 else "no checkpoint had been written yet")
         hint = "lower optimizer.lr or lengthen schedule.warmup (and set optimizer.grad_clip if the recipe has none), then train again"
         if last:
-            hint += (f" (in another run directory; to start from step {last[0]:,}'s weights: "
-                     f"init_from: {{path: {self.dir}, optimizer: carry}})")
+            hint += (f" (in another run directory; a llama-family model on cpu or cuda can start from step {last[0]:,}'s weights "
+                     f"with init_from: {{path: {self.dir}, optimizer: carry}})")
         return Diverged(f"training diverged at step {step:,}: {what}; {kept}", hint)
 
     def end(self) -> None:
         _STOP.deferring = False
         if not self.is_main:
             return
+        if _STOP.signum is not None:  # noted while the last step was saved: there is nothing left to stop
+            import signal
+
+            self.log(f"{signal.Signals(_STOP.signum).name} arrived as the last step was saved: the run is complete")
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -378,10 +386,11 @@ class Terminated(KeyboardInterrupt):
     """Ctrl-C, SIGTERM or SIGHUP (a scheduler's preemption, a closed terminal, `kill`): the program stops.
     ``saved``: the step it saved before stopping (a signal during training), else None (stopped at once)."""
 
-    def __init__(self, signum: int, saved: int | None = None):
+    def __init__(self, signum: int, saved: int | None = None, complete: bool = False):
         super().__init__(signum)
         self.signum = signum
         self.saved = saved
+        self.complete = complete  # the step saved was the run's last
 
 
 class _Stop:
@@ -408,7 +417,10 @@ def _terminate(signum, frame):
                 import signal
 
                 name = signal.Signals(signum).name
-                sys.stderr.write(f"\n{name}: finishing this step and saving it before stopping ({name} again stops at once)\n")
+                until = ("training on to the next logged step (where the processes agree)" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                         else "finishing this step")
+                sys.stderr.write(f"\n{name}: {until} and saving it before stopping ({name} again, a second or more later, "
+                                 "stops at once)\n")
                 sys.stderr.flush()
             return
         if now - _STOP.at < REPEAT_WINDOW:
@@ -495,7 +507,8 @@ def _main_with_messages(main) -> None:
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
         saved = getattr(e, "saved", None)
         if not rank:  # every process gets the signal: one message
-            print(f"\n{what} at step {saved:,}: saved; continue with --resume" if saved is not None else
+            print(f"\n{what} at step {saved:,}, the last: saved; the run is complete" if getattr(e, "complete", False) else
+                  f"\n{what} at step {saved:,}: saved; continue with --resume" if saved is not None else
                   f"\n{what}: checkpoints already written are complete; continue with --resume", file=sys.stderr)
         raise SystemExit(128 + signum)
     except RuntimeError as e:

@@ -178,6 +178,21 @@ def test_the_time_counts_a_compiled_mlm_head_at_every_position(tmp_path):
     assert "unselected_head_flops" not in eager.estimates and "unselected_head_flops" not in sharded.estimates
 
 
+def test_a_compiled_mlm_loss_over_no_selected_position_is_zero(tmp_path):
+    """Masking is a coin flip per token, so a small micro-batch may select nothing: compiled, the loss was 0/0 = nan
+    (and the run stopped as diverged); it is 0, as eager, and otherwise the eager loss."""
+    _, module = build(tmp_path / "b", {"target": {"compile": "on"}})
+    torch.manual_seed(0)
+    model = module.Transformer()
+    compiled = torch.compile(model)
+    tokens = torch.randint(5, 200, (2, 16))
+    none = torch.full_like(tokens, objectives.IGNORE)
+    assert compiled(tokens, none).item() == 0.0 == model(tokens, none).item()
+    some = none.clone()
+    some[0, 3], some[1, 7] = 11, 12
+    assert compiled(tokens, some).item() == pytest.approx(model(tokens, some).item(), rel=1e-5)
+
+
 # ---- ALiBi ---------------------------------------------------------------------------------------------------
 
 

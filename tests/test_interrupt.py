@@ -64,7 +64,8 @@ def test_a_stopped_training_says_so_and_resumes(tmp_path, sig):
     out, err = proc.communicate(timeout=120)
     name = "interrupted" if sig == signal.SIGINT else "stopped by SIGTERM"
     assert proc.returncode == 128 + sig, err
-    assert f"{sig.name}: finishing this step and saving it before stopping ({sig.name} again stops at once)" in err
+    assert (f"{sig.name}: finishing this step and saving it before stopping ({sig.name} again, a second or more later, "
+            "stops at once)") in err
     saved = re.search(rf"{name} at step (\d+): saved; continue with --resume", err)
     assert saved and "Traceback" not in err, err
     left = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -133,7 +134,32 @@ def test_a_second_signal_stops_at_once(monkeypatch, tmp_path):
     assert again.value.signum == signal.SIGINT and again.value.saved is None
     with pytest.raises(run_module.Terminated) as stopped:
         run.stop(3)
-    assert stopped.value.signum == signal.SIGTERM and stopped.value.saved == 3
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.saved == 3 and not stopped.value.complete
+    with pytest.raises(run_module.Terminated) as last:
+        run.stop(10)
+    assert last.value.complete  # the step saved was the last: the message says the run is complete
+
+
+def test_a_signal_during_the_processes_agreement_is_kept(monkeypatch, tmp_path):
+    """Several processes agree on a stop with an all-reduce at logged steps; a signal that lands after this process
+    gave its 0 is not lost: it is noted, and the next logged step stops (it used to be overwritten by the result)."""
+    from malt.runtime import distributed
+    from malt.runtime import run as run_module
+
+    monkeypatch.setattr(run_module, "_STOP", run_module._Stop())
+    (tmp_path / "run").mkdir()
+    run = run_module.Run(tmp_path / "run", "t", "h", resume=False, quiet=True, world=2)
+    run.begin(0, 10, 8)
+
+    def largest(value):  # the others had no signal either; this one's arrives as the all-reduce returns
+        run_module._terminate(signal.SIGTERM, None)
+        return value
+
+    monkeypatch.setattr(distributed, "largest", largest)
+    assert not run.stop_requested(agree=False)
+    assert not run.stop_requested(agree=True)   # this step's agreement was 0 ...
+    monkeypatch.setattr(distributed, "largest", lambda value: value)
+    assert run.stop_requested(agree=True)       # ... and the next logged step stops
 
 
 def test_a_checkpoint_that_cannot_be_written_is_removed_and_explained(tmp_path):

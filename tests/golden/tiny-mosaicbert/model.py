@@ -242,7 +242,8 @@ class Transformer(nn.Module):
             targets = unpadded.unpad(targets)  # h is (tokens, D_MODEL) already
         h, targets = h.reshape(-1, D_MODEL), targets.reshape(-1)
         if torch.compiler.is_compiling():  # compiled: static shapes, every position through the head, IGNORE skipped
-            return F.cross_entropy(self.decode(h).float(), targets, ignore_index=IGNORE)
+            loss = F.cross_entropy(self.decode(h).float(), targets, ignore_index=IGNORE, reduction="sum")
+            return loss / (targets != IGNORE).sum().clamp(min=1)  # a micro-batch may select no position: 0, not 0/0
         selected = targets != IGNORE
         # the head runs at the selected positions only (MosaicBERT): mask_rate of the tokens
         logits = self.decode(h[selected]).float()
