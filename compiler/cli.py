@@ -193,7 +193,7 @@ def _plan_text(p) -> str:
         + (f" + the teacher's forward passes ({human_count(est['teacher_flops_per_token'])}FLOPs/token distilled)"
            if "teacher_flops_per_token" in est else "") + f" = {est['total_flops']:.3g} FLOPs"
         + (f" (+ {est['recompute_flops']:.3g} recomputed by activation checkpointing)" if est.get("recompute_flops") else "")
-        + (f" (+ {est['unselected_head_flops']:.3g} of the compiled head at the positions not selected)"
+        + (f" (+ {est['unselected_head_flops']:.3g} of the compiled head's static share of positions beyond the selected)"
            if est.get("unselected_head_flops") else ""),
         f"memory     {human_bytes(mem['total'])} per device, of its {human_bytes(est['memory_budget_bytes'])} (plans use at most "
         f"{BUDGET_SHARE:.0%}): weights {human_bytes(mem['weights'])}, gradients {human_bytes(mem['gradients'])}, "

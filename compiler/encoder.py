@@ -128,6 +128,14 @@ def _stack_counts(d: int, n_layers: int, d_ff: int, activation: str, pre_norm: b
     return n_layers * per_layer + (2 * d if pre_norm else 0), n_layers * (4 * d * d + ffn_matmul)
 
 
+def head_positions(n: int, mask_rate: float) -> int:
+    """How many of a micro-batch's ``n`` positions a compiled masked-LM model decodes (the generated model.py's
+    ``head_positions``): the selected ones first, up to the mean + 8 standard deviations (+ 8) of a Bernoulli draw."""
+    import math
+
+    return min(n, math.ceil(n * mask_rate + 8 * math.sqrt(n * mask_rate * (1 - mask_rate))) + 8)
+
+
 def param_counts(m, n_layers: int, d_ff: int, vocab: int, max_positions: int, objective=None) -> dict:
     """Exact parameter counts of the generated encoder (equal to HF BertForMaskedLM's num_parameters() for plain BERT).
 

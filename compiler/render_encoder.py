@@ -60,6 +60,7 @@ def context(plan: Plan) -> dict:
         const("MASK_TOKEN", obj.mask_token, "objective.mask_token (added to the tokenizer when it lacks it)"),
     ]
     enc = {
+        "mask_rate": obj.mask_rate,
         "title": ("An ELECTRA discriminator and generator (BERT-family encoders)" if rtd
                   else "A BERT-family bidirectional encoder with a masked-LM head"),
         "doc": _doc(m, rtd),

@@ -160,21 +160,27 @@ def test_rtd_plan_counts_the_generator(tmp_path):
     assert not any("word_embeddings" in n for n, _ in model.generator.named_parameters())
 
 
-def test_the_time_counts_a_compiled_mlm_head_at_every_position(tmp_path):
+def test_the_time_counts_the_positions_a_compiled_mlm_head_decodes(tmp_path):
     """The FLOPs (MFU's) count the MLM head at the selected mask_rate of the positions; compiled whole, the model
-    decodes every position (static shapes), and the time counts the others too. Eager, or compiled per block under
-    FSDP2 (the head then runs eagerly), it decodes the selected ones only."""
+    decodes a static head_positions(n) of a micro-batch's n positions, a little more, and the time counts the rest
+    too. Eager, or compiled per block under FSDP2 (the head then runs eagerly), it decodes the selected ones only."""
+    from malt.compiler.encoder import head_positions
+
     eager, _ = build(tmp_path / "eager", {"target": {"compile": "off"}})
-    compiled, _ = build(tmp_path / "compiled", {"target": {"compile": "on"}})
+    compiled, module = build(tmp_path / "compiled", {"target": {"compile": "on"}})
     sharded, _ = build(tmp_path / "fsdp", {"target": {"compile": "on", "devices": 2, "parallelism": "fsdp"}})
     m, rate = compiled.recipe.model, compiled.recipe.objective.mask_rate
+    for n in (1, 7, 64, 4096, 65536):  # the generated model's rule is the compiler's
+        assert module.head_positions(n) == head_positions(n, rate) <= n
+    assert head_positions(65536, 0.15) / 65536 < 0.17
+    n = compiled.micro_batch * compiled.recipe.train.seq_len
     assert compiled.estimates["total_flops"] == eager.estimates["total_flops"]
-    head = 6 * (1 - rate) * (m.d_model ** 2 + compiled.padded_vocab * m.d_model) * compiled.tokens
-    assert compiled.estimates["unselected_head_flops"] == round(head) > 0
-    assert compiled.to_json()["unselected_head_flops"] == round(head)
+    extra = 6 * (head_positions(n, rate) / n - rate) * (m.d_model ** 2 + compiled.padded_vocab * m.d_model) * compiled.tokens
+    assert compiled.estimates["unselected_head_flops"] == round(extra) > 0
+    assert compiled.to_json()["unselected_head_flops"] == round(extra)
     assert compiled.estimates["estimated_seconds"] == pytest.approx(
-        eager.estimates["estimated_seconds"] * (1 + head / (eager.estimates["total_flops"]
-                                                            + eager.estimates.get("eval_flops", 0))), rel=1e-4)
+        eager.estimates["estimated_seconds"] * (1 + extra / (eager.estimates["total_flops"]
+                                                             + eager.estimates.get("eval_flops", 0))), rel=1e-4)
     assert "unselected_head_flops" not in eager.estimates and "unselected_head_flops" not in sharded.estimates
 
 
@@ -191,6 +197,31 @@ def test_a_compiled_mlm_loss_over_no_selected_position_is_zero(tmp_path):
     some = none.clone()
     some[0, 3], some[1, 7] = 11, 12
     assert compiled(tokens, some).item() == pytest.approx(model(tokens, some).item(), rel=1e-5)
+
+
+
+def test_a_compiled_mlm_model_decodes_the_selected_positions_first(tmp_path):
+    """Compiled, the head decodes head_positions(n) rows, the selected positions first: the loss and every gradient
+    are the eager model's, which decodes the selected positions only."""
+    _, module = build(tmp_path / "b", {"target": {"compile": "on"}})
+    torch.manual_seed(0)
+    model = module.Transformer()
+    tokens = torch.randint(5, 200, (4, 32))
+    inputs, targets = objectives.mlm_batch(tokens, module.MASK_RATE, 4, 200, generator=torch.Generator().manual_seed(3))
+    assert 0 < (targets != objectives.IGNORE).sum() < module.head_positions(targets.numel()) < targets.numel()
+    decoded = []
+    hook = model.cls.predictions.transform.register_forward_hook(lambda mod, args, out: decoded.append(out.shape[0]))
+    eager = model(inputs, targets)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model)(inputs, targets)
+    compiled.backward()
+    hook.remove()
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[name], rtol=1e-4, atol=1e-6), name
+    assert decoded[0] == (targets != objectives.IGNORE).sum()  # eager: the selected positions only
 
 
 # ---- ALiBi ---------------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ def run(plan: Plan) -> Plan:
     if plan.recipe.model.family == "bert":  # encoders (mlm, rtd): the labels are -100 wherever no token was selected
         every = obj.kind == "mlm" and plan.compile and plan.parallelism not in ("fsdp", "hsdp")  # compiled whole: static shapes
         plan = plan.decide("loss", "masked", f"objective {obj.kind}: only the {obj.mask_rate:.0%} selected tokens carry the masked-LM "
-                           "loss; " + ("compiled, the encoder's head decodes every position (static shapes) and the loss skips "
-                                       "the others" if every else "the encoder's head runs at those positions only")
+                           "loss; " + ("compiled, the encoder's head decodes a fixed number of positions, the selected ones "
+                                       "first (static shapes: mean + 8 standard deviations of the selection)" if every else "the encoder's head runs at those positions only")
                            + (", the discriminator's loss covers every token" if obj.kind == "rtd" else ""))
         return replace(plan, masked_targets=True)
     why = masked_target_reasons(plan)

@@ -207,12 +207,14 @@ def run(plan: Plan) -> Plan:
         masked = (sum(12 * ph.n_layers * heads * plan.head_dim * max(0, ph.seq_len - window) * ph.steps * ph.tokens_per_step
                       for ph in plan.phases) if plan.phases
                   else 12 * n_layers * heads * plan.head_dim * max(0, tr.seq_len - window) * plan.tokens)
-    # a compiled masked-LM model (whole, not under FSDP2: there the head runs eagerly) decodes every position, for static
-    # shapes, not only the selected mask_rate the FLOPs count: the other positions' head FLOPs take time too
+    # a compiled masked-LM model (whole, not under FSDP2: there the head runs eagerly) decodes a static number of positions,
+    # encoder.head_positions of a micro-batch, a little more than the selected mask_rate the FLOPs count: those take time too
     unselected = 0
     if r.objective.kind == "mlm" and plan.compile and plan.parallelism not in ("fsdp", "hsdp"):
-        trained = sum(ph.steps * ph.tokens_per_step for ph in plan.phases) if plan.phases else plan.tokens
-        unselected = round(6 * (1 - r.objective.mask_rate) * (m.d_model ** 2 + plan.padded_vocab * m.d_model) * trained)
+        rate, head = r.objective.mask_rate, m.d_model ** 2 + plan.padded_vocab * m.d_model
+        shapes = [(ph.micro_batch * ph.seq_len, ph.steps * ph.tokens_per_step) for ph in plan.phases] or [
+            (plan.micro_batch * tr.seq_len, plan.tokens)]
+        unselected = round(sum(6 * (encoder.head_positions(n, rate) / n - rate) * head * trained for n, trained in shapes))
     seconds = (total + recompute + masked + unselected + evaluation) / (peak * mfu * engines)
     est = {
         **{k: counts[k] for k in ("params", "params_non_embedding", "params_embedding", "params_head", "matmul_params")},

@@ -25,6 +25,14 @@ INIT_STD = 0.02                         # model.init_std
 MAX_SEQ_LEN = 128                       # train.seq_len: size of the ALiBi bias table
 TYPE_VOCAB_SIZE = 2                     # BERT's two segments (A, B); every token here is segment A
 IGNORE = -100                           # label of a position without loss (unselected tokens)
+MASK_RATE = 0.3                         # objective.mask_rate: share of the tokens selected
+
+
+def head_positions(n: int) -> int:
+    """How many of a micro-batch's n positions the compiled model decodes (a static shape): the selected ones come first.
+    Each token is selected with probability MASK_RATE, so more than the mean + 8 standard deviations (+ 8) are selected
+    with a probability below 1e-15; those would be left out of that micro-batch's loss."""
+    return min(n, math.ceil(n * MASK_RATE + 8 * math.sqrt(n * MASK_RATE * (1 - MASK_RATE))) + 8)
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
@@ -241,7 +249,10 @@ class Transformer(nn.Module):
         if unpadded is not None:
             targets = unpadded.unpad(targets)  # h is (tokens, D_MODEL) already
         h, targets = h.reshape(-1, D_MODEL), targets.reshape(-1)
-        if torch.compiler.is_compiling():  # compiled: static shapes, every position through the head, IGNORE skipped
+        if torch.compiler.is_compiling():  # compiled: static shapes, so the selected positions first (a stable sort), then
+            # the head at head_positions(n) of them: about MASK_RATE of the positions, not all (IGNORE ones carry no loss)
+            first = torch.argsort((targets == IGNORE).to(torch.uint8), stable=True)[:head_positions(targets.numel())]
+            h, targets = h[first], targets[first]
             loss = F.cross_entropy(self.decode(h).float(), targets, ignore_index=IGNORE, reduction="sum")
             return loss / (targets != IGNORE).sum().clamp(min=1)  # a micro-batch may select no position: 0, not 0/0
         selected = targets != IGNORE
