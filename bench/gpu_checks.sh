@@ -72,7 +72,8 @@ for v in pinned pageable pinned pageable; do   # the tiny data is ready (tiny-pa
         && $(report $out/tiny-$v 3)"
 done
 check 124m-bf16 120 "python3 $out/124m-bf16/train.py --quiet && $(report $out/124m-bf16)"   # also tokenizes the 124M data
-check fsdp-dcp 180 "bash $out/124m-fsdp/launch.sh --quiet && ls $out/124m-fsdp/checkpoints/step_00000030 \
+check fsdp-dcp 180 "bash $out/124m-fsdp/launch.sh --quiet && python3 bench/report.py $out/124m-fsdp --skip 2 \
+    && ls $out/124m-fsdp/checkpoints/step_00000030 \
     && rm -rf $out/124m-fsdp/checkpoints/step_00000060 && echo step_00000030 > $out/124m-fsdp/checkpoints/latest \
     && cp $out/124m-fsdp/metrics.jsonl $logs/124m-fsdp.full.metrics.jsonl \
     && bash $out/124m-fsdp/launch.sh --resume --quiet && tail -3 $out/124m-fsdp/metrics.jsonl"
