@@ -53,6 +53,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             rank = group.get("rank")
+            params, grads, avgs, sqs, steps, back = [], [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -60,8 +61,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                low_rank = rank is not None and grad.dim() == 2
-                if low_rank:
+                proj = None
+                if rank is not None and grad.dim() == 2:
                     right = self._right(grad.shape)
                     if int(state["step"]) % group["update_every"] == 0:  # a new subspace from this step's gradient
                         state["projector"] = self._projector(grad, min(rank, *grad.shape)).to(grad.dtype)
@@ -70,17 +71,30 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
-                t = int(state["step"])
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
-                update = (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(group["eps"]))
-                if low_rank:
-                    update = (update @ proj.t() if right else proj @ update).mul_(group["scale"])   # back to m × n, × α
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                params.append(p)
+                grads.append(grad)
+                avgs.append(state["exp_avg"])
+                sqs.append(state["exp_avg_sq"])
+                steps.append(int(state["step"]))
+                back.append(None if proj is None else (proj, right))
+            if not params:
+                continue
+            # Adam's moments and normalised update, over all of the group's tensors at once (torch._foreach_*: on a GPU
+            # a few multi-tensor kernels instead of a dozen small ones per parameter)
+            torch._foreach_lerp_(avgs, grads, 1 - beta1)
+            torch._foreach_mul_(sqs, beta2)
+            torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
+            first = torch._foreach_div(avgs, [1 - beta1 ** t for t in steps])
+            second = torch._foreach_div(sqs, [1 - beta2 ** t for t in steps])
+            torch._foreach_sqrt_(second)
+            torch._foreach_add_(second, group["eps"])
+            updates = list(torch._foreach_div(first, second))
+            for i, b in enumerate(back):  # a projected update back to m × n, × α
+                if b is not None:
+                    proj, right = b
+                    updates[i] = (updates[i] @ proj.t() if right else proj @ updates[i]).mul_(group["scale"])
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params)], alpha=-group["lr"])
         return loss
-
