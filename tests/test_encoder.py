@@ -404,6 +404,32 @@ def test_rtd_loss_is_generator_mlm_plus_weighted_discriminator(tmp_path):
         assert model(x).shape == (4, 32)
 
 
+@pytest.mark.parametrize("counts", [False, True])
+def test_compiled_rtd_equals_eager(counts, tmp_path):
+    """Compiled, ELECTRA selects its masked positions with a static shape (the masked ones first, head_positions(n) of
+    them) and weights the discriminator's positions instead of selecting them: no boolean indexing, which breaks the
+    graph and waits for the GPU. The same samples, loss and gradients as eager."""
+    _, module = build(tmp_path, {"objective": {"kind": "rtd", "discriminator_weight": 50}, "target": {"compile": "on"}})
+    torch.manual_seed(0)
+    model = randomize(module.Transformer())
+    model.train()
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
+    x, y = objectives.mlm_batch(tokens, 0.3, 257, 258, [256], objectives.row_generators(1, 0, 0, 4), split=(0.85, 0, 0.15))
+    uniforms = torch.rand(4, 32, generator=torch.Generator().manual_seed(9))
+    kw = {"uniforms": uniforms, **({"counts": torch.tensor([60.0, 150.0])} if counts else {})}
+    assert 0 < (y != -100).sum() < module.head_positions(y.numel()) < y.numel()
+    eager = model(x, y, **kw)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    compiled = torch.compile(model)(x, y, **kw)
+    compiled.backward()
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        if name in grads:
+            assert torch.allclose(p.grad, grads[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_rtd_loss_and_gradients_add_up_over_micro_batches(tmp_path):
     """Each row's replacements come from its own uniforms, and with the batch's counts the micro-batches' losses
     (and gradients) add up to the whole batch's: what makes an rtd step independent of its split (train.py)."""

@@ -8,6 +8,8 @@ The discriminator's parameter names are Hugging Face's ElectraForPreTraining wit
 prefix, so `malt export` writes it by renaming (the generator is not exported).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,14 @@ GEN_D_FF = 128                          # d_ff 512 × 32 / 128, rounded
 TOKENIZER_VOCAB = 4097                  # the tokenizer's tokens: replacements are sampled among these
 DISCRIMINATOR_WEIGHT = 50.0             # objective.discriminator_weight (ELECTRA's λ)
 IGNORE = -100                           # label of a position without loss (unselected tokens)
+MASK_RATE = 0.15                        # objective.mask_rate: share of the tokens selected
+
+
+def head_positions(n: int) -> int:
+    """How many of a micro-batch's n positions the compiled model decodes (a static shape): the selected ones come first.
+    Each token is selected with probability MASK_RATE, so more than the mean + 8 standard deviations (+ 8) are selected
+    with a probability below 1e-15; those would be left out of that micro-batch's loss."""
+    return min(n, math.ceil(n * MASK_RATE + 8 * math.sqrt(n * MASK_RATE * (1 - MASK_RATE))) + 8)
 
 
 def attention_bias(attention_mask=None):
@@ -229,24 +239,39 @@ class Transformer(nn.Module):
         if targets is None:
             return self.discriminator_predictions(self.encoder(self.embeddings(tokens, positions), bias))
         masked = targets != IGNORE
-        # the generator's head runs at the masked positions only
         x = self.embeddings(tokens, positions)
-        gen_logits = self.generator_decode(self.generator_hidden(x, gen_bias)[masked]).float()  # (masked, VOCAB_SIZE)
-        # ELECTRA §2: each masked position gets a sample (not the argmax) of the generator's distribution, without
-        # gradient; inverse-CDF sampling at the position's uniform (objectives.sample_replacements), never a
-        # padding row of the vocabulary. uniforms[masked] lists the positions in gen_logits' order.
         if uniforms is None:
             uniforms = torch.rand(tokens.shape, device=tokens.device)
-        sampled = objectives.sample_replacements(gen_logits.detach()[:, :TOKENIZER_VOCAB], uniforms[masked])
         original = torch.where(masked, targets, tokens)
-        corrupted = original.clone()
-        corrupted[masked] = sampled
+        # ELECTRA §2: each masked position gets a sample (not the argmax) of the generator's distribution, without
+        # gradient; inverse-CDF sampling at the position's uniform (objectives.sample_replacements), never a
+        # padding row of the vocabulary. The generator's head runs at the masked positions only.
+        if torch.compiler.is_compiling():
+            # compiled: static shapes, so the masked positions first (a stable sort: in the order of the eager path),
+            # and head_positions(n) of them; the others carry no loss and keep their token
+            where = torch.argsort((~masked).flatten().to(torch.uint8), stable=True)[:head_positions(masked.numel())]
+            picked = masked.flatten()[where]
+            gen_logits = self.generator_decode(self.generator_hidden(x, gen_bias).flatten(0, 1)[where]).float()
+            gen_targets = torch.where(picked, targets.flatten()[where], IGNORE)
+            sampled = objectives.sample_replacements(gen_logits.detach()[:, :TOKENIZER_VOCAB], uniforms.flatten()[where])
+            kept = original.flatten()[where]
+            corrupted = original.flatten().index_put((where,), torch.where(picked, sampled, kept)).view_as(original)
+        else:
+            gen_logits = self.generator_decode(self.generator_hidden(x, gen_bias)[masked]).float()  # (masked, VOCAB_SIZE)
+            gen_targets = targets[masked]
+            sampled = objectives.sample_replacements(gen_logits.detach()[:, :TOKENIZER_VOCAB], uniforms[masked])  # in gen_logits' order
+            corrupted = original.clone()
+            corrupted[masked] = sampled
         replaced = objectives.rtd_targets(original, corrupted, masked,
                                           ignore=None if attention_mask is None else attention_mask == 0)
         disc_logits = self.discriminator_predictions(self.encoder(self.embeddings(corrupted, positions), bias))
         counted = replaced != IGNORE
         n_masked, n_tokens = (masked.sum(), counted.sum()) if counts is None else counts
-        gen_loss = F.cross_entropy(gen_logits, targets[masked], reduction="sum") / n_masked.clamp(min=1)
-        disc_loss = F.binary_cross_entropy_with_logits(disc_logits[counted].float(), replaced[counted].float(),
-                                                       reduction="sum") / n_tokens.clamp(min=1)
+        gen_loss = F.cross_entropy(gen_logits, gen_targets, ignore_index=IGNORE, reduction="sum") / n_masked.clamp(min=1)
+        if torch.compiler.is_compiling():  # every position, weighted 0 or 1 (a boolean selection has no static shape)
+            disc_loss = (F.binary_cross_entropy_with_logits(disc_logits.float(), replaced.clamp(min=0).float(), reduction="none")
+                         * counted).sum() / n_tokens.clamp(min=1)
+        else:
+            disc_loss = F.binary_cross_entropy_with_logits(disc_logits[counted].float(), replaced[counted].float(),
+                                                           reduction="sum") / n_tokens.clamp(min=1)
         return gen_loss + DISCRIMINATOR_WEIGHT * disc_loss
