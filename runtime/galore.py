@@ -89,12 +89,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
             second = torch._foreach_div(sqs, [1 - beta2 ** t for t in steps])
             torch._foreach_sqrt_(second)
             torch._foreach_add_(second, group["eps"])
-            updates = list(torch._foreach_div(first, second))
-            for i, b in enumerate(back):  # a projected update back to m × n, × α
-                if b is not None:
-                    proj, right = b
-                    updates[i] = (updates[i] @ proj.t() if right else proj @ updates[i]).mul_(group["scale"])
+            updates = torch._foreach_div(first, second)
+            del first, second
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params)], alpha=-group["lr"])
+            for p, update, b in zip(params, updates, back):
+                if b is not None:  # a projected update back to m × n, × α: one matrix at a time, so that the step
+                    proj, right = b  # never holds more than one full-size update (GaLore's point is memory)
+                    update = (update @ proj.t() if right else proj @ update).mul_(group["scale"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss

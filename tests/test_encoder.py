@@ -184,6 +184,22 @@ def test_the_time_counts_the_positions_a_compiled_mlm_head_decodes(tmp_path):
     assert "unselected_head_flops" not in eager.estimates and "unselected_head_flops" not in sharded.estimates
 
 
+def test_the_time_counts_the_positions_a_compiled_electra_generator_decodes(tmp_path):
+    """Compiled, ELECTRA's generator head (gen_d → d transform, tied decoder) also runs at head_positions(n)."""
+    from malt.compiler.encoder import generator_shape, head_positions
+
+    rtd = {"objective": {"kind": "rtd", "generator_width": 0.5}}
+    eager, _ = build(tmp_path / "eager", merge(rtd, {"target": {"compile": "off"}}))
+    compiled, _ = build(tmp_path / "compiled", merge(rtd, {"target": {"compile": "on"}}))
+    m, rate = compiled.recipe.model, compiled.recipe.objective.mask_rate
+    gd = generator_shape(m.d_model, m.n_heads, compiled.d_ff, 0.5)["d_model"]
+    n = compiled.micro_batch * compiled.recipe.train.seq_len
+    extra = 6 * (head_positions(n, rate) / n - rate) * (gd * m.d_model + compiled.padded_vocab * m.d_model) * compiled.tokens
+    assert compiled.estimates["unselected_head_flops"] == round(extra) > 0
+    assert "unselected_head_flops" not in eager.estimates
+    assert "generator's head decodes a fixed number of positions" in next(d.reason for d in compiled.decisions if d.name == "loss")
+
+
 def test_a_compiled_mlm_loss_over_no_selected_position_is_zero(tmp_path):
     """Masking is a coin flip per token, so a small micro-batch may select nothing: compiled, the loss was 0/0 = nan
     (and the run stopped as diverged); it is 0, as eager, and otherwise the eager loss."""

@@ -17,10 +17,11 @@ from ..plan import Plan
 def run(plan: Plan) -> Plan:
     obj = plan.recipe.objective
     if plan.recipe.model.family == "bert":  # encoders (mlm, rtd): the labels are -100 wherever no token was selected
-        every = obj.kind == "mlm" and plan.compile and plan.parallelism not in ("fsdp", "hsdp")  # compiled whole: static shapes
+        every = plan.compile and plan.parallelism not in ("fsdp", "hsdp")  # compiled whole: static shapes
         plan = plan.decide("loss", "masked", f"objective {obj.kind}: only the {obj.mask_rate:.0%} selected tokens carry the masked-LM "
-                           "loss; " + ("compiled, the encoder's head decodes a fixed number of positions, the selected ones "
-                                       "first (static shapes: mean + 8 standard deviations of the selection)" if every else "the encoder's head runs at those positions only")
+                           "loss; " + ("compiled, the " + ("generator's" if obj.kind == "rtd" else "encoder's") + " head decodes a fixed "
+                                       "number of positions, the selected ones first (static shapes: the mean number selected "
+                                       "+ 8 standard deviations + 8)" if every else "the encoder's head runs at those positions only")
                            + (", the discriminator's loss covers every token" if obj.kind == "rtd" else ""))
         return replace(plan, masked_targets=True)
     why = masked_target_reasons(plan)

@@ -209,9 +209,15 @@ def run(plan: Plan) -> Plan:
                   else 12 * n_layers * heads * plan.head_dim * max(0, tr.seq_len - window) * plan.tokens)
     # a compiled masked-LM model (whole, not under FSDP2: there the head runs eagerly) decodes a static number of positions,
     # encoder.head_positions of a micro-batch, a little more than the selected mask_rate the FLOPs count: those take time too
+    # (ELECTRA's generator head likewise: its gen_d → d transform and the tied decoder)
     unselected = 0
-    if r.objective.kind == "mlm" and plan.compile and plan.parallelism not in ("fsdp", "hsdp"):
-        rate, head = r.objective.mask_rate, m.d_model ** 2 + plan.padded_vocab * m.d_model
+    if r.objective.kind in ("mlm", "rtd") and plan.compile and plan.parallelism not in ("fsdp", "hsdp"):
+        rate = r.objective.mask_rate
+        if r.objective.kind == "rtd":
+            gd = encoder.generator_shape(m.d_model, m.n_heads, plan.d_ff, r.objective.generator_width)["d_model"]
+            head = gd * m.d_model + plan.padded_vocab * m.d_model
+        else:
+            head = m.d_model ** 2 + plan.padded_vocab * m.d_model
         shapes = [(ph.micro_batch * ph.seq_len, ph.steps * ph.tokens_per_step) for ph in plan.phases] or [
             (plan.micro_batch * tr.seq_len, plan.tokens)]
         unselected = round(sum(6 * (encoder.head_positions(n, rate) / n - rate) * head * trained for n, trained in shapes))

@@ -38,7 +38,7 @@ MASK_RATE = 0.15                        # objective.mask_rate: share of the toke
 def head_positions(n: int) -> int:
     """How many of a micro-batch's n positions the compiled model decodes (a static shape): the selected ones come first.
     Each token is selected with probability MASK_RATE, so more than the mean + 8 standard deviations (+ 8) are selected
-    with a probability below 1e-15; those would be left out of that micro-batch's loss."""
+    with a probability of about 1e-15; those would be left out of that micro-batch's loss."""
     return min(n, math.ceil(n * MASK_RATE + 8 * math.sqrt(n * MASK_RATE * (1 - MASK_RATE))) + 8)
 
 
