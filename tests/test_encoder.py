@@ -384,14 +384,20 @@ def test_mlm_loss_is_cross_entropy_on_selected_positions(tmp_path):
         assert model(x, torch.full_like(y, -100)).item() == 0.0   # nothing selected: no loss, no NaN
 
 
-def test_rtd_loss_is_generator_mlm_plus_weighted_discriminator(tmp_path):
-    _, module = build(tmp_path, {"objective": {"kind": "rtd", "discriminator_weight": 50}})
+def rtd_case(tmp_path, target: dict | None = None):
+    """(generated module, seeded random ELECTRA model in train mode, x, y, uniforms) of a 4 × 32 masked batch."""
+    _, module = build(tmp_path, {"objective": {"kind": "rtd", "discriminator_weight": 50}, **({"target": target} if target else {})})
     torch.manual_seed(0)
     model = randomize(module.Transformer())
     model.train()
     tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
     x, y = objectives.mlm_batch(tokens, 0.3, 257, 258, [256], objectives.row_generators(1, 0, 0, 4), split=(0.85, 0, 0.15))
     uniforms = torch.rand(4, 32, generator=torch.Generator().manual_seed(9))
+    return module, model, x, y, uniforms
+
+
+def test_rtd_loss_is_generator_mlm_plus_weighted_discriminator(tmp_path):
+    _, model, x, y, uniforms = rtd_case(tmp_path)
     loss = model(x, y, uniforms=uniforms)
     # the same by hand, drawing the same samples
     masked = y != -100
@@ -425,13 +431,7 @@ def test_compiled_rtd_equals_eager(counts, tmp_path):
     """Compiled, ELECTRA selects its masked positions with a static shape (the masked ones first, head_positions(n) of
     them) and weights the discriminator's positions instead of selecting them: no boolean indexing, which breaks the
     graph and waits for the GPU. The same samples, loss and gradients as eager."""
-    _, module = build(tmp_path, {"objective": {"kind": "rtd", "discriminator_weight": 50}, "target": {"compile": "on"}})
-    torch.manual_seed(0)
-    model = randomize(module.Transformer())
-    model.train()
-    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(5))
-    x, y = objectives.mlm_batch(tokens, 0.3, 257, 258, [256], objectives.row_generators(1, 0, 0, 4), split=(0.85, 0, 0.15))
-    uniforms = torch.rand(4, 32, generator=torch.Generator().manual_seed(9))
+    module, model, x, y, uniforms = rtd_case(tmp_path, {"compile": "on"})
     kw = {"uniforms": uniforms, **({"counts": torch.tensor([60.0, 150.0])} if counts else {})}
     assert 0 < (y != -100).sum() < module.head_positions(y.numel()) < y.numel()
     eager = model(x, y, **kw)
