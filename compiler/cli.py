@@ -166,6 +166,7 @@ def _plan_text(p) -> str:
     mem = est["memory_per_device_bytes"]
     basis = est["basis"]
     shapes_vary = len({(ph.seq_len, ph.global_batch) for ph in p.phases}) > 1  # phases with their own batch shape
+    first = p.phases[0]
     grows = any(ph.grow_factor for ph in p.phases)
     per_token = [ph["flops"] / ph["tokens"] for ph in j.get("phases") or [] if ph.get("flops") and ph.get("tokens")]
     flops_vary = "teacher_flops_per_token" not in est and len(per_token) > 1 and max(per_token) > 1.005 * min(per_token)
@@ -184,8 +185,10 @@ def _plan_text(p) -> str:
            f"AdamW moments {'carried over' if j['init_from']['optimizer'] == 'carry' else 'fresh'}"] if "init_from" in j else []),
         (f"run        {j['steps']:,} steps × {b['tokens_per_step']:,} tokens = {j['tokens']:,} tokens ({human_count(j['tokens'])})"
          if not shapes_vary else f"run        {j['steps']:,} steps = {j['tokens']:,} tokens ({human_count(j['tokens'])}); the phases' batches differ (below)"),
-        f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation"
-        + (f" × {ex['devices']} devices" if ex['devices'] > 1 else "") + (f" (phase {p.phases[0].name})" if shapes_vary else ""),
+        (f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation"
+         if not shapes_vary else  # the first phase's own batch; the others are in the phases list
+         f"batch      {first.global_batch} sequences × seq_len {first.seq_len}; micro_batch {first.micro_batch} × {first.grad_accum} accumulation")
+        + (f" × {ex['devices']} devices" if ex['devices'] > 1 else "") + (f" (phase {first.name})" if shapes_vary else ""),
         *([_eval_line(p, shapes_vary)] if est.get("eval_flops") else []),
         (f"compute    {human_count(est['total_flops'] / j['tokens'])}FLOPs/token on average (the phases' models or lengths differ) "
          f"× {human_count(j['tokens'])} tokens" if flops_vary else

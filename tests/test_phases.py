@@ -68,6 +68,20 @@ def test_the_plans_memory_line_names_the_phase_it_counts(tmp_path):
     assert "activations_phase" not in plain.estimates and "the most of the phases" not in _plan_text(plain)
 
 
+
+def test_the_plans_batch_line_is_the_first_phases_own(tmp_path):
+    """With phases of other batch shapes the batch line is labelled with the first phase, so it shows that
+    phase's numbers, not the recipe's train section (a first phase may set its own)."""
+    from malt.compiler.cli import _plan_text
+
+    first_own = TWO_PHASES.replace("- {name: main, share: 70%}", "- {name: main, share: 70%, train: {seq_len: 16, global_batch: 16}}")
+    p, _ = make_plan(phased_recipe(tmp_path, first_own), host=Host())
+    main_ph = p.phases[0]
+    assert (main_ph.seq_len, main_ph.global_batch) == (16, 16) != (p.recipe.train.seq_len, p.recipe.train.global_batch)
+    line = next(x for x in _plan_text(p).splitlines() if x.startswith("batch"))
+    assert line == (f"batch      16 sequences × seq_len 16; micro_batch {main_ph.micro_batch} × {main_ph.grad_accum} "
+                    "accumulation (phase main)")
+
 def test_phase_tokens_and_steps_define_the_run_without_train_length(tmp_path):
     extra = """
 phases:
