@@ -133,7 +133,7 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     Every process must call it (gathering a sharded model is collective). ``fmt`` "full": the main
     process writes whole tensors; "sharded": every process writes its shards (torch.distributed.checkpoint).
     """
-    stop_if_not_finite(run, step, model.named_parameters())
+    stop_if_not_finite(run, step, model.named_parameters(), optimizer_state(model, optimizer))
     if fmt == "sharded":
         return _save_sharded(run, step, model, optimizer, keep, extra)
     tensors = _model_tensors(model)
@@ -145,25 +145,48 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     return final
 
 
-def stop_if_not_finite(run: Run, step: int, named_tensors) -> None:
-    """Never write a checkpoint from weights that hold nan or inf (a diverged run): stop the run instead, so the
-    newest checkpoint stays the last good one. Each process checks its own shards on its device; one all-reduce
-    makes every process see every shard's result, so they all stop together."""
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """(``name::key``, tensor) for the optimizer's floating-point state on this process (its shards under FSDP2):
+    AdamW's moments, GaLore's projectors; step counters left out."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    yield f"{names.get(id(p), '?')}::{key}", value
+
+
+def stop_if_not_finite(run: Run, step: int, named_tensors, named_states=()) -> None:
+    """Never write a checkpoint from weights or optimizer state that hold nan or inf (a diverged run): stop the run
+    instead, so the newest checkpoint stays the last good one. The state matters on its own: without gradient
+    clipping a gradient above about 1.8e19 squares to inf in AdamW's exp_avg_sq, whose updates are then 0, so the
+    weights stay finite while that tensor never trains again. Each process checks its own shards on its device; one
+    all-reduce makes every process see every shard's result, so they all stop together."""
     from .distributed import reduce_sum
 
-    names, flags = [], []
-    for name, t in named_tensors:
-        local = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 parameter: this process's shard
-        names.append(name)
-        flags.append(torch.isfinite(local.detach()).all().logical_not())
+    names, flags, n_weights = [], [], 0
+    for kind, pairs in (("weight", named_tensors), ("state", named_states)):
+        for name, t in pairs:
+            local = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 parameter or its state: this process's shard
+            names.append((kind, name))
+            flags.append(torch.isfinite(local.detach()).all().logical_not())
+            n_weights += kind == "weight"
     if not flags:
         return
     counts = reduce_sum(torch.stack(flags).to(torch.int32)).tolist()
-    bad = [n for n, c in zip(names, counts) if c]
-    if bad:
-        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-        raise run.diverged(step, f"{len(bad)} of the model's {len(names)} weight tensors hold nan or inf ({shown}), "
-                                 "so this step's checkpoint was not written")
+    weights = [n for (kind, n), c in zip(names, counts) if c and kind == "weight"]
+    states = [n for (kind, n), c in zip(names, counts) if c and kind == "state"]
+
+    def shown(bad):
+        return ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+
+    what = []
+    if weights:
+        what.append(f"{len(weights)} of the model's {n_weights} weight tensors hold nan or inf ({shown(weights)})")
+    if states:
+        what.append(f"{len(states)} of the optimizer's {len(names) - n_weights} state tensors hold nan or inf ({shown(states)})")
+    if what:
+        raise run.diverged(step, " and ".join(what) + ", so this step's checkpoint was not written")
 
 
 @contextmanager

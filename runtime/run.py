@@ -16,6 +16,14 @@ import time
 from pathlib import Path
 
 
+def _strict(record: dict) -> dict:
+    """The record as strict JSON: a nan or inf value (what stops a diverged run) is written as null, and the
+    record's ``not_finite`` names it and says which ("nan", "inf" or "-inf"). json.dumps would write NaN and
+    Infinity, which Python reads but JSON parsers of other languages (JavaScript's, Go's) refuse for the whole file."""
+    bad = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    return {**{k: None if k in bad else v for k, v in record.items()}, "not_finite": bad} if bad else record
+
+
 class RunError(Exception):
     """A problem the user can fix (bad flag, existing run, corrupt checkpoint); printed without a traceback."""
 
@@ -97,7 +105,7 @@ class Run:
     def _write(self, record: dict) -> None:
         if self._metrics is None:
             return
-        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.write(json.dumps(_strict(record)) + "\n")
         self._metrics.flush()
 
     def check_device(self, device: str, precision: str) -> None:

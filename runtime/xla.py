@@ -161,7 +161,6 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     torch_xla.sync(wait=True)  # the step's results are on the device before they are read
     tensors = {k: host_copy(v).contiguous() for k, v in model.state_dict().items()
                if not (k == "lm_head.weight" and checkpoint._tied(model))}  # a tied head is stored once
-    checkpoint.stop_if_not_finite(run, step, tensors.items())  # host copies: one process holds the whole model
     osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))  # keyed by name
     opt_tensors, plain = {}, {}
     for name, st in osd.get("state", {}).items():
@@ -170,6 +169,8 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
                 opt_tensors[f"{name}::{key}"] = host_copy(value).contiguous()
             else:
                 plain[f"{name}::{key}"] = value
+    states = [(k, v) for k, v in opt_tensors.items() if not k.endswith("::step") and v.is_floating_point()]
+    checkpoint.stop_if_not_finite(run, step, tensors.items(), states)  # host copies: one process holds the whole model
     checkpoint._write(run, step, tensors, opt_tensors, {"param_groups": osd.get("param_groups", []), "plain_state": plain},
                       keep, None)
 

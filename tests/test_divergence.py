@@ -60,9 +60,10 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
     assert checkpoint.latest(run_dir)[0] == 6
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = records[-1]  # the step that showed it is recorded, with its value
-    assert last["step"] == step
-    assert not (math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"]))
+    last = records[-1]  # the step that showed it is recorded, with its value named in not_finite (strict JSON: null)
+    assert last["step"] == step and last["not_finite"]
+    assert all(last[k] is None and v in ("nan", "inf", "-inf") for k, v in last["not_finite"].items())
+    assert set(last["not_finite"]) <= {"loss", "grad_norm"}
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records[:-1])
     assert "sample (" not in proc.stdout  # the end of the program (final sample) is not reached
 
@@ -88,6 +89,28 @@ def test_no_checkpoint_is_written_from_weights_that_are_not_finite(tmp_path):
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["latest", "step_00000001"]
 
 
+def test_no_checkpoint_is_written_from_optimizer_state_that_is_not_finite(tmp_path):
+    """Without gradient clipping a gradient of 1e21 squares to inf in exp_avg_sq: the update of that tensor is
+    0 from then on, the weights stay finite, and the tensor silently never trains again. The save stops there."""
+    run = Run(tmp_path / "run", "t", "hash", resume=False, quiet=True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    checkpoint.save(run, 1, model, optimizer)
+    model.zero_grad()
+    (model(torch.ones(1, 4)).sum() * 1e22).backward()
+    optimizer.step()
+    weight = model[0].weight
+    assert torch.isfinite(weight).all() and not torch.isfinite(optimizer.state[weight]["exp_avg_sq"]).all()
+    with pytest.raises(Diverged) as info:
+        checkpoint.save(run, 2, model, optimizer)
+    assert info.value.message.startswith("training diverged at step 2: ")
+    assert "of the optimizer's 8 state tensors hold nan or inf (0.weight::exp_avg_sq" in info.value.message
+    assert "weight tensors" not in info.value.message  # the weights themselves are finite
+    assert checkpoint_steps(run.dir) == [1]
+
+
 def test_a_validation_loss_that_is_not_finite_stops_the_run(tmp_path):
     (tmp_path / "run").mkdir()
     run = Run(tmp_path / "run", "t", "hash", resume=False, quiet=True)
@@ -99,7 +122,12 @@ def test_a_validation_loss_that_is_not_finite_stops_the_run(tmp_path):
         run.log_step(10, loss=float("nan"), lr=1e-3, grad_norm=torch.tensor(float("inf")))
     run.log_step(10, loss=2.0, lr=1e-3, grad_norm=None)  # no gradient clipping: no norm to check
     lines = (run.dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and '"loss": NaN' in lines[2]  # what stopped the run is on record
+    assert len(lines) == 4  # what stopped the run is on record, as strict JSON (no NaN or Infinity literals)
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}")) for line in lines]
+    assert records[1]["val_loss/web_text"] is None and records[1]["not_finite"] == {"val_loss/web_text": "inf"}
+    assert records[2]["loss"] is None and records[2]["grad_norm"] is None
+    assert records[2]["not_finite"] == {"loss": "nan", "grad_norm": "inf"}
+    assert "not_finite" not in records[0] and "not_finite" not in records[3]
 
 
 @pytest.mark.slow
