@@ -29,6 +29,9 @@ if [ "${1:-}" = compile ]; then
         --set train.eval_every=50 --set train.log_every=10
     malt compile recipes/tiny-swa.yaml -o $out/tiny-swa $cuda $fast --set train.steps=200 \
         --set train.eval_every=100 --set train.log_every=20
+    malt compile recipes/tiny-ul2.yaml -o $out/tiny-ul2 $cuda $fast --set train.steps=200 --set train.eval_every=100 \
+        --set train.log_every=20
+    malt compile recipes/tiny-ul2.yaml -o $out/tiny-ul2-1k $cuda $fast --set train.seq_len=1024 --set train.steps=1
     malt compile recipes/tiny.yaml -o $out/tiny-pinned $cuda $fast --set train.steps=400 --set train.eval_every=0 \
         --set train.log_every=20
     # the same program with pageable batches: the training loop's data.to_device replaced by plain copies
@@ -67,6 +70,8 @@ check flex 100 "python3 bench/gpu_flex_check.py $out/tiny-packed --batch 16 --st
 check tiny-packed 80 "python3 $out/tiny-packed/train.py --quiet && $(report $out/tiny-packed)"
 check window 100 "python3 bench/gpu_window_check.py $out/tiny-swa"
 check tiny-swa 70 "python3 $out/tiny-swa/train.py --quiet && $(report $out/tiny-swa)"
+check prefix 120 "python3 bench/gpu_prefix_check.py $out/tiny-ul2-1k --batch 8 --steps 20"
+check tiny-ul2 70 "python3 $out/tiny-ul2/train.py --quiet && $(report $out/tiny-ul2)"
 for v in pinned pageable pinned pageable; do   # the tiny data is ready (tiny-packed shares its tokenizer)
     check tiny-$v 45 "rm -rf $out/tiny-$v/checkpoints $out/tiny-$v/metrics.jsonl; python3 $out/tiny-$v/train.py --quiet \
         && $(report $out/tiny-$v 3)"

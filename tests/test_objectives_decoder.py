@@ -122,13 +122,58 @@ def test_plan_records_the_ul2_mixture_and_its_derived_lengths(tmp_path):
 @pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
 @pytest.mark.parametrize("kind, attention", [("causal_lm", "sdpa_causal"), ("fim", "sdpa_causal"), ("prefix_lm", "sdpa_mask"),
                                              ("span_corruption", "sdpa_mask"), ("ul2", "sdpa_mask")])
-def test_choose_attention_takes_an_explicit_mask_for_a_bidirectional_prefix(tmp_path, cuda, kind, attention):
+def test_choose_attention_masks_a_bidirectional_prefix(tmp_path, cuda, kind, attention):
+    """A prefix objective: an explicit (batch, 1, T, T) mask off cuda; on cuda a FlexAttention block mask."""
     p, _ = plan(tiny(tmp_path, f"objective: {{kind: {kind}}}\n").parent / "recipe.yaml", ["target.accelerator=auto"],
                 host=Host(cuda=cuda, cuda_name="NVIDIA H100 80GB HBM3" if cuda else ""))
-    assert p.attention == attention
+    assert p.attention == ("flex" if cuda and attention == "sdpa_mask" else attention)
     assert (p.device == "cuda") == cuda
     if attention == "sdpa_mask":
-        assert kind in next(d.reason for d in p.decisions if d.name == "attention")
+        reason = next(d.reason for d in p.decisions if d.name == "attention")
+        assert kind in reason and ("FlexAttention with a block mask" in reason) == cuda
+
+
+@pytest.mark.parametrize("kind", ["prefix_lm", "ul2"])
+def test_the_cuda_programs_prefix_block_mask_equals_the_dense_mask(tmp_path, kind):
+    """The CUDA program's prefix_lm_mask (a FlexAttention block mask) and its model run eagerly on this CPU, forward
+    only (FlexAttention has no CPU backward), against the CPU program (dense mask) with the same weights."""
+    import torch.nn.attention.flex_attention as flex
+
+    recipe = tiny(tmp_path / "r", f"objective: {{kind: {kind}}}\n")
+    host = Host(cuda=True, cuda_name="NVIDIA H100 80GB HBM3")
+    compile_to(recipe, tmp_path / "cuda", ["target.accelerator=cuda", "target.compile=off"], host=host)
+    compile_to(recipe, tmp_path / "cpu", host=Host())
+    src = (tmp_path / "cuda" / "model.py").read_text()
+    assert "return (kv <= q) | (kv < prefix_len[b])" in src and "flex_attention(q, k, v, block_mask=mask" in src
+    gpu = load_model_module(tmp_path / "cuda", f"cuda_{kind}")
+    cpu = load_model_module(tmp_path / "cpu", f"cpu_{kind}")
+    gpu.flex_attention = flex.flex_attention  # the eager kernel: compiling FlexAttention on a CPU takes minutes
+    torch.manual_seed(0)
+    cpu_net = cpu.Transformer().eval()
+    gpu_net = gpu.Transformer().eval()
+    gpu_net.load_state_dict(cpu_net.state_dict())
+    T = 64
+    P = torch.tensor([0, 1, 17, 40, 63, 64])  # none, one, inside the first 128-block, the whole row
+    assert isinstance(gpu.prefix_lm_mask(P, T), flex.BlockMask)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (len(P), T), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu_net(x, prefix_len=P), cpu_net(x, prefix_len=P), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gpu_net(x), cpu_net(x), rtol=1e-5, atol=1e-5)  # no prefix (sampling): causal
+    # the rule element by element: FlexAttention's own dense rendering of the mask function equals the dense mask
+    rule = flex.create_mask(lambda b, h, q, kv: (kv <= q) | (kv < P[b]), len(P), None, T, T, device="cpu")
+    assert torch.equal(rule, cpu.prefix_lm_mask(P, T))
+    # longer rows (several 128-blocks): the blocks computed are those on or below the diagonal or inside the prefix,
+    # and attention through the block mask equals SDPA with the dense mask, partial blocks included
+    T, P = 384, torch.tensor([0, 100, 129, 300])
+    block = gpu.prefix_lm_mask(P, T)
+    computed = block.to_dense()[:, 0].bool()  # (batch, 3, 3): query block × key block
+    for b, p in enumerate(P.tolist()):
+        want = torch.tensor([[kb <= qb or kb * 128 < p for kb in range(3)] for qb in range(3)])
+        assert torch.equal(computed[b], want), (p, computed[b])
+    q, k, v = torch.randn(3, len(P), 2, T, 16, generator=g).unbind(0)
+    torch.testing.assert_close(flex.flex_attention(q, k, v, block_mask=block),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=cpu.prefix_lm_mask(P, T)), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 - document and best_fit packing: attention never crosses a document (a block-diagonal causal mask from
   the batch's document ids). On cuda FlexAttention with a block mask (work only where the mask has
   something); elsewhere SDPA with an explicit boolean mask, because FlexAttention has no CPU backward.
-- prefix_lm, span_corruption, ul2: a bidirectional prefix per row: SDPA with an explicit boolean prefix-LM mask.
+- prefix_lm, span_corruption, ul2: a bidirectional prefix per row: on cuda FlexAttention with a block mask from each
+  row's prefix length; elsewhere SDPA with an explicit boolean prefix-LM mask.
 - model.sliding_window W (any packing): position i attends to j when i - W < j <= i (and, with document masks, j
   in i's document). On cuda FlexAttention with a block mask from that rule (blocks outside every window are
   skipped); elsewhere SDPA with the explicit boolean mask.
@@ -63,11 +64,16 @@ def run(plan: Plan) -> Plan:
         return _sliding_window(plan, m.sliding_window)
     kind = plan.recipe.objective.kind
     if kind in PREFIX_OBJECTIVES:  # a bidirectional prefix per row (validation keeps these objectives to concat packing)
+        rule = f"objective {kind} attends bidirectionally over each row's prefix (j <= i or j < prefix_len)"
+        if plan.device == "cuda":
+            return plan.decide("attention", "flex",
+                               f"{rule}: on cuda FlexAttention with a block mask built from each row's prefix length "
+                               "computes only the 128×128 blocks on or below the diagonal or inside the prefix and skips "
+                               "the rest (a dense seq×seq mask would rule out the flash kernel and cost a mask copy per "
+                               "layer)", attention="flex")
         return plan.decide("attention", "sdpa_mask",
-                           f"objective {kind} attends bidirectionally over each row's prefix: scaled_dot_product_attention "
-                           "with an explicit (batch, 1, seq, seq) boolean prefix-LM mask on every device (on cuda SDPA's "
-                           "memory-efficient kernel takes the mask; a FlexAttention prefix block mask is not built yet)",
-                           attention="sdpa_mask")
+                           f"{rule}: scaled_dot_product_attention with an explicit (batch, 1, seq, seq) boolean "
+                           f"prefix-LM mask; FlexAttention has no backward on {plan.device}", attention="sdpa_mask")
     packing = plan.recipe.data.packing
     if packing != "concat":  # attention must stay inside each document: a block-diagonal causal mask
         if plan.device == "cuda":

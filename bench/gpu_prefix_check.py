@@ -1,0 +1,148 @@
+"""On one GPU: the CUDA program's prefix-LM attention (FlexAttention block masks) against a dense mask.
+
+    python bench/gpu_prefix_check.py PROGRAM_DIR    # a program compiled for cuda with objective prefix_lm, span_corruption or ul2
+
+On cuda, prefix_lm_mask in the generated model.py builds a FlexAttention block mask from each row's prefix
+length (kv <= q or kv < prefix_len[b]); everywhere else the model takes SDPA with the dense (batch, 1, T, T)
+bool mask, which the CPU tests check element by element. The CPU tests also run the FlexAttention path eagerly,
+forward only (FlexAttention has no CPU backward); only a GPU runs it as the compiled kernel, with its backward.
+The reference here is the same model and weights with flex_attention replaced by SDPA on the dense mask.
+In fp32 (TF32 off), random weights, random rows and prefix lengths (including 0, 1 and the whole row):
+  1. eager forward: logits equal the reference's;
+  2. torch.compile(model) without gradients (how evaluate() runs): logits equal the eager ones;
+  3. the compiled loss model(x, y, prefix_len=...) and its gradients equal the reference's;
+  4. speed, bf16 autocast: a compiled training step with the block mask, with the dense mask (the program
+     before FlexAttention), and plain causal attention (no prefix).
+One JSON line per check on stdout; exit 1 on a mismatch. ``--device cpu`` is a dry run of check 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def load_model_module(program: Path):
+    spec = importlib.util.spec_from_file_location("model_under_check", program / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile looks the module's globals up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def dense_mask(prefix_len, T):
+    """(batch, 1, T, T) bool, True = may attend: j <= i or j < prefix_len[b] (written here, not taken from model.py)."""
+    pos = torch.arange(T, device=prefix_len.device)
+    return ((pos[None, :] <= pos[:, None])[None] | (pos[None, None, :] < prefix_len[:, None, None]))[:, None]
+
+
+def report(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("program", type=Path)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of check 1 (FlexAttention eager)")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    plan = json.loads((args.program / "plan.json").read_text())
+    module = load_model_module(args.program)
+    assert plan["execution"]["attention"] == "flex" and hasattr(module, "prefix_lm_mask"), "not a prefix program for cuda"
+    dev = args.device
+    torch.manual_seed(0)
+    model = module.Transformer().to(dev)
+    vocab, T, B = module.VOCAB_SIZE, plan["batch"]["seq_len"], args.batch
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, vocab, (B, T), generator=g)
+    P = torch.randint(0, T + 1, (B,), generator=g)
+    P[:3] = torch.tensor([0, 1, T])  # no prefix, one token, the whole row
+    y = torch.randint(0, vocab, (B, T), generator=g)
+    y[torch.arange(T)[None, :] < (P[:, None] - 1)] = -100  # no loss inside the prefix, as the objectives' labels
+    x, y, P = x.to(dev), y.to(dev), P.to(dev)
+
+    flex_kernel = module.flex_attention
+    dense = dense_mask(P, T)
+
+    def reference(q, k, v, block_mask=None, enable_gqa=False):  # the dense-mask path, same shapes
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=enable_gqa)
+
+    failed = False
+    with torch.no_grad():   # 1. eager model, FlexAttention's compiled kernel (on cpu: eager) against the dense mask
+        got = model(x, prefix_len=P)
+        module.flex_attention = reference
+        ref = model(x, prefix_len=P)
+        module.flex_attention = flex_kernel
+    err = (got - ref).abs().max().item()
+    ok = err < 2e-4
+    failed |= not ok
+    report(check="eager logits, block mask == dense mask", max_abs_err=err, ok=ok, prefix_lens=P.tolist()[:8])
+    if dev == "cpu":
+        sys.exit(1 if failed else 0)
+
+    compiled = torch.compile(model)
+    with torch.no_grad():   # 2. compiled, no gradients (evaluation)
+        cgot = compiled(x, prefix_len=P)
+    err = (cgot - got).abs().max().item()
+    ok = err < 2e-4
+    failed |= not ok
+    report(check="compiled no-grad logits == eager", max_abs_err=err, ok=ok)
+
+    # 3. compiled loss and gradients against the dense mask (eager)
+    model.zero_grad(set_to_none=True)
+    loss = compiled(x, y, prefix_len=P)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    module.flex_attention = reference
+    ref_loss = model(x, y, prefix_len=P)
+    ref_loss.backward()
+    module.flex_attention = flex_kernel
+    gerr = max(((grads[n] - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)).item()
+               for n, p in model.named_parameters())
+    lerr = abs(loss.item() - ref_loss.item())
+    ok = lerr < 1e-4 and gerr < 1e-3
+    failed |= not ok
+    report(check="compiled loss and gradients == dense mask", loss=loss.item(), loss_err=lerr, max_rel_grad_err=gerr, ok=ok)
+
+    # 4. speed of a compiled bf16 training step: block mask, dense mask, plain causal
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    for name, kw, kernel in (("prefix block mask (FlexAttention)", {"prefix_len": P}, flex_kernel),
+                             ("prefix dense mask (SDPA)", {"prefix_len": P}, reference),
+                             ("plain causal (SDPA)", {}, flex_kernel)):
+        module.flex_attention = kernel
+        torch._dynamo.reset()  # the kernel is a global the compiled graph captured
+        step_model = torch.compile(model)
+        ts = []
+        for i in range(args.steps + 5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                loss = step_model(x, y, **kw)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= 5:
+                ts.append(time.perf_counter() - t0)
+        t = statistics.median(ts)
+        report(check="speed", variant=name, tokens_per_s=round(x.numel() / t), step_ms=round(t * 1e3, 3),
+               max_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
+        torch.cuda.reset_peak_memory_stats()
+    module.flex_attention = flex_kernel
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
