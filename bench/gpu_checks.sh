@@ -2,8 +2,11 @@
 # The GPU paths the CPU tests cannot reach, checked in one call on a lent one-GPU machine
 # (results in docs/performance.md, "GPU checks"):
 #   bash bench/gpu_checks.sh compile    # here, with malt installed: writes the programs to bench/out/gpu2/
+#                                       # and the data of tiny and llama-124m, tokenized, to bench/out/gpu2/cache
 #   bash bench/gpu_checks.sh run        # on the GPU machine, from the repository root (needs only torch,
-#                                       # numpy, tokenizers, safetensors, rich; transformers for distill)
+#                                       # numpy, tokenizers, safetensors, rich; transformers for distill);
+#                                       # with the device tool: carry ["bench/out/gpu2"], so no GPU time goes to data
+#   bash bench/gpu_checks.sh run prefix fsdp-dcp   # only the checks named (the names in the summary)
 # Each check has its own time limit and the script goes on after a failure; logs go to /tmp/gpu2-logs, archived to $OUT/gpu-checks-logs.tgz.
 set -uo pipefail
 out=bench/out/gpu2
@@ -39,6 +42,10 @@ if [ "${1:-}" = compile ]; then
     sed -i 's/^\( *\)x, y = data.to_device(DEVICE, x, y)  #.*/\1x, y = x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True)  # bench: pageable/' \
         $out/tiny-pageable/train.py
     grep -c "bench: pageable" $out/tiny-pinned/train.py $out/tiny-pageable/train.py
+    for r in tiny llama-124m; do   # their data, tokenized here (the BPE-32k training of llama-124m takes a while)
+        MALT_CACHE_DIR=$out/cache malt prepare recipes/$r.yaml > /dev/null || exit 1
+    done
+    du -sh $out
     exit 0
 fi
 
@@ -47,12 +54,15 @@ rm -rf "$logs" && mkdir -p "$logs"
 shim=$(mktemp -d)
 mkdir -p "$shim/malt"
 ln -s "$PWD/runtime" "$shim/malt/runtime"   # import malt.runtime without installing malt
-export PYTHONPATH="$shim" MALT_CACHE_DIR=${MALT_CACHE_DIR:-/tmp/malt-cache} PYTHONUNBUFFERED=1
+export PYTHONPATH="$shim" MALT_CACHE_DIR=${MALT_CACHE_DIR:-$PWD/$out/cache} PYTHONUNBUFFERED=1
+shift   # "run"; the rest, if any: the names of the checks to run
+only=" $* "
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$logs/gpu.txt"
 
 check() {  # check NAME SECONDS COMMAND...: run it with a time limit, log to $logs/NAME.log, say how it ended
     local name=$1 limit=$2; shift 2
+    [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || return 0   # not among the checks asked for
     local t0=$SECONDS
     timeout "$limit" bash -c "$*" > "$logs/$name.log" 2>&1
     local rc=$?
