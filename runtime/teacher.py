@@ -162,6 +162,19 @@ def load_teacher(path, kind: str, device, log=print) -> Teacher:
     return teacher.to(device).eval()
 
 
+def matmuls_in(teacher: Teacher, dtype: torch.dtype) -> Teacher:
+    """The teacher with its nn.Linear weights and biases stored in ``dtype`` (bf16 under bf16 autocast), the rest
+    (embedding, norms) as they are. Autocast casts every matmul's weight to its dtype in each forward, and caches
+    the cast only for weights that need gradients, which a frozen teacher's do not: storing them cast gives the
+    same logits bit for bit, without the casts, in half the memory. A head tied to the embedding stays as it is
+    (the embedding's lookup reads the same tensor)."""
+    embedding = teacher.embed_tokens.weight
+    for module in teacher.modules():
+        if isinstance(module, nn.Linear) and module.weight is not embedding:
+            module.to(dtype)
+    return teacher
+
+
 def check_tokenizer(path, tokenizer, log=print) -> None:
     """The teacher must share the run's tokenizer: compare with its tokenizer.json when it has one."""
     from .tokenizer import differing_tokens

@@ -401,6 +401,36 @@ def test_teacher_logits_equal_transformers(tmp_path, qwen):
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("qwen", [False, True], ids=["tied", "untied-with-biases"])
+def test_a_teacher_with_bf16_matmul_weights_gives_the_same_logits_under_autocast(tmp_path, qwen):
+    """teacher.matmuls_in: under bf16 autocast the stored bf16 copies of the matmul weights give the logits that
+    casting them in every forward gives, bit for bit, in fewer bytes; the plan counts those bytes."""
+    from malt.compiler.objectives import teacher_weight_bytes
+    from malt.runtime.teacher import load_teacher, matmuls_in
+
+    hf_llama(tmp_path / "teacher", qwen=qwen)
+    fp32 = load_teacher(tmp_path / "teacher", "hf", "cpu", log=lambda m: None)
+    half = matmuls_in(load_teacher(tmp_path / "teacher", "hf", "cpu", log=lambda m: None), torch.bfloat16)
+    x = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = fp32(x), half(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    dtypes = {n: p.dtype for n, p in half.named_parameters()}
+    assert dtypes["layers.0.self_attn.q_proj.weight"] == dtypes["layers.1.mlp.down_proj.weight"] == torch.bfloat16
+    assert dtypes["embed_tokens.weight"] == dtypes["norm.weight"] == dtypes["layers.0.input_layernorm.weight"] == torch.float32
+    if qwen:  # an untied head is a matmul weight; the q/k/v biases go with their weights
+        assert dtypes["lm_head.weight"] == dtypes["layers.0.self_attn.q_proj.bias"] == torch.bfloat16
+    else:     # a tied head is the embedding, which the lookup reads in fp32
+        assert half.lm_head.weight is half.embed_tokens.weight and half.lm_head.weight.dtype == torch.float32
+    held = sum(p.numel() * p.element_size() for p in half.parameters())
+    assert held < sum(p.numel() * p.element_size() for p in fp32.parameters())
+    recipe = tiny(tmp_path / "r", "objective: {kind: distill, teacher: ../teacher, weight: 0.3, temperature: 2}\n")
+    p, _ = plan(recipe, ["target.precision=bf16"], host=Host())
+    assert p.precision == "bf16" and teacher_weight_bytes(p) == held
+    fp, _ = plan(recipe, ["target.precision=fp32"], host=Host())
+    assert teacher_weight_bytes(fp) == sum(p.numel() * 4 for p in fp32.parameters())
+
+
 def test_distill_loss_mixes_kl_and_cross_entropy():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
