@@ -403,9 +403,9 @@ def teacher_costs(plan) -> dict | None:
 
 def teacher_weight_bytes(plan) -> int:
     """The frozen teacher's weights on one device (0 without a teacher): bf16 under pure_bf16; under bf16 autocast
-    on one device or DDP, its matmul weights bf16 and the rest fp32 (teacher.matmuls_in: autocast would cast them
-    every forward); fp32 otherwise (FSDP2 gathers one dtype per block); sharded like the student under fsdp/hsdp
-    (distributed.shard_frozen). Needs plan.precision and plan.parallelism decided."""
+    its matmul weights bf16 and the rest fp32 (teacher.matmuls_in: autocast would cast them every forward); fp32
+    otherwise; sharded like the student under fsdp/hsdp (distributed.shard_frozen). Needs plan.precision and
+    plan.parallelism decided."""
     t = plan.teacher
     if t is None:
         return 0
@@ -414,7 +414,7 @@ def teacher_weight_bytes(plan) -> int:
     counts = param_counts(t["d_model"], t["n_layers"], t["n_heads"], t["n_kv_heads"], t["d_model"] // t["n_heads"], t["d_ff"],
                           t["vocab"], t["tie_embeddings"], t["qkv_bias"])
     weights = counts["params"] * (2 if plan.master_weights == "bf16" else 4)
-    if plan.precision == "bf16" and plan.master_weights != "bf16" and plan.parallelism not in ("fsdp", "hsdp"):
+    if plan.precision == "bf16" and plan.master_weights != "bf16":
         linear = counts["params"] - counts["params_embedding"] - t["n_layers"] * 2 * t["d_model"] - t["d_model"]  # all but embedding, norms
         weights -= 2 * linear  # (an untied head is a matmul weight; a tied one is the embedding's)
     if plan.parallelism in ("fsdp", "hsdp"):

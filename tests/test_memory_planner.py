@@ -223,7 +223,7 @@ def test_detected_gpu_memory_wins_over_the_table(recipe):
 
 
 def test_a_distillation_teacher_is_in_the_auto_choices(tmp_path):
-    """A 7B teacher for a 124M student: its weights count 4 bytes a parameter (frozen: autocast keeps no bf16 copy),
+    """A 13B teacher for a 124M student: its matmul weights count 2 bytes a parameter (stored in bf16) and the rest 4,
     parallelism auto shards when student and teacher do not fit replicated, and checkpointing auto counts them too."""
     import json
 
@@ -232,18 +232,21 @@ def test_a_distillation_teacher_is_in_the_auto_choices(tmp_path):
     teacher = tmp_path / "teacher"
     teacher.mkdir()
     (teacher / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
+        "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40, "hidden_act": "silu",
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}))
     (teacher / "model.safetensors").write_bytes(b"")
     recipe = write_tiny_recipe(tmp_path / "r")
     recipe.write_text(recipe.read_text() + f"objective: {{kind: distill, teacher: {teacher}, weight: 50%}}\n")
     p = planned(recipe, "124M", "a100-40gb", devices=2)
     t = p.teacher
-    assert teacher_weight_bytes(p) * (2 if p.parallelism == "fsdp" else 1) == p.estimates["teacher_params"] * 4
+    # bf16 autocast: the matmul weights are stored in bf16 (teacher.matmuls_in); the tied embedding and norms in fp32
+    fp32_params = 32000 * 5120 + (2 * 40 + 1) * 5120
+    assert p.estimates["teacher_params"] == fp32_params + 40 * (4 * 5120 * 5120 + 3 * 5120 * 13824)
+    assert teacher_weight_bytes(p) * 2 == fp32_params * 4 + (p.estimates["teacher_params"] - fp32_params) * 2
     assert p.parallelism == "fsdp" and "with the distillation teacher's weights" in next(
         d.reason for d in p.decisions if d.name == "parallelism")
-    assert t["n_layers"] == 32
+    assert t["n_layers"] == 40
     from malt.compiler.objectives import distill_logits_bytes
     from malt.compiler.passes.choose_checkpointing import fits
     from malt.compiler.passes.estimate import activations, states
