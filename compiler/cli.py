@@ -221,7 +221,8 @@ def _plan_text(p) -> str:
         for ph in p.phases:
             sched = f"own {ph.schedule.decay} schedule, peak {ph.lr:g}" if ph.schedule else "the recipe's schedule"
             lines.append(f"  {ph.name:<{width}}  steps {ph.start:,}-{ph.end:,}  {human_count(ph.steps * ph.tokens_per_step)} tokens  "
-                         f"seq_len {ph.seq_len} × batch {ph.global_batch}  {sched}"
+                         f"seq_len {ph.seq_len} × batch {ph.global_batch}"
+                         + (f" (micro_batch {ph.micro_batch} × {ph.grad_accum})" if shapes_vary else "") + f"  {sched}"
                          + (f"  changes: {', '.join(ph.changes)}" if ph.changes else ""))
     lines += ["", "decisions"]
     width = max(len(d.name) for d in p.decisions)

@@ -81,6 +81,8 @@ def test_the_plans_batch_line_is_the_first_phases_own(tmp_path):
     line = next(x for x in _plan_text(p).splitlines() if x.startswith("batch"))
     assert line == (f"batch      16 sequences × seq_len 16; micro_batch {main_ph.micro_batch} × {main_ph.grad_accum} "
                     "accumulation (phase main)")
+    long_ph = p.phases[1]  # the phases list gives each phase's own split
+    assert (f"seq_len 64 × batch 4 (micro_batch {long_ph.micro_batch} × {long_ph.grad_accum})") in _plan_text(p)
 
 def test_phase_tokens_and_steps_define_the_run_without_train_length(tmp_path):
     extra = """
