@@ -270,8 +270,8 @@ class Run:
             self._progress.stop()
             self._progress = None
         last = latest(self.dir)
-        kept = (f"the newest checkpoint, step {last[0]:,}, is from before and is kept (its weights are finite; metrics.jsonl "
-                 "shows where the loss rose)" if last
+        kept = (f"the newest checkpoint, step {last[0]:,}, is from before and is kept (its weights and optimizer state are "
+                 "finite; metrics.jsonl shows where the loss rose)" if last
                 else "no checkpoint had been written yet")
         hint = "lower optimizer.lr or lengthen schedule.warmup (and set optimizer.grad_clip if the recipe has none), then train again"
         if last:

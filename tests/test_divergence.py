@@ -83,7 +83,7 @@ def test_no_checkpoint_is_written_from_weights_that_are_not_finite(tmp_path):
     assert info.value.exit_code == DIVERGED
     assert info.value.message == ("training diverged at step 2: 2 of the model's 4 weight tensors hold nan or inf "
                                   "(0.weight, 1.bias), so this step's checkpoint was not written; the newest "
-                                  "checkpoint, step 1, is from before and is kept (its weights are finite; "
+                                  "checkpoint, step 1, is from before and is kept (its weights and optimizer state are finite; "
                                   "metrics.jsonl shows where the loss rose)")
     assert checkpoint_steps(run.dir) == [1] and checkpoint.latest(run.dir)[0] == 1
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["latest", "step_00000001"]
