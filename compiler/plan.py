@@ -96,6 +96,7 @@ class Plan:
     nodes: int = 1                   # machines (target.nodes); world / nodes processes on each
     activation_checkpointing: str = "none"  # none | selective | full
     checkpoint_format: str = "full"  # full: safetensors of whole tensors; sharded: torch.distributed.checkpoint
+    checkpoint_writes: str = "foreground"  # background: a full checkpoint is written by a thread while training goes on
     chip: str = ""
     precision: str = ""              # the compute dtype: fp32 | bf16
     master_weights: str = "fp32"     # dtype of the weights, gradients and AdamW moments: fp32 | bf16 (target.precision pure_bf16)
@@ -168,6 +169,7 @@ class Plan:
                 "attention": self.attention, "fused_adamw": self.fused_adamw,
                 "nodes": self.nodes, "activation_checkpointing": self.activation_checkpointing,
                 "checkpoint_format": self.checkpoint_format,
+                "checkpoint_writes": self.checkpoint_writes,
             },
             "objective": self.objective,
             **({"init_from": {"path": r.init_from.path, "optimizer": r.init_from.optimizer}}  # relative to the recipe

@@ -257,6 +257,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         *([const("NODES", plan.nodes, "target.nodes: HSDP replicates across nodes, shards within each")] if plan.parallelism == "hsdp" else []),
         *([const("PARALLELISM", plan.parallelism, _decision(plan, "parallelism"))] if distributed else []),
         *([const("CHECKPOINT_FORMAT", "sharded", _decision(plan, "checkpoint_format"))] if plan.checkpoint_format == "sharded" else []),
+        *([const("CHECKPOINT_IN_BACKGROUND", True, _decision(plan, "checkpoint_writes"))] if plan.checkpoint_writes == "background" else []),
         _blank(),
         *([Const("# init_from: the weights this run starts from (continual pre-training); path relative to this file"),
            Const("INIT_FROM = " + lit(init_from_spec(plan, base_dir, out_dir))), _blank()] if r.init_from else []),
@@ -328,6 +329,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "checkpointing": plan.activation_checkpointing,
         "parallelism": plan.parallelism,
         "sharded_checkpoints": plan.checkpoint_format == "sharded",
+        "background_checkpoints": plan.checkpoint_writes == "background",
         "attention": plan.attention,
         "window": m.sliding_window is not None,    # model.sliding_window: one mask function, window & causal (& documents)
         "doc_masks": r.data.packing != "concat",   # document ids ride with every batch (choose_attention)

@@ -13,6 +13,12 @@ with each tensor's global shape, so they load onto another number of processes
 (DCP reshards) or into one unsharded model (``malt export``, ``malt sample``).
 They are written the same way: into a temporary directory, renamed by the main
 process once every process has finished, and ``state.json`` is written last.
+
+A full checkpoint may be written in the background (``save(..., background=True)``, the plan's
+``checkpoint_writes``): the step's tensors are copied to host memory while training waits, then a
+thread writes, syncs and renames them while training goes on. One checkpoint is in flight at a time;
+``wait()`` blocks until it is in place (the next save, the end of the run, a stop, an error all wait),
+so a checkpoint is never reported saved, pruned or pointed at by ``latest`` before it is complete.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,13 +133,50 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class _Writer:
+    """The checkpoint being written in the background: at most one."""
+
+    thread: threading.Thread | None = None
+    step: int | None = None
+    error: BaseException | None = None
+
+
+_WRITER = _Writer()
+
+
+def writing() -> int | None:
+    """The step of the checkpoint being written in the background, or None."""
+    return _WRITER.step if _WRITER.thread is not None and _WRITER.thread.is_alive() else None
+
+
+def wait(raise_error: bool = True) -> None:
+    """Block until the checkpoint being written in the background (if any) is in place. Its error, such as a full
+    disk (a RunError; the unfinished checkpoint is removed and the older ones stay), is raised here."""
+    thread = _WRITER.thread
+    if thread is None:
+        return
+    thread.join()
+    error, _WRITER.thread, _WRITER.step, _WRITER.error = _WRITER.error, None, None, None
+    if error is not None and raise_error:
+        raise error
+
+
+def _write_in_background(*args) -> None:
+    try:
+        _write(*args)
+    except BaseException as e:  # noqa: BLE001  (raised in the training thread by wait())
+        _WRITER.error = e
+
+
 def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 2, extra: dict | None = None,
-         fmt: str = "full") -> Path:
+         fmt: str = "full", background: bool = False) -> Path:
     """Write a checkpoint of ``model`` (the unwrapped module; sharded or not) and ``optimizer``.
 
     Every process must call it (gathering a sharded model is collective). ``fmt`` "full": the main
     process writes whole tensors; "sharded": every process writes its shards (torch.distributed.checkpoint).
+    ``background`` (full only): copy the tensors to host memory and return; a thread writes them (see wait()).
     """
+    wait()  # one checkpoint in flight at a time, in step order
     stop_if_not_finite(run, step, model.named_parameters(), optimizer_state(model, optimizer))
     if fmt == "sharded":
         return _save_sharded(run, step, model, optimizer, keep, extra)
@@ -140,7 +184,17 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     opt_tensors, meta = _optimizer_tensors(model, optimizer)
     final = run.checkpoints / f"step_{step:08d}"
     if getattr(run, "is_main", True):
-        _write(run, step, tensors, opt_tensors, meta, keep, extra)
+        rng = _rng_state()  # now: training goes on drawing from the generators while the thread writes
+        if background:
+            if any(p.device.type == "cpu" for p in model.parameters()):  # the state dicts hold the live tensors themselves
+                tensors = {k: v.clone() for k, v in tensors.items()}
+                opt_tensors = {k: v.clone() for k, v in opt_tensors.items()}
+            _WRITER.step, _WRITER.error = step, None
+            _WRITER.thread = threading.Thread(target=_write_in_background, name=f"checkpoint-{step}", daemon=True,
+                                              args=(run, step, tensors, opt_tensors, meta, keep, extra, rng))
+            _WRITER.thread.start()
+        else:
+            _write(run, step, tensors, opt_tensors, meta, keep, extra, rng)
     _barrier()
     return final
 
@@ -164,15 +218,21 @@ def stop_if_not_finite(run: Run, step: int, named_tensors, named_states=()) -> N
     all-reduce makes every process see every shard's result, so they all stop together."""
     from .distributed import reduce_sum
 
-    names, flags, n_weights = [], [], 0
+    names, tensors, count = [], [], {"weight": 0, "state": 0}
     for kind, pairs in (("weight", named_tensors), ("state", named_states)):
         for name, t in pairs:
             local = t.to_local() if hasattr(t, "to_local") else t  # an FSDP2 parameter or its state: this process's shard
+            count[kind] += 1
             names.append((kind, name))
-            flags.append(torch.isfinite(local.detach()).all().logical_not())
-            n_weights += kind == "weight"
-    if not flags:
+            tensors.append(local.detach())
+    if not tensors:
         return
+    # the largest magnitude of each tensor: nan if it holds a nan, inf if an inf (one pass, no copy of the tensor);
+    # an empty shard (FSDP2 on many processes) holds nothing, but keeps its place: every process reduces as many flags
+    full = [t for t in tensors if t.numel()]
+    largest = iter(torch._foreach_norm(full, float("inf")) if full else [])
+    flags = [next(largest).isfinite().logical_not() if t.numel() else torch.zeros((), dtype=torch.bool, device=t.device)
+             for t in tensors]
     counts = reduce_sum(torch.stack(flags).to(torch.int32)).tolist()
     weights = [n for (kind, n), c in zip(names, counts) if c and kind == "weight"]
     states = [n for (kind, n), c in zip(names, counts) if c and kind == "state"]
@@ -182,9 +242,9 @@ def stop_if_not_finite(run: Run, step: int, named_tensors, named_states=()) -> N
 
     what = []
     if weights:
-        what.append(f"{len(weights)} of the model's {n_weights} weight tensors hold nan or inf ({shown(weights)})")
+        what.append(f"{len(weights)} of the model's {count['weight']} weight tensors hold nan or inf ({shown(weights)})")
     if states:
-        what.append(f"{len(states)} of the optimizer's {len(names) - n_weights} state tensors hold nan or inf ({shown(states)})")
+        what.append(f"{len(states)} of the optimizer's {count['state']} state tensors hold nan or inf ({shown(states)})")
     if what:
         raise run.diverged(step, " and ".join(what) + ", so this step's checkpoint was not written")
 
@@ -221,7 +281,8 @@ def _save_sharded(run: Run, step: int, model: torch.nn.Module, optimizer: torch.
     return run.checkpoints / name
 
 
-def _write(run: Run, step: int, tensors: dict, opt_tensors: dict, meta: dict, keep: int, extra: dict | None) -> None:
+def _write(run: Run, step: int, tensors: dict, opt_tensors: dict, meta: dict, keep: int, extra: dict | None,
+           rng: dict | None = None) -> None:
     ck = run.checkpoints
     ck.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -232,7 +293,7 @@ def _write(run: Run, step: int, tensors: dict, opt_tensors: dict, meta: dict, ke
     with _unfinished(tmp, step):
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        _finish(run, step, tmp, {"optimizer": meta}, keep, extra, FORMAT)
+        _finish(run, step, tmp, {"optimizer": meta}, keep, extra, FORMAT, rng)
 
 
 @contextmanager
@@ -286,14 +347,20 @@ def remove_unfinished(run: Run) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _finish(run: Run, step: int, tmp: Path, fields: dict, keep: int, extra: dict | None, fmt: int) -> None:
-    """Add the RNG state and state.json to the checkpoint in ``tmp``, sync it, rename it into place, point latest at it."""
-    ck = run.checkpoints
-    name = f"step_{step:08d}"
+def _rng_state() -> dict:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng.safetensors"))
+    return rng
+
+
+def _finish(run: Run, step: int, tmp: Path, fields: dict, keep: int, extra: dict | None, fmt: int,
+            rng: dict | None = None) -> None:
+    """Add the RNG state (``rng``: as taken at the step; None: now) and state.json to the checkpoint in ``tmp``,
+    sync it, rename it into place, point latest at it."""
+    ck = run.checkpoints
+    name = f"step_{step:08d}"
+    save_file(rng if rng is not None else _rng_state(), str(tmp / "rng.safetensors"))
     state = {
         "format": fmt,
         "step": step,

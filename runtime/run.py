@@ -255,6 +255,7 @@ class Run:
 
     def stop(self, step: int) -> None:
         """End the run after ``stop_requested``, its step ``step`` saved: exit 128 + the signal, with the message."""
+        _wait_for_checkpoint()  # saved means in place: a checkpoint written in the background lands first
         _STOP.deferring = False
         if self._progress is not None:
             self._progress.stop()
@@ -269,6 +270,7 @@ class Run:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        _land_pending_checkpoint()  # one from before, being written in the background: finite, so kept and named
         last = latest(self.dir)
         kept = (f"the newest checkpoint, step {last[0]:,}, is from before and is kept (its weights and optimizer state are "
                  "finite; metrics.jsonl shows where the loss rose)" if last
@@ -280,6 +282,7 @@ class Run:
         return Diverged(f"training diverged at step {step:,}: {what}; {kept}", hint)
 
     def end(self) -> None:
+        _wait_for_checkpoint()  # the last checkpoint, if written in the background, is in place before the run ends
         _STOP.deferring = False
         if not self.is_main:
             return
@@ -493,12 +496,44 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
+def _wait_for_checkpoint() -> None:
+    """Block until a checkpoint being written in the background is in place; raise its error (a full disk)."""
+    checkpoint = sys.modules.get(f"{__package__}.checkpoint")  # not imported: nothing was ever saved
+    if checkpoint is not None:
+        checkpoint.wait()
+
+
+def _land_pending_checkpoint() -> None:
+    """When an error or a stop ends the program: let a checkpoint being written in the background land. It passed its
+    checks, and losing it would lose the steps since the one before. A signal during the wait ends the process at
+    once (the unfinished folder is removed at the next start). A failed write is said after the error at hand."""
+    import signal
+
+    checkpoint = sys.modules.get(f"{__package__}.checkpoint")
+    if checkpoint is None:
+        return
+    step = checkpoint.writing()
+    if step is not None:
+        _on_stop_signals(signal.SIG_DFL)
+        if int(os.environ.get("RANK", "0")) == 0:
+            sys.stderr.write(f"waiting for the checkpoint of step {step:,} to be written (a signal abandons it)\n")
+            sys.stderr.flush()
+    try:
+        checkpoint.wait()
+    except RunError as e:
+        sys.stderr.write(f"error: {e.message}\n")
+
+
 def _main_with_messages(main) -> None:
     from .data import DataError
 
     rank = int(os.environ.get("RANK", "0"))  # torchrun's processes: the first speaks for all, the others say who they are
     try:
-        main()
+        try:
+            main()
+        except BaseException:
+            _land_pending_checkpoint()  # before the message, which may say what is saved
+            raise
     except (RunError, DataError) as e:
         if rank and getattr(e, "said_by_the_first", False):
             raise SystemExit(e.exit_code) from None

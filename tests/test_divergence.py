@@ -149,3 +149,15 @@ def test_every_process_of_a_sharded_run_stops_together(tmp_path):
     # unless the loss at step 8 already shows it
     assert _diverged_at(proc.stderr) in (8, 9)
     assert checkpoint_steps(run_dir) == [3, 6]
+
+
+def test_the_finiteness_check_keeps_a_place_for_empty_shards(tmp_path):
+    """FSDP2 on many processes leaves some of them an empty shard of a small tensor: it holds nothing to check,
+    but keeps its place among the flags, so every process all-reduces as many; the names stay right around it."""
+    run = Run(tmp_path / "run", "t", "hash", resume=False, quiet=True)
+    bad = torch.ones(3)
+    bad[1] = float("nan")
+    named = [("a", torch.ones(2)), ("empty", torch.empty(0)), ("b", bad), ("c", torch.full((2,), float("-inf")))]
+    with pytest.raises(Diverged, match=r"2 of the model's 4 weight tensors hold nan or inf \(b, c\)"):
+        checkpoint.stop_if_not_finite(run, 5, named)
+    checkpoint.stop_if_not_finite(run, 5, [("empty", torch.empty(0)), ("a", torch.ones(2))])  # all finite: no error

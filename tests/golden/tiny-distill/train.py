@@ -47,6 +47,7 @@ SAMPLE_PROMPT = 'def '                  # train.sample_prompt
 
 DEVICE = 'cpu'                          # accelerator auto: no CUDA device is visible on the compiling machine
 PRECISION = 'fp32'                      # auto on cpu: no native bf16 on this CPU (avx512_bf16/amx_bf16): fp32, since autocast would emulate bf16 matmuls; set target.precision: bf16 to force it
+CHECKPOINT_IN_BACKGROUND = True         # the main process copies weights and optimizer state to host memory (training waits for the copy), then a thread writes, syncs and renames the checkpoint while training goes on; the next save, a stop and the end wait for it (cpu: a 20.97 MiB copy)
 
 # data and tokenizer (data, tokenizer sections); paths are relative to this file
 DATA = {
@@ -224,7 +225,7 @@ def main(argv=None):
             run.log_eval(done, val_loss=evaluate(phase))
         stopping = run.stop_requested()  # Ctrl-C, SIGTERM or SIGHUP: the step is saved, then the run stops (a second one: at once)
         if stopping or (CHECKPOINT_EVERY and done % CHECKPOINT_EVERY == 0) or done == MAX_STEPS:
-            checkpoint.save(run, done, model, optimizer, keep=KEEP_CHECKPOINTS)
+            checkpoint.save(run, done, model, optimizer, keep=KEEP_CHECKPOINTS, background=CHECKPOINT_IN_BACKGROUND)
         if stopping:
             run.stop(done)
 
