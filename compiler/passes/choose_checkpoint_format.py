@@ -31,9 +31,8 @@ def _writes(plan: Plan) -> Plan:
     if plan.checkpoint_format == "sharded":
         return plan.decide("checkpoint_writes", "foreground", "sharded: every process writes its own shards "
                            "(torch.distributed.checkpoint) before training goes on", checkpoint_writes="foreground")
-    how = ("the main process copies weights and optimizer state to host memory (training waits for the copy), then a "
-           "thread writes, syncs and renames the checkpoint while training goes on; the next save, a stop and the end "
-           "wait for it")
+    how = ("weights and optimizer state are copied to host memory at the step, then a thread writes the checkpoint "
+           "while training goes on (the next save, a stop and the end wait for it)")
     if plan.device == "cpu":
         from ..estimates import state_bytes
         from ..units import human_bytes
@@ -46,7 +45,7 @@ def _writes(plan: Plan) -> Plan:
                                f"cpu: a background write would hold a {human_bytes(copy)} copy of weights and optimizer "
                                f"state, over {CPU_COPY_SHARE:.0%} of the machine's {human_bytes(memory)}: written while "
                                "training waits", checkpoint_writes="foreground")
-        return plan.decide("checkpoint_writes", "background", f"{how} (cpu: a {human_bytes(copy)} copy)",
+        return plan.decide("checkpoint_writes", "background", f"{how}; cpu: a {human_bytes(copy)} copy",
                            checkpoint_writes="background")
     return plan.decide("checkpoint_writes", "background", how, checkpoint_writes="background")
 

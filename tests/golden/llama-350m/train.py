@@ -51,7 +51,7 @@ SAMPLE_PROMPT = 'def '                  # train.sample_prompt
 
 DEVICE = 'cuda'                         # target.accelerator cuda
 PRECISION = 'bf16'                      # target.precision bf16
-CHECKPOINT_IN_BACKGROUND = True         # the main process copies weights and optimizer state to host memory (training waits for the copy), then a thread writes, syncs and renames the checkpoint while training goes on; the next save, a stop and the end wait for it
+CHECKPOINT_IN_BACKGROUND = True         # weights and optimizer state are copied to host memory at the step, then a thread writes the checkpoint while training goes on (the next save, a stop and the end wait for it)
 
 # data and tokenizer (data, tokenizer sections); paths are relative to this file
 DATA = {

@@ -52,7 +52,7 @@ SAMPLE_PROMPT = 'def '                  # train.sample_prompt
 
 DEVICE = 'cpu'                          # accelerator auto: no CUDA device is visible on the compiling machine
 PRECISION = 'fp32'                      # auto on cpu: no native bf16 on this CPU (avx512_bf16/amx_bf16): fp32, since autocast would emulate bf16 matmuls; set target.precision: bf16 to force it
-CHECKPOINT_IN_BACKGROUND = True         # the main process copies weights and optimizer state to host memory (training waits for the copy), then a thread writes, syncs and renames the checkpoint while training goes on; the next save, a stop and the end wait for it (cpu: a 29.41 MiB copy)
+CHECKPOINT_IN_BACKGROUND = True         # weights and optimizer state are copied to host memory at the step, then a thread writes the checkpoint while training goes on (the next save, a stop and the end wait for it); cpu: a 29.41 MiB copy
 
 # data and tokenizer (data, tokenizer sections); paths are relative to this file
 DATA = {
