@@ -2,6 +2,7 @@
 
     python bench/checkpoint_stall.py                       # llama-124m's shape, fp32, on this machine
     python bench/checkpoint_stall.py --recipe recipes/tiny.yaml --rounds 6
+    python bench/checkpoint_stall.py --device cuda --program bench/out/gpu2/124m-bf16   # a GPU machine (gpu_checks.sh)
 
 Builds the generated model of a recipe (compiled for cpu, fp32) with an AdamW state, then alternates the two
 kinds of save (ABBA over rounds) into a scratch run directory. For each it reports the time save() blocks the
@@ -29,14 +30,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build(recipe: Path, out: Path):
-    from malt.compiler.api import compile_to
+def build(recipe: Path, out: Path, device: str, program: Path | None):
+    if program is None:
+        from malt.compiler.api import compile_to
 
-    compile_to(recipe, out, ["target.accelerator=cpu", "target.precision=fp32", "target.compile=off"])
+        compile_to(recipe, out, ["target.accelerator=cpu", "target.precision=fp32", "target.compile=off"])
+    else:  # a program compiled elsewhere (a GPU machine with malt's runtime only)
+        out = program
     spec = importlib.util.spec_from_file_location("stall_model", out / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    model = module.Transformer()
+    model = module.Transformer().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
@@ -49,16 +53,18 @@ def main():
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "llama-124m.yaml")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--work", type=float, default=4.0, help="seconds of matmuls between saves (the training)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--program", type=Path, help="an already compiled program's directory (its model.py) instead of --recipe")
     args = ap.parse_args()
     from malt.runtime import checkpoint
     from malt.runtime.run import Run
 
     scratch = Path(tempfile.mkdtemp(prefix="malt-stall-"))
     try:
-        model, optimizer = build(args.recipe, scratch / "program")
+        model, optimizer = build(args.recipe, scratch / "program", args.device, args.program)
         params = sum(p.numel() for p in model.parameters())
         run = Run(scratch / "run", "stall", "hash", resume=False, quiet=True)
-        a = torch.randn(512, 512)
+        a = torch.randn(512, 512, device=args.device)
         times = {"foreground": [], "background": []}
         landed = []
         step = 0
@@ -73,6 +79,8 @@ def main():
                 t_end = time.perf_counter() + args.work  # "training" while the thread writes
                 while time.perf_counter() < t_end:
                     a = torch.tanh(a @ a)
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
                     if kind == "background" and checkpoint.writing() is None and len(landed) < len(times["background"]) + 1:
                         landed.append(time.perf_counter() - t0)
                 if kind == "background" and checkpoint.writing() is not None:
@@ -81,7 +89,7 @@ def main():
                 times[kind].append(blocked)
         size = sum(f.stat().st_size for f in (run.checkpoints / f"step_{step:08d}").iterdir())
         for kind, ts in times.items():
-            row = {"save": kind, "params": params, "checkpoint_bytes": size, "blocked_s": round(statistics.median(ts), 3),
+            row = {"save": kind, "device": args.device, "params": params, "checkpoint_bytes": size, "blocked_s": round(statistics.median(ts), 3),
                    "blocked_each_s": [round(t, 3) for t in ts]}
             if kind == "background":
                 row["in_place_after_s"] = round(statistics.median(landed), 3)

@@ -86,6 +86,7 @@ for v in pinned pageable pinned pageable; do   # the tiny data is ready (tiny-pa
     check tiny-$v 45 "rm -rf $out/tiny-$v/checkpoints $out/tiny-$v/metrics.jsonl; python3 $out/tiny-$v/train.py --quiet \
         && $(report $out/tiny-$v 3)"
 done
+check ckpt-stall 90 "python3 bench/checkpoint_stall.py --device cuda --program $out/124m-bf16 --rounds 4 --work 3"
 check 124m-bf16 120 "python3 $out/124m-bf16/train.py --quiet && $(report $out/124m-bf16)"   # also tokenizes the 124M data
 check fsdp-dcp 180 "bash $out/124m-fsdp/launch.sh --quiet && python3 bench/report.py $out/124m-fsdp --skip 2 \
     && ls $out/124m-fsdp/checkpoints/step_00000030 \

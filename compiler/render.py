@@ -321,6 +321,7 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "rope_changes": any(ph.rope_theta != m.rope_theta for ph in plan.phases),
         "e": e,
         "compile": plan.compile,
+        "cpu": plan.device == "cpu",
         "precision": plan.precision,
         "pure_bf16": plan.master_weights == "bf16",
         "grad_clip": bool(o.grad_clip),

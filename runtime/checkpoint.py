@@ -178,6 +178,7 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     """
     wait()  # one checkpoint in flight at a time, in step order
     stop_if_not_finite(run, step, model.named_parameters(), optimizer_state(model, optimizer))
+    extra = {**(extra or {}), **({"elapsed_s": round(run.elapsed(), 3)} if hasattr(run, "elapsed") else {})}
     if fmt == "sharded":
         return _save_sharded(run, step, model, optimizer, keep, extra)
     tensors = _model_tensors(model)

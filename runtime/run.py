@@ -87,6 +87,7 @@ class Run:
         self.is_main = rank == 0      # with several processes, only the first logs and writes
         self.world_size = world
         self.resume_step = 0  # the step of the checkpoint a resumed run continues
+        self.elapsed_before = 0.0  # training seconds of the processes before this one (a resumed run: its checkpoint's)
 
     def acquire(self) -> None:
         """Hold the run directory's lock (``.lock``, flock) for the life of this process: a second training in the
@@ -215,7 +216,7 @@ class Run:
         done = step - self._start_step
         eta = elapsed / done * (self._max_steps - step) if done else float("inf")
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": gn, "tokens": tokens,
-                  "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 3), **extra}
+                  "tokens_per_s": round(tok_s, 1), "elapsed_s": round(self.elapsed_before + elapsed, 3), **extra}
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_initialized():  # the peak of this process's GPU memory so far
             record["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
@@ -225,6 +226,10 @@ class Run:
             self._progress.update(self._task, completed=step, status=status)
         elif not self.quiet:
             print(f"step {step:>6,}/{self._max_steps:,} | {status} | ETA {_fmt_duration(eta)}", flush=True)
+
+    def elapsed(self) -> float:
+        """Training seconds of the run so far: this process's since begin() and those of the ones it resumed."""
+        return self.elapsed_before + time.perf_counter() - self._t0
 
     def log_eval(self, step: int, val_loss: float, **per_source: float) -> None:
         """An evaluation: the mixture's validation loss, and (train.eval_per_source) ``val_loss/NAME`` of each source.
@@ -388,6 +393,11 @@ def start_run(directory: Path, name: str, recipe_hash: str, argv=None, rank: int
         run.acquire()
         checkpoint.remove_unfinished(run)  # this process is now the directory's only writer: earlier writes that died are dead
     run.resume_step = latest[0] if run.resume else 0
+    if run.resume:  # metrics.jsonl's elapsed_s goes on from the checkpoint's (restore reports a corrupt one)
+        try:
+            run.elapsed_before = float(checkpoint.read_state(latest[1]).get("elapsed_s", 0.0))
+        except (RunError, TypeError, ValueError):
+            pass
     if resume and latest is None:
         run.log(f"no checkpoint in {directory}: starting from step 0")
     return run

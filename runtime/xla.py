@@ -172,7 +172,7 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     states = [(k, v) for k, v in opt_tensors.items() if not k.endswith("::step") and v.is_floating_point()]
     checkpoint.stop_if_not_finite(run, step, tensors.items(), states)  # host copies: one process holds the whole model
     checkpoint._write(run, step, tensors, opt_tensors, {"param_groups": osd.get("param_groups", []), "plain_state": plain},
-                      keep, None)
+                      keep, {"elapsed_s": round(run.elapsed(), 3)})
 
 
 def compiled_graphs() -> int:

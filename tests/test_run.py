@@ -82,6 +82,12 @@ def test_train_then_resume_after_sigkill_reproduces_losses_exactly(tmp_path):
     run_program(killed, cache, "--resume")
     assert losses(killed) == ref  # bit-for-bit the same losses at every step
     assert val_losses(killed) == val_losses(full)
+    # elapsed_s goes on from the checkpoint's training time: it never falls back at the resume
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in records if "elapsed_s" in r]
+    assert len(elapsed) == 40 and elapsed == sorted(elapsed)
+    state = json.loads((killed / "checkpoints" / "step_00000040" / "state.json").read_text())
+    assert state["elapsed_s"] >= elapsed[-1] > 0
     # at most keep_checkpoints (2) complete checkpoints, and no temporary directories left behind
     ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_00000035", "step_00000040"]
@@ -166,3 +172,38 @@ def test_resume_refuses_a_tokenizer_trained_again_on_changed_data(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "differs from the one its checkpoints trained with" in out.stderr and "restore the data files" in out.stderr
     assert (run / "tokenizer.json").read_bytes() == before
+
+
+def test_a_compiled_cpu_run_repeats_and_resumes_exactly_on_two_threads(tmp_path):
+    """target.compile on a CPU: inductor's embedding backward adds into the gradient from its threads in no fixed
+    order unless deterministic algorithms are on (the program turns them on), so two runs differed from step 2 and a
+    resume could not match (found by a review: loss 1.8e-4 apart on tiny). Two threads, as on CI's two cores."""
+    recipe = write_tiny_recipe(tmp_path / "r", steps=6, eval_every=3, checkpoint_every=3)
+    cache = tmp_path / "cache"
+    env = {**run_env(cache), "OMP_NUM_THREADS": "2"}
+    runs = [tmp_path / name for name in ("a", "b", "resumed")]
+    for run in runs:
+        compile_to(recipe, run, sets=["target.compile=on", "train.sample_tokens=0", "train.log_every=1"], host=Host())
+    assert "torch.use_deterministic_algorithms(True, warn_only=True)" in (runs[0] / "train.py").read_text()
+
+    def train(run, *args):
+        proc = subprocess.run([sys.executable, str(run / "train.py"), "--quiet", *args], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    for run in runs:
+        train(run)
+    # the third: back to its step-3 checkpoint, then resumed
+    ck = runs[2] / "checkpoints"
+    for old in ck.glob("step_00000006"):
+        import shutil
+
+        shutil.rmtree(old)
+    (ck / "latest").write_text("step_00000003\n")
+    lines = (runs[2] / "metrics.jsonl").read_text().splitlines()
+    (runs[2] / "metrics.jsonl").write_text("\n".join(line for line in lines if json.loads(line)["step"] <= 3) + "\n")
+    train(runs[2], "--resume")
+    a, b, resumed = (losses(r) for r in runs)
+    assert sorted(a) == list(range(1, 7))
+    assert a == b == resumed
+    assert val_losses(runs[0]) == val_losses(runs[1]) == val_losses(runs[2])
