@@ -1,10 +1,12 @@
-"""Shared parts of the CPU benchmarks (bench/compare_hf.py, bench/ablate.py).
+"""Shared parts of the benchmarks (bench/compare_hf.py, bench/ablate.py) and GPU checks (bench/gpu_*_check.py).
 
 - compile a bench recipe into a generated program (the real `malt compile` path);
 - import a generated program's model.py / train.py as modules;
 - the Hugging Face baseline model of the same shape;
 - this machine's matmul peak, measured;
-- step-by-step alternation of variants, and medians.
+- step-by-step alternation of variants, and medians;
+- for the GPU checks (which run with malt's runtime only, no compiler): a program's model.py alone, one JSON line
+  per result, and the median time of a training step.
 """
 
 from __future__ import annotations
@@ -196,3 +198,34 @@ def machine() -> str:
     bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     return (f"{model or platform.processor()} ({cores} cores, {torch.backends.cpu.get_cpu_capability()}"
             f"{', avx512_bf16' if bf16 else ''}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def load_model_module(program: Path, name: str = "model_under_check"):
+    """Import a generated program's model.py alone, registered as ``name`` (torch.compile looks its globals up there)."""
+    spec = importlib.util.spec_from_file_location(name, Path(program) / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def report(**fields) -> None:
+    """One result of a check as a JSON line on stdout."""
+    print(json.dumps(fields), flush=True)
+
+
+def median_step_seconds(step, steps: int, warmup: int = 5, cuda: bool = True) -> float:
+    """The median wall time of ``step()`` over ``steps`` calls after ``warmup`` untimed ones (CUDA-synchronised)."""
+    import torch
+
+    times = []
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)

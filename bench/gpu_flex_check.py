@@ -16,23 +16,13 @@ In fp32 (TF32 off) on a random model and random packed rows:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
-def load_model_module(program: Path):
-    spec = importlib.util.spec_from_file_location("model_under_check", program / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # torch.compile looks the module's globals up by name
-    spec.loader.exec_module(module)
-    return module
+from common import load_model_module, median_step_seconds, report
 
 
 def packed_rows(batch, seq_len, vocab, eos, seed):
@@ -53,10 +43,6 @@ def packed_rows(batch, seq_len, vocab, eos, seed):
         ids.append(torch.cat(doc))
         spans.append(row_spans)
     return torch.stack(xs), torch.stack(ids), spans
-
-
-def report(**kw):
-    print(json.dumps(kw), flush=True)
 
 
 def main():
@@ -118,24 +104,16 @@ def main():
 
     # 4. speed of a compiled bf16 training step with and without document masks
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    times = {}
     for name, kw in (("document masks (FlexAttention)", {"doc_ids": ids}), ("plain causal (SDPA)", {})):
-        ts = []
-        for i in range(args.steps + 5):
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        def step():
             with torch.autocast(dev, dtype=torch.bfloat16):
                 loss = compiled(x, y, **kw)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            if i >= 5:
-                ts.append(time.perf_counter() - t0)
-        times[name] = statistics.median(ts)
-        report(check="speed", variant=name, tokens_per_s=round(x.numel() / times[name]), step_ms=round(times[name] * 1e3, 3))
+
+        t = median_step_seconds(step, args.steps, cuda=dev == "cuda")
+        report(check="speed", variant=name, tokens_per_s=round(x.numel() / t), step_ms=round(t * 1e3, 3))
     sys.exit(1 if failed else 0)
 
 

@@ -19,33 +19,19 @@ One JSON line per check on stdout; exit 1 on a mismatch. ``--device cpu`` is a d
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
-def load_model_module(program: Path):
-    spec = importlib.util.spec_from_file_location("model_under_check", program / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # torch.compile looks the module's globals up by name
-    spec.loader.exec_module(module)
-    return module
+from common import load_model_module, median_step_seconds, report
 
 
 def dense_mask(prefix_len, T):
     """(batch, 1, T, T) bool, True = may attend: j <= i or j < prefix_len[b] (written here, not taken from model.py)."""
     pos = torch.arange(T, device=prefix_len.device)
     return ((pos[None, :] <= pos[:, None])[None] | (pos[None, None, :] < prefix_len[:, None, None]))[:, None]
-
-
-def report(**kw):
-    print(json.dumps(kw), flush=True)
 
 
 def main():
@@ -124,19 +110,15 @@ def main():
         module.flex_attention = kernel
         torch._dynamo.reset()  # the kernel is a global the compiled graph captured
         step_model = torch.compile(model)
-        ts = []
-        for i in range(args.steps + 5):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+        def step():
             with torch.autocast(dev, dtype=torch.bfloat16):
                 loss = step_model(x, y, **kw)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            if i >= 5:
-                ts.append(time.perf_counter() - t0)
-        t = statistics.median(ts)
+
+        t = median_step_seconds(step, args.steps)
         report(check="speed", variant=name, tokens_per_s=round(x.numel() / t), step_ms=round(t * 1e3, 3),
                max_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
         torch.cuda.reset_peak_memory_stats()
