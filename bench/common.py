@@ -229,3 +229,34 @@ def median_step_seconds(step, steps: int, warmup: int = 5, cuda: bool = True) ->
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def grads_of(model) -> dict:
+    """A copy of every parameter's gradient, by name; the gradients are then cleared for the reference's backward."""
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def max_rel_grad_err(grads: dict, model) -> float:
+    """The largest difference of ``grads`` from the model's present gradients, relative to each one's largest entry."""
+    return max(((grads[n] - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)).item()
+               for n, p in model.named_parameters())
+
+
+def check_setup(batch: int, cpu_help: str):
+    """A GPU check's command line (PROGRAM, --batch, --steps, --device), fp32 matmuls without TF32, the program's
+    plan and its model.py: (args, plan, module)."""
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("program", type=Path)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cuda", help=cpu_help)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return args, plan_of(args.program), load_model_module(args.program)

@@ -15,14 +15,11 @@ In fp32 (TF32 off) on a random model and random packed rows:
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import load_model_module, median_step_seconds, report
+from common import check_setup, grads_of, max_rel_grad_err, median_step_seconds, report
 
 
 def packed_rows(batch, seq_len, vocab, eos, seed):
@@ -46,16 +43,7 @@ def packed_rows(batch, seq_len, vocab, eos, seed):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("program", type=Path)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script (FlexAttention eager, no backward)")
-    args = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    plan = json.loads((args.program / "plan.json").read_text())
-    module = load_model_module(args.program)
+    args, plan, module = check_setup(4, "cpu: a dry run of the script (FlexAttention eager, no backward)")
     dev = args.device
     torch.manual_seed(0)
     model = module.Transformer().to(dev)
@@ -89,13 +77,11 @@ def main():
     model.zero_grad(set_to_none=True)
     loss = compiled(x, y, doc_ids=ids)
     loss.backward()
-    got = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    got = grads_of(model)
     logits = torch.cat([torch.cat([model(x[r:r + 1, a:b])[0] for a, b in spans[r]])[None] for r in range(len(spans))])
     ref = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
     ref.backward()
-    gerr = max(((got[n] - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)).item()
-               for n, p in model.named_parameters())
+    gerr = max_rel_grad_err(got, model)
     lerr = abs(loss.item() - ref.item())
     ok = lerr < 1e-4 and gerr < 1e-3
     failed |= not ok

@@ -18,14 +18,11 @@ One JSON line per check on stdout; exit 1 on a mismatch. ``--device cpu`` is a d
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import load_model_module, median_step_seconds, report
+from common import check_setup, grads_of, max_rel_grad_err, median_step_seconds, report
 
 
 def dense_mask(prefix_len, T):
@@ -35,16 +32,7 @@ def dense_mask(prefix_len, T):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("program", type=Path)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--device", default="cuda", help="cpu: a dry run of check 1 (FlexAttention eager)")
-    args = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    plan = json.loads((args.program / "plan.json").read_text())
-    module = load_model_module(args.program)
+    args, plan, module = check_setup(8, "cpu: a dry run of check 1 (FlexAttention eager)")
     assert plan["execution"]["attention"] == "flex" and hasattr(module, "prefix_lm_mask"), "not a prefix program for cuda"
     dev = args.device
     torch.manual_seed(0)
@@ -89,14 +77,12 @@ def main():
     model.zero_grad(set_to_none=True)
     loss = compiled(x, y, prefix_len=P)
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    grads = grads_of(model)
     module.flex_attention = reference
     ref_loss = model(x, y, prefix_len=P)
     ref_loss.backward()
     module.flex_attention = flex_kernel
-    gerr = max(((grads[n] - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)).item()
-               for n, p in model.named_parameters())
+    gerr = max_rel_grad_err(grads, model)
     lerr = abs(loss.item() - ref_loss.item())
     ok = lerr < 1e-4 and gerr < 1e-3
     failed |= not ok
