@@ -6,7 +6,7 @@ On cuda, prefix_lm_mask in the generated model.py builds a FlexAttention block m
 length (kv <= q or kv < prefix_len[b]); everywhere else the model takes SDPA with the dense (batch, 1, T, T)
 bool mask, which the CPU tests check element by element. The CPU tests also run the FlexAttention path eagerly,
 forward only (FlexAttention has no CPU backward); only a GPU runs it as the compiled kernel, with its backward.
-The reference here is the same model and weights with flex_attention replaced by SDPA on the dense mask.
+The reference here is the same model and weights run as the program was before (dense_path): the dense mask, SDPA.
 In fp32 (TF32 off), random weights, random rows and prefix lengths (including 0, 1 and the whole row):
   1. eager forward: logits equal the reference's;
   2. torch.compile(model) without gradients (how evaluate() runs): logits equal the eager ones;
@@ -19,6 +19,7 @@ One JSON line per check on stdout; exit 1 on a mismatch. ``--device cpu`` is a d
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,22 @@ def dense_mask(prefix_len, T):
     """(batch, 1, T, T) bool, True = may attend: j <= i or j < prefix_len[b] (written here, not taken from model.py)."""
     pos = torch.arange(T, device=prefix_len.device)
     return ((pos[None, :] <= pos[:, None])[None] | (pos[None, None, :] < prefix_len[:, None, None]))[:, None]
+
+
+@contextmanager
+def dense_path(module):
+    """The model as the program ran before FlexAttention: prefix_lm_mask builds the dense (batch, 1, T, T) mask and
+    attention is SDPA with it."""
+    kernel, builder = module.flex_attention, module.prefix_lm_mask
+
+    def sdpa(q, k, v, block_mask=None, enable_gqa=False):  # block_mask: the dense mask, passed where the block mask was
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, enable_gqa=enable_gqa)
+
+    module.flex_attention, module.prefix_lm_mask = sdpa, dense_mask
+    try:
+        yield
+    finally:
+        module.flex_attention, module.prefix_lm_mask = kernel, builder
 
 
 def main():
@@ -46,18 +63,11 @@ def main():
     y[torch.arange(T)[None, :] < (P[:, None] - 1)] = -100  # no loss inside the prefix, as the objectives' labels
     x, y, P = x.to(dev), y.to(dev), P.to(dev)
 
-    flex_kernel = module.flex_attention
-    dense = dense_mask(P, T)
-
-    def reference(q, k, v, block_mask=None, enable_gqa=False):  # the dense-mask path, same shapes
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=enable_gqa)
-
     failed = False
     with torch.no_grad():   # 1. eager model, FlexAttention's compiled kernel (on cpu: eager) against the dense mask
         got = model(x, prefix_len=P)
-        module.flex_attention = reference
-        ref = model(x, prefix_len=P)
-        module.flex_attention = flex_kernel
+        with dense_path(module):
+            ref = model(x, prefix_len=P)
     err = (got - ref).abs().max().item()
     ok = err < 2e-4
     failed |= not ok
@@ -78,10 +88,9 @@ def main():
     loss = compiled(x, y, prefix_len=P)
     loss.backward()
     grads = grads_of(model)
-    module.flex_attention = reference
-    ref_loss = model(x, y, prefix_len=P)
-    ref_loss.backward()
-    module.flex_attention = flex_kernel
+    with dense_path(module):
+        ref_loss = model(x, y, prefix_len=P)
+        ref_loss.backward()
     gerr = max_rel_grad_err(grads, model)
     lerr = abs(loss.item() - ref_loss.item())
     ok = lerr < 1e-4 and gerr < 1e-3
@@ -90,11 +99,10 @@ def main():
 
     # 4. speed of a compiled bf16 training step: block mask, dense mask, plain causal
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    for name, kw, kernel in (("prefix block mask (FlexAttention)", {"prefix_len": P}, flex_kernel),
-                             ("prefix dense mask (SDPA)", {"prefix_len": P}, reference),
-                             ("plain causal (SDPA)", {}, flex_kernel)):
-        module.flex_attention = kernel
-        torch._dynamo.reset()  # the kernel is a global the compiled graph captured
+    for name, kw, dense in (("prefix block mask (FlexAttention)", {"prefix_len": P}, False),
+                            ("prefix dense mask (SDPA, the program before)", {"prefix_len": P}, True),
+                            ("plain causal (SDPA)", {}, False)):
+        torch._dynamo.reset()  # the mask builder and kernel are globals a compiled graph captured
         step_model = torch.compile(model)
 
         def step():
@@ -104,11 +112,11 @@ def main():
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        t = median_step_seconds(step, args.steps)
+        with dense_path(module) if dense else nullcontext():
+            t = median_step_seconds(step, args.steps)
         report(check="speed", variant=name, tokens_per_s=round(x.numel() / t), step_ms=round(t * 1e3, 3),
                max_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
         torch.cuda.reset_peak_memory_stats()
-    module.flex_attention = flex_kernel
     sys.exit(1 if failed else 0)
 
 

@@ -167,6 +167,7 @@ def _plan_text(p) -> str:
     basis = est["basis"]
     shapes_vary = len({(ph.seq_len, ph.global_batch) for ph in p.phases}) > 1  # phases with their own batch shape
     first = p.phases[0]
+    splits_vary = len({(ph.seq_len, ph.global_batch, ph.micro_batch, ph.grad_accum) for ph in p.phases}) > 1
     grows = any(ph.grow_factor for ph in p.phases)
     per_token = [ph["flops"] / ph["tokens"] for ph in j.get("phases") or [] if ph.get("flops") and ph.get("tokens")]
     flops_vary = "teacher_flops_per_token" not in est and len(per_token) > 1 and max(per_token) > 1.005 * min(per_token)
@@ -186,9 +187,9 @@ def _plan_text(p) -> str:
         (f"run        {j['steps']:,} steps × {b['tokens_per_step']:,} tokens = {j['tokens']:,} tokens ({human_count(j['tokens'])})"
          if not shapes_vary else f"run        {j['steps']:,} steps = {j['tokens']:,} tokens ({human_count(j['tokens'])}); the phases' batches differ (below)"),
         (f"batch      {b['global_batch']} sequences × seq_len {b['seq_len']}; micro_batch {b['micro_batch']} × {b['grad_accum']} accumulation"
-         if not shapes_vary else  # the first phase's own batch; the others are in the phases list
+         if not splits_vary else  # the first phase's own batch; the others are in the phases list
          f"batch      {first.global_batch} sequences × seq_len {first.seq_len}; micro_batch {first.micro_batch} × {first.grad_accum} accumulation")
-        + (f" × {ex['devices']} devices" if ex['devices'] > 1 else "") + (f" (phase {first.name})" if shapes_vary else ""),
+        + (f" × {ex['devices']} devices" if ex['devices'] > 1 else "") + (f" (phase {first.name})" if splits_vary else ""),
         *([_eval_line(p, shapes_vary)] if est.get("eval_flops") else []),
         (f"compute    {human_count(est['total_flops'] / j['tokens'])}FLOPs/token on average (the phases' models or lengths differ) "
          f"× {human_count(j['tokens'])} tokens" if flops_vary else
@@ -222,7 +223,7 @@ def _plan_text(p) -> str:
             sched = f"own {ph.schedule.decay} schedule, peak {ph.lr:g}" if ph.schedule else "the recipe's schedule"
             lines.append(f"  {ph.name:<{width}}  steps {ph.start:,}-{ph.end:,}  {human_count(ph.steps * ph.tokens_per_step)} tokens  "
                          f"seq_len {ph.seq_len} × batch {ph.global_batch}"
-                         + (f" (micro_batch {ph.micro_batch} × {ph.grad_accum})" if shapes_vary else "") + f"  {sched}"
+                         + (f" (micro_batch {ph.micro_batch} × {ph.grad_accum})" if splits_vary else "") + f"  {sched}"
                          + (f"  changes: {', '.join(ph.changes)}" if ph.changes else ""))
     lines += ["", "decisions"]
     width = max(len(d.name) for d in p.decisions)

@@ -134,11 +134,14 @@ def _barrier() -> None:
 
 
 class _Writer:
-    """The checkpoint being written in the background: at most one."""
+    """The checkpoint being written in the background: at most one. ``done`` is set by the thread when it ends:
+    Thread.join() cannot tell, once a signal handler raised inside it (CPython 3.11 then marks a running thread
+    as stopped), and Event.wait() can be interrupted safely."""
 
     thread: threading.Thread | None = None
     step: int | None = None
     error: BaseException | None = None
+    done: threading.Event = threading.Event()
 
 
 _WRITER = _Writer()
@@ -146,16 +149,16 @@ _WRITER = _Writer()
 
 def writing() -> int | None:
     """The step of the checkpoint being written in the background, or None."""
-    return _WRITER.step if _WRITER.thread is not None and _WRITER.thread.is_alive() else None
+    return _WRITER.step if _WRITER.thread is not None and not _WRITER.done.is_set() else None
 
 
 def wait(raise_error: bool = True) -> None:
     """Block until the checkpoint being written in the background (if any) is in place. Its error, such as a full
     disk (a RunError; the unfinished checkpoint is removed and the older ones stay), is raised here."""
-    thread = _WRITER.thread
-    if thread is None:
+    if _WRITER.thread is None:
         return
-    thread.join()
+    _WRITER.done.wait()
+    _WRITER.thread.join()  # it has ended: only its last instructions are left
     error, _WRITER.thread, _WRITER.step, _WRITER.error = _WRITER.error, None, None, None
     if error is not None and raise_error:
         raise error
@@ -166,6 +169,22 @@ def _write_in_background(*args) -> None:
         _write(*args)
     except BaseException as e:  # noqa: BLE001  (raised in the training thread by wait())
         _WRITER.error = e
+    finally:
+        _WRITER.done.set()
+
+
+def _own_copies(staged: dict, live) -> dict:
+    """``staged`` with every tensor that shares storage with a ``live`` one (what training goes on changing) cloned:
+    on a CPU the state dicts hold the parameters and moments themselves; on a GPU, state kept on the host (GaLore's
+    step counters) is passed through as well."""
+    shared = {t.untyped_storage().data_ptr() for t in live if t.device.type == "cpu" and t.numel()}
+    return {k: v.clone() if v.numel() and v.untyped_storage().data_ptr() in shared else v for k, v in staged.items()}
+
+
+def _live_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    for t in [*model.parameters(), *model.buffers(),
+              *(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))]:
+        yield t.to_local() if hasattr(t, "to_local") else t
 
 
 def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int = 2, extra: dict | None = None,
@@ -187,10 +206,10 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     if getattr(run, "is_main", True):
         rng = _rng_state()  # now: training goes on drawing from the generators while the thread writes
         if background:
-            if any(p.device.type == "cpu" for p in model.parameters()):  # the state dicts hold the live tensors themselves
-                tensors = {k: v.clone() for k, v in tensors.items()}
-                opt_tensors = {k: v.clone() for k, v in opt_tensors.items()}
+            live = list(_live_tensors(model, optimizer))
+            tensors, opt_tensors = _own_copies(tensors, live), _own_copies(opt_tensors, live)
             _WRITER.step, _WRITER.error = step, None
+            _WRITER.done.clear()
             _WRITER.thread = threading.Thread(target=_write_in_background, name=f"checkpoint-{step}", daemon=True,
                                               args=(run, step, tensors, opt_tensors, meta, keep, extra, rng))
             _WRITER.thread.start()

@@ -261,6 +261,7 @@ class Run:
     def stop(self, step: int) -> None:
         """End the run after ``stop_requested``, its step ``step`` saved: exit 128 + the signal, with the message."""
         _wait_for_checkpoint()  # saved means in place: a checkpoint written in the background lands first
+        _together()
         _STOP.deferring = False
         if self._progress is not None:
             self._progress.stop()
@@ -276,6 +277,7 @@ class Run:
             self._progress.stop()
             self._progress = None
         _land_pending_checkpoint()  # one from before, being written in the background: finite, so kept and named
+        _together()
         last = latest(self.dir)
         kept = (f"the newest checkpoint, step {last[0]:,}, is from before and is kept (its weights and optimizer state are "
                  "finite; metrics.jsonl shows where the loss rose)" if last
@@ -506,6 +508,15 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
+def _together() -> None:
+    """The processes of a multi-process run wait here for each other (all of them reach it at the same step): the first
+    one may still be landing a checkpoint written in the background, and a process that ended before it would have
+    the launcher stop it mid-write."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def _wait_for_checkpoint() -> None:
     """Block until a checkpoint being written in the background is in place; raise its error (a full disk)."""
     checkpoint = sys.modules.get(f"{__package__}.checkpoint")  # not imported: nothing was ever saved
@@ -516,7 +527,7 @@ def _wait_for_checkpoint() -> None:
 def _land_pending_checkpoint() -> None:
     """When an error or a stop ends the program: let a checkpoint being written in the background land. It passed its
     checks, and losing it would lose the steps since the one before. A signal during the wait ends the process at
-    once (the unfinished folder is removed at the next start). A failed write is said after the error at hand."""
+    once (the unfinished folder is removed at the next start). A failed write is said first, then the error at hand."""
     import signal
 
     checkpoint = sys.modules.get(f"{__package__}.checkpoint")
@@ -531,7 +542,9 @@ def _land_pending_checkpoint() -> None:
     try:
         checkpoint.wait()
     except RunError as e:
-        sys.stderr.write(f"error: {e.message}\n")
+        sys.stderr.write(f"error: {e.message}\n" + (f"    hint: {e.hint}\n" if e.hint else ""))
+    except Exception as e:  # noqa: BLE001  (the error at hand follows; this one is said, not raised over it)
+        sys.stderr.write(f"error: a checkpoint written in the background failed: {type(e).__name__}: {e}\n")
 
 
 def _main_with_messages(main) -> None:

@@ -133,3 +133,46 @@ def test_the_plan_writes_full_checkpoints_in_the_background(tmp_path):
     big, _ = make_plan(recipe, ["target.memory_per_device=8MiB"], host=Host())
     assert big.checkpoint_writes == "foreground"
     assert "over 10% of the machine's" in next(d.reason for d in big.decisions if d.name == "checkpoint_writes")
+
+
+def test_a_wait_interrupted_by_a_signal_still_knows_the_write_is_in_flight(tmp_path, held):
+    """A stop signal's handler raising inside the wait (a second Ctrl-C): Thread.join() then reports the running
+    writer as stopped (CPython 3.11), and the checkpoint was abandoned by the exit. The writer's own done event
+    still says it is in flight, so the exit path waits for it (found by a review)."""
+    import signal
+
+    run = Run(tmp_path / "run", "t", "hash", resume=False, quiet=True)
+    model, optimizer = model_and_optimizer()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        checkpoint.save(run, 4, model, optimizer, background=True)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.wait()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert checkpoint.writing() == 4  # still in flight: the write was held all along
+    held.set()
+    checkpoint.wait()
+    assert checkpoint.writing() is None and checkpoint.latest(run.dir)[0] == 4
+
+
+def test_only_the_tensors_training_goes_on_changing_are_copied():
+    """On a GPU the state dicts are host copies already, except state kept on the host (GaLore's step counters):
+    those, and everything on a CPU, are cloned; fresh copies pass through as they are."""
+    live_counter = torch.zeros(())
+    fresh = torch.ones(3)
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    staged = checkpoint._own_copies({"counter": live_counter, "fresh": fresh, "weight": weight.detach()},
+                                    [live_counter, weight])
+    assert staged["fresh"] is fresh
+    for name, live in (("counter", live_counter), ("weight", weight)):
+        assert staged[name].untyped_storage().data_ptr() != live.untyped_storage().data_ptr()
+        assert torch.equal(staged[name], live)
+    live_counter += 1  # training goes on
+    assert staged["counter"] == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -161,3 +162,37 @@ def test_the_finiteness_check_keeps_a_place_for_empty_shards(tmp_path):
     with pytest.raises(Diverged, match=r"2 of the model's 4 weight tensors hold nan or inf \(b, c\)"):
         checkpoint.stop_if_not_finite(run, 5, named)
     checkpoint.stop_if_not_finite(run, 5, [("empty", torch.empty(0)), ("a", torch.ones(2))])  # all finite: no error
+
+
+SLOW_WRITES = '''\
+import os, time
+import safetensors.torch as st
+_save = st.save_file
+def _slow(tensors, filename, *args, **kwargs):
+    if os.path.basename(filename) == "model.safetensors" and ".tmp-step_00000006" in filename:
+        time.sleep(3)  # the last finite checkpoint is still being written when the run diverges
+    return _save(tensors, filename, *args, **kwargs)
+st.save_file = _slow
+'''
+
+
+def test_a_ddp_run_that_diverges_lands_the_checkpoint_being_written_first(tmp_path):
+    """Two DDP processes, checkpoints written in the background: the run diverges while step 6's checkpoint is being
+    written. The second process waits for the first (a barrier in Run.diverged) instead of ending at once, which had
+    the launcher stop the first one mid-write: the checkpoint was lost and nobody said why (found by a review)."""
+    run_dir, cache, inject = tmp_path / "run", tmp_path / "cache", tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SLOW_WRITES)
+    plan = compile_to(diverging_recipe(tmp_path / "r"), run_dir,
+                      sets=["target.devices=2", "target.parallelism=ddp", "train.log_every=1"], host=Host())
+    assert plan.checkpoint_writes == "background"
+    cmd = [sys.executable, "-m", "malt.runtime.launch", "--standalone", "--nproc_per_node", "2",
+           str(run_dir / "train.py"), "--quiet"]
+    env = {**run_env(cache), "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == DIVERGED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("training diverged") == 1, proc.stderr
+    assert "waiting for the checkpoint of step 6 to be written" in proc.stderr
+    assert "the newest checkpoint, step 6, is from before and is kept" in proc.stderr
+    assert checkpoint_steps(run_dir) == [3, 6] and checkpoint.latest(run_dir)[0] == 6
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))

@@ -83,6 +83,14 @@ def test_the_plans_batch_line_is_the_first_phases_own(tmp_path):
                     "accumulation (phase main)")
     long_ph = p.phases[1]  # the phases list gives each phase's own split
     assert (f"seq_len 64 × batch 4 (micro_batch {long_ph.micro_batch} × {long_ph.grad_accum})") in _plan_text(p)
+    # the same batches split differently: the first phase's split, not the recipe's (found by a review)
+    micro_only = "\nphases:\n  - {name: a, share: 50%, train: {micro_batch: 4}}\n  - {name: b, share: 50%, train: {micro_batch: 2}}\n"
+    q, _ = make_plan(phased_recipe(tmp_path / "m", micro_only), host=Host())
+    a, b = q.phases
+    text = _plan_text(q)
+    assert next(x for x in text.splitlines() if x.startswith("batch")).endswith(
+        f"micro_batch 4 × {a.grad_accum} accumulation (phase a)")
+    assert f"(micro_batch 2 × {b.grad_accum})" in text and b.grad_accum == 2 * a.grad_accum
 
 def test_phase_tokens_and_steps_define_the_run_without_train_length(tmp_path):
     extra = """

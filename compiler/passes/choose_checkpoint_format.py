@@ -40,10 +40,11 @@ def _writes(plan: Plan) -> Plan:
 
         full = state_bytes(model_counts(plan)["params"], plan.precision, plan.master_weights)
         copy, memory = full["weights"] + full["optimizer"], memory_of(plan)[0]
+        whose = "the machine's" if plan.recipe.target.devices == 1 else "each process's share of the machine,"
         if copy > CPU_COPY_SHARE * memory:
             return plan.decide("checkpoint_writes", "foreground",
                                f"cpu: a background write would hold a {human_bytes(copy)} copy of weights and optimizer "
-                               f"state, over {CPU_COPY_SHARE:.0%} of the machine's {human_bytes(memory)}: written while "
+                               f"state, over {CPU_COPY_SHARE:.0%} of {whose} {human_bytes(memory)}: written while "
                                "training waits", checkpoint_writes="foreground")
         return plan.decide("checkpoint_writes", "background", f"{how}; cpu: a {human_bytes(copy)} copy",
                            checkpoint_writes="background")
