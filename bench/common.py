@@ -214,6 +214,12 @@ def report(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
+def verdict(check: str, ok: bool, **fields) -> bool:
+    """Report a check that passes or fails (``ok``, with its figures); returns ``ok``."""
+    report(check=check, **fields, ok=ok)
+    return ok
+
+
 def median_step_seconds(step, steps: int, warmup: int = 5, cuda: bool = True) -> float:
     """The median wall time of ``step()`` over ``steps`` calls after ``warmup`` untimed ones (CUDA-synchronised)."""
     import torch

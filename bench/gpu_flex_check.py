@@ -19,7 +19,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import check_setup, grads_of, max_rel_grad_err, median_step_seconds, report
+from common import check_setup, grads_of, max_rel_grad_err, median_step_seconds, report, verdict
 
 
 def packed_rows(batch, seq_len, vocab, eos, seed):
@@ -60,18 +60,14 @@ def main():
         err = (packed - alone).abs().max().item()
         plain = model(x)
         leak = (plain - packed).abs().max().item()
-    ok = err < 2e-4 and leak > 1e-2
-    failed |= not ok
-    report(check="eager packed logits == documents alone", max_abs_err=err, without_masks_differs_by=leak, ok=ok,
-           documents=sum(map(len, spans)))
+    failed |= not verdict("eager packed logits == documents alone", err < 2e-4 and leak > 1e-2, max_abs_err=err,
+                          without_masks_differs_by=leak, documents=sum(map(len, spans)))
 
     compiled = torch.compile(model)
     with torch.no_grad():   # 2. compiled model
         cpacked = compiled(x, doc_ids=ids)
     err = (cpacked - packed).abs().max().item()
-    ok = err < 2e-4
-    failed |= not ok
-    report(check="compiled packed logits == eager", max_abs_err=err, ok=ok)
+    failed |= not verdict("compiled packed logits == eager", err < 2e-4, max_abs_err=err)
 
     # 3. compiled loss and gradients against the documents run alone
     model.zero_grad(set_to_none=True)
@@ -83,10 +79,8 @@ def main():
     ref.backward()
     gerr = max_rel_grad_err(got, model)
     lerr = abs(loss.item() - ref.item())
-    ok = lerr < 1e-4 and gerr < 1e-3
-    failed |= not ok
-    report(check="compiled loss and gradients == documents alone", loss=loss.item(), loss_err=lerr,
-           max_rel_grad_err=gerr, ok=ok)
+    failed |= not verdict("compiled loss and gradients == documents alone", lerr < 1e-4 and gerr < 1e-3, loss=loss.item(),
+                          loss_err=lerr, max_rel_grad_err=gerr)
 
     # 4. speed of a compiled bf16 training step with and without document masks
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

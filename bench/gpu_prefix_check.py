@@ -23,7 +23,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
-from common import check_setup, grads_of, max_rel_grad_err, median_step_seconds, report
+from common import check_setup, grads_of, max_rel_grad_err, median_step_seconds, report, verdict
 
 
 def dense_mask(prefix_len, T):
@@ -69,9 +69,7 @@ def main():
         with dense_path(module):
             ref = model(x, prefix_len=P)
     err = (got - ref).abs().max().item()
-    ok = err < 2e-4
-    failed |= not ok
-    report(check="eager logits, block mask == dense mask", max_abs_err=err, ok=ok, prefix_lens=P.tolist()[:8])
+    failed |= not verdict("eager logits, block mask == dense mask", err < 2e-4, max_abs_err=err, prefix_lens=P.tolist()[:8])
     if dev == "cpu":
         sys.exit(1 if failed else 0)
 
@@ -79,9 +77,7 @@ def main():
     with torch.no_grad():   # 2. compiled, no gradients (evaluation)
         cgot = compiled(x, prefix_len=P)
     err = (cgot - got).abs().max().item()
-    ok = err < 2e-4
-    failed |= not ok
-    report(check="compiled no-grad logits == eager", max_abs_err=err, ok=ok)
+    failed |= not verdict("compiled no-grad logits == eager", err < 2e-4, max_abs_err=err)
 
     # 3. compiled loss and gradients against the dense mask (eager)
     model.zero_grad(set_to_none=True)
@@ -93,9 +89,8 @@ def main():
         ref_loss.backward()
     gerr = max_rel_grad_err(grads, model)
     lerr = abs(loss.item() - ref_loss.item())
-    ok = lerr < 1e-4 and gerr < 1e-3
-    failed |= not ok
-    report(check="compiled loss and gradients == dense mask", loss=loss.item(), loss_err=lerr, max_rel_grad_err=gerr, ok=ok)
+    failed |= not verdict("compiled loss and gradients == dense mask", lerr < 1e-4 and gerr < 1e-3, loss=loss.item(),
+                          loss_err=lerr, max_rel_grad_err=gerr)
 
     # 4. speed of a compiled bf16 training step: block mask, dense mask, plain causal
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

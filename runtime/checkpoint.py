@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file
 
 from .run import Run, RunError
+from .run import barrier as _barrier
 
 FORMAT = 2  # 2: tensors keyed by parameter name (full, unsharded), optimizer state by parameter name
 FORMAT_SHARDED = 3  # 3: model and optimizer state written by every process with torch.distributed.checkpoint (dcp/)
@@ -126,13 +127,6 @@ def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     return tensors, {"param_groups": osd.get("param_groups", []), "plain_state": plain}
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 class _Writer:
     """The checkpoint being written in the background: at most one. ``done`` is set by the thread when it ends:
     Thread.join() cannot tell, once a signal handler raised inside it (CPython 3.11 then marks a running thread
@@ -197,7 +191,7 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
     """
     wait()  # one checkpoint in flight at a time, in step order
     stop_if_not_finite(run, step, model.named_parameters(), optimizer_state(model, optimizer))
-    extra = {**(extra or {}), **({"elapsed_s": round(run.elapsed(), 3)} if hasattr(run, "elapsed") else {})}
+    extra = {**(extra or {}), "elapsed_s": round(run.elapsed(), 3)}
     if fmt == "sharded":
         return _save_sharded(run, step, model, optimizer, keep, extra)
     tensors = _model_tensors(model)

@@ -261,7 +261,7 @@ class Run:
     def stop(self, step: int) -> None:
         """End the run after ``stop_requested``, its step ``step`` saved: exit 128 + the signal, with the message."""
         _wait_for_checkpoint()  # saved means in place: a checkpoint written in the background lands first
-        _together()
+        barrier()
         _STOP.deferring = False
         if self._progress is not None:
             self._progress.stop()
@@ -277,7 +277,7 @@ class Run:
             self._progress.stop()
             self._progress = None
         _land_pending_checkpoint()  # one from before, being written in the background: finite, so kept and named
-        _together()
+        barrier()
         last = latest(self.dir)
         kept = (f"the newest checkpoint, step {last[0]:,}, is from before and is kept (its weights and optimizer state are "
                  "finite; metrics.jsonl shows where the loss rose)" if last
@@ -508,10 +508,10 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
-def _together() -> None:
-    """The processes of a multi-process run wait here for each other (all of them reach it at the same step): the first
-    one may still be landing a checkpoint written in the background, and a process that ended before it would have
-    the launcher stop it mid-write."""
+def barrier() -> None:
+    """The processes of a multi-process run wait here for each other (every one of them must reach it); alone, a no-op.
+    Run.stop and Run.diverged use it after the first process landed a checkpoint written in the background: a
+    process that ended before would have the launcher stop the first one mid-write."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
