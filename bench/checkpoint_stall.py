@@ -2,6 +2,7 @@
 
     python bench/checkpoint_stall.py                       # llama-124m's shape, fp32, on this machine
     python bench/checkpoint_stall.py --recipe recipes/tiny.yaml --rounds 6
+    python bench/checkpoint_stall.py --format sharded      # torch.distributed.checkpoint, one process
     python bench/checkpoint_stall.py --device cuda --program bench/out/gpu2/124m-bf16   # a GPU machine (gpu_checks.sh)
 
 Builds the generated model of a recipe (compiled for cpu, fp32) with an AdamW state, then alternates the two
@@ -54,6 +55,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--work", type=float, default=4.0, help="seconds of matmuls between saves (the training)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--format", choices=["full", "sharded"], default="full",
+                    help="full: safetensors from the first process; sharded: torch.distributed.checkpoint (here one process)")
     ap.add_argument("--program", type=Path, help="an already compiled program's directory (its model.py) instead of --recipe")
     args = ap.parse_args()
     from malt.runtime import checkpoint
@@ -74,7 +77,7 @@ def main():
                 step += 1
                 checkpoint.wait()  # the last background write is in place: each save is timed alone
                 t0 = time.perf_counter()
-                checkpoint.save(run, step, model, optimizer, keep=2, background=kind == "background")
+                checkpoint.save(run, step, model, optimizer, keep=2, fmt=args.format, background=kind == "background")
                 blocked = time.perf_counter() - t0
                 t_end = time.perf_counter() + args.work  # "training" while the thread writes
                 while time.perf_counter() < t_end:
@@ -87,9 +90,9 @@ def main():
                     checkpoint.wait()
                     landed.append(time.perf_counter() - t0)
                 times[kind].append(blocked)
-        size = sum(f.stat().st_size for f in (run.checkpoints / f"step_{step:08d}").iterdir())
+        size = sum(f.stat().st_size for f in (run.checkpoints / f"step_{step:08d}").rglob("*") if f.is_file())
         for kind, ts in times.items():
-            row = {"save": kind, "device": args.device, "params": params, "checkpoint_bytes": size, "blocked_s": round(statistics.median(ts), 3),
+            row = {"save": kind, "format": args.format, "device": args.device, "params": params, "checkpoint_bytes": size, "blocked_s": round(statistics.median(ts), 3),
                    "blocked_each_s": [round(t, 3) for t in ts]}
             if kind == "background":
                 row["in_place_after_s"] = round(statistics.median(landed), 3)

@@ -84,7 +84,8 @@ check fsdp-dcp 180 "bash $out/124m-fsdp/launch.sh --quiet && python3 bench/repor
     && rm -rf $out/124m-fsdp/checkpoints/step_00000060 && echo step_00000030 > $out/124m-fsdp/checkpoints/latest \
     && cp $out/124m-fsdp/metrics.jsonl $logs/124m-fsdp.full.metrics.jsonl \
     && bash $out/124m-fsdp/launch.sh --resume --quiet && tail -3 $out/124m-fsdp/metrics.jsonl"
-check ckpt-stall 90 "python3 bench/checkpoint_stall.py --device cuda --program $out/124m-bf16 --rounds 4 --work 3"
+check ckpt-stall 150 "python3 bench/checkpoint_stall.py --device cuda --program $out/124m-bf16 --rounds 4 --work 3 \
+    && python3 bench/checkpoint_stall.py --device cuda --program $out/124m-bf16 --rounds 4 --work 3 --format sharded"
 for v in pinned pageable pinned pageable; do   # tiny's data: carried in $out/cache, or tokenized by the first
     check tiny-$v 45 "rm -rf $out/tiny-$v/checkpoints $out/tiny-$v/metrics.jsonl; python3 $out/tiny-$v/train.py --quiet \
         && $(report $out/tiny-$v 3)"

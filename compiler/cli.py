@@ -129,8 +129,7 @@ def check_run_dir(directory: Path, recipe_hash: str, resume: bool | None, lock: 
 
 def slug(name: str) -> str:
     """A directory name for a recipe name."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
-    return s[:80] or "recipe"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:80].strip("-.") or "recipe"
 
 
 @app.command()
@@ -380,6 +379,15 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
             if child.poll() is None:  # malt itself failed while waiting: never leave the program training alone
                 child.terminate()
                 child.wait()
+        if code < 0:  # ended by a signal it could not answer (SIGKILL: the out-of-memory killer, a scheduler's kill)
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            oom = " (the kernel's out-of-memory killer sends it when the machine runs out of memory)" if -code == signal.SIGKILL else ""
+            typer.echo(f"error: the training program was ended by {name}{oom}; the checkpoints already written are "
+                       "complete: continue with --resume", err=True)
+            raise typer.Exit(128 - code)
         if code:
             raise typer.Exit(code)
     _guard(go)
@@ -482,7 +490,8 @@ def _evaluations(est: dict) -> str:
 
 def check_lengths(ds, p) -> None:
     """Every source a phase (or its evaluation) draws from holds at least one sequence of that phase: the program
-    would otherwise stop when it first draws the source, for a later phase after the earlier phases trained."""
+    would otherwise stop when it first draws the source, for a later phase after the earlier phases trained. An
+    evaluation draws the recipe's mixture at the phase's sequence length, whatever the phase's own weights."""
     if p.recipe.model.family != "llama" or p.objective.get("kind", "causal_lm") not in LENGTH_CHECKED:
         return
     tr = p.recipe.train
@@ -494,7 +503,7 @@ def check_lengths(ds, p) -> None:
         weights = dict(zip(names, ph.weights))
         ds.check(ph.seq_len, "train", weights)
         if evaluating:
-            ds.check(ph.seq_len, "val", weights)
+            ds.check(ph.seq_len, "val")
             if tr.eval_per_source:
                 for name in names:
                     ds.check(ph.seq_len, "val", {name: 1.0})

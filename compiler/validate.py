@@ -822,6 +822,11 @@ def _init_from_checks(r: Recipe, loaded: Loaded) -> list[Diagnostic]:
                 message += (f": this recipe adds {len(extra)} special token(s) to the tokenizer ({shown}), and starting from "
                             "a checkpoint whose embeddings lack them (new embedding rows) is not built yet")
                 hint = "start from a checkpoint trained with the same objective (same tokens), or use an objective that adds none"
+                # shown where the tokens come from when the objective adds them (FIM's, UL2's sentinels), else the model
+                from .objectives import objective_tokens
+
+                if set(objective_tokens(r)) & set(extra):
+                    path = next((q for q in (("objective", "kind"), ("objective",)) if q in loaded.origins), path)
             out.append(Diagnostic(_dotted(path), message, loaded.origin(path if path in loaded.origins else ("model",)), hint=hint))
     out += _init_from_numerics(r, loaded, found)
     return out

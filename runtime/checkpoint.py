@@ -14,9 +14,9 @@ with each tensor's global shape, so they load onto another number of processes
 They are written the same way: into a temporary directory, renamed by the main
 process once every process has finished, and ``state.json`` is written last.
 
-A full checkpoint may be written in the background (``save(..., background=True)``, the plan's
+A checkpoint may be written in the background (``save(..., background=True)``, the plan's
 ``checkpoint_writes``): the step's tensors are copied to host memory while training waits, then a
-thread writes, syncs and renames them while training goes on. One checkpoint is in flight at a time;
+thread writes, syncs and renames them while training goes on (sharded: every process its own shards). One checkpoint is in flight at a time;
 ``wait()`` blocks until it is in place (the next save, the end of the run, a stop, an error all wait),
 so a checkpoint is never reported saved, pruned or pointed at by ``latest`` before it is complete.
 """
@@ -158,13 +158,20 @@ def wait(raise_error: bool = True) -> None:
         raise error
 
 
-def _write_in_background(*args) -> None:
+def _in_background(write, *args) -> None:
     try:
-        _write(*args)
+        write(*args)
     except BaseException as e:  # noqa: BLE001  (raised in the training thread by wait())
         _WRITER.error = e
     finally:
         _WRITER.done.set()
+
+
+def _start_writer(step: int, write, *args) -> None:
+    _WRITER.step, _WRITER.error = step, None
+    _WRITER.done.clear()
+    _WRITER.thread = threading.Thread(target=_in_background, name=f"checkpoint-{step}", daemon=True, args=(write, *args))
+    _WRITER.thread.start()
 
 
 def _own_copies(staged: dict, live) -> dict:
@@ -187,13 +194,15 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
 
     Every process must call it (gathering a sharded model is collective). ``fmt`` "full": the main
     process writes whole tensors; "sharded": every process writes its shards (torch.distributed.checkpoint).
-    ``background`` (full only): copy the tensors to host memory and return; a thread writes them (see wait()).
+    ``background``: copy the tensors to host memory and return; a thread writes them (see wait()). Sharded, every
+    process copies its shards into host buffers kept from one checkpoint to the next, and its thread writes them with
+    DCP over a process group of its own (the training's collectives go on beside it on the default one).
     """
     wait()  # one checkpoint in flight at a time, in step order
     stop_if_not_finite(run, step, model.named_parameters(), optimizer_state(model, optimizer))
     extra = {**(extra or {}), "elapsed_s": round(run.elapsed(), 3)}
     if fmt == "sharded":
-        return _save_sharded(run, step, model, optimizer, keep, extra)
+        return _save_sharded(run, step, model, optimizer, keep, extra, background)
     tensors = _model_tensors(model)
     opt_tensors, meta = _optimizer_tensors(model, optimizer)
     final = run.checkpoints / f"step_{step:08d}"
@@ -202,11 +211,7 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
         if background:
             live = list(_live_tensors(model, optimizer))
             tensors, opt_tensors = _own_copies(tensors, live), _own_copies(opt_tensors, live)
-            _WRITER.step, _WRITER.error = step, None
-            _WRITER.done.clear()
-            _WRITER.thread = threading.Thread(target=_write_in_background, name=f"checkpoint-{step}", daemon=True,
-                                              args=(run, step, tensors, opt_tensors, meta, keep, extra, rng))
-            _WRITER.thread.start()
+            _start_writer(step, _write, run, step, tensors, opt_tensors, meta, keep, extra, rng)
         else:
             _write(run, step, tensors, opt_tensors, meta, keep, extra, rng)
     _barrier()
@@ -271,8 +276,54 @@ def _one_process_is_fine():
         yield
 
 
-def _save_sharded(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int, extra: dict | None) -> Path:
-    import torch.distributed.checkpoint as dcp
+class _Staging:
+    """What sharded checkpoints written in the background keep for the whole run, made at the first one: a gloo
+    process group of all processes for DCP's collectives in the writer thread (collectives of two threads on one group
+    would interleave differently on each process), and the host buffers each process copies its shards into, reused
+    at the next checkpoint (no new host memory, and no page faults to touch it, at each one)."""
+
+    group = None
+    buffers: dict = {}
+
+
+def _host_copies(value, buffers: dict, kept: dict, key: str = ""):
+    """``value`` (a state dict: dicts and lists of tensors, DTensors and plain values) with every tensor copied into a
+    host buffer: the one in ``buffers`` under the same key where shape and dtype match, else a new one; ``kept`` gets
+    the buffers used. A DTensor keeps its mesh and placements around the host copy of its local shard (DCP reads only
+    those and the local tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, dict):
+        return {k: _host_copies(v, buffers, kept, f"{key}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copies(v, buffers, kept, f"{key}/{i}") for i, v in enumerate(value))
+    if not torch.is_tensor(value):
+        return value  # numbers, strings, None: immutable
+    local = value.to_local() if isinstance(value, DTensor) else value
+    buf = buffers.get(key)
+    if buf is None or buf.shape != local.shape or buf.dtype != local.dtype:
+        buf = torch.empty(local.shape, dtype=local.dtype, device="cpu")
+    kept[key] = buf.copy_(local.detach())
+    if isinstance(value, DTensor):
+        return DTensor.from_local(buf, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                                  stride=value.stride())
+    return buf
+
+
+def _staged_for_background(state: dict):
+    """Host copies of this process's shards (``state``: DCP's state dicts) and the process group to write them over."""
+    import torch.distributed as dist
+
+    if _Staging.group is None and dist.is_available() and dist.is_initialized():
+        _Staging.group = dist.new_group(backend="gloo")  # every process saves at the same step: they all make it
+    kept = {}
+    staged = _host_copies(state, _Staging.buffers, kept)
+    _Staging.buffers = kept
+    return staged, _Staging.group
+
+
+def _save_sharded(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int,
+                  extra: dict | None, background: bool = False) -> Path:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     name = f"step_{step:08d}"
@@ -285,14 +336,30 @@ def _save_sharded(run: Run, step: int, model: torch.nn.Module, optimizer: torch.
         tmp.mkdir()
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)  # this process's shards, keyed by parameter name
-    with _one_process_is_fine(), _unfinished(tmp, step):
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))  # every file synced; .metadata last
-    _barrier()
-    if main:
-        with _unfinished(tmp, step):
-            _finish(run, step, tmp, {"optimizer": {"layout": "dcp"}}, keep, extra, FORMAT_SHARDED)
+    state = {"model": model_sd, "optimizer": optim_sd}
+    if background:
+        staged, group = _staged_for_background(state)  # host copies of this step's shards: training goes on changing them
+        _start_writer(step, _write_sharded, run, step, tmp, staged, group, keep, extra, _rng_state() if main else None)
+        return run.checkpoints / name
+    _write_sharded(run, step, tmp, state, None, keep, extra, None, foreground=True)
     _barrier()
     return run.checkpoints / name
+
+
+def _write_sharded(run: Run, step: int, tmp: Path, state: dict, group, keep: int, extra: dict | None,
+                   rng: dict | None, foreground: bool = False) -> None:
+    """Every process writes its shards into ``tmp``/dcp, DCP's collectives over ``group`` (None: the default one);
+    DCP's last collective has the first process write .metadata once every process's files are written and synced,
+    so its dcp.save returns after all of them. Then the first process finishes the checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    with _one_process_is_fine(), _unfinished(tmp, step):
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"), **({"process_group": group} if group is not None else {}))
+    if foreground:
+        _barrier()
+    if getattr(run, "is_main", True):
+        with _unfinished(tmp, step):
+            _finish(run, step, tmp, {"optimizer": {"layout": "dcp"}}, keep, extra, FORMAT_SHARDED, rng)
 
 
 def _write(run: Run, step: int, tensors: dict, opt_tensors: dict, meta: dict, keep: int, extra: dict | None,

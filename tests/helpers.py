@@ -61,3 +61,18 @@ def run_program(run_dir: Path, cache: Path, *args: str, check: bool = True) -> s
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def hold_writes(monkeypatch, module, name: str):
+    """``module.name`` (a checkpoint writer's file or DCP save) blocked until the test sets the returned event: a
+    background checkpoint caught in flight. The caller sets it again at the end (and waits for the writer)."""
+    import threading
+
+    gate, real = threading.Event(), getattr(module, name)
+
+    def slow(*args, **kwargs):
+        assert gate.wait(30), "the test never released the write"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, slow)
+    return gate

@@ -15,20 +15,13 @@ from malt.compiler.plan import Host
 from malt.runtime import checkpoint
 from malt.runtime.run import Run, RunError, _main_with_messages
 
-from .helpers import write_tiny_recipe
+from .helpers import hold_writes, write_tiny_recipe
 
 
 @pytest.fixture
 def held(monkeypatch):
     """checkpoint's save_file blocked until the test lets it go: a write caught in flight."""
-    gate = threading.Event()
-    real = checkpoint.save_file
-
-    def slow(*args, **kwargs):
-        assert gate.wait(30), "the test never released the write"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "save_file", slow)
+    gate = hold_writes(monkeypatch, checkpoint, "save_file")
     yield gate
     gate.set()
     checkpoint.wait(raise_error=False)
@@ -126,7 +119,11 @@ def test_the_plan_writes_full_checkpoints_in_the_background(tmp_path):
     gpu, _ = make_plan(recipe, ["target.accelerator=cuda"], host=h100)
     assert gpu.checkpoint_writes == "background" and gpu.to_json()["execution"]["checkpoint_writes"] == "background"
     sharded, _ = make_plan(recipe, ["target.accelerator=cuda", "target.devices=2", "target.parallelism=fsdp"], host=h100)
-    assert (sharded.checkpoint_format, sharded.checkpoint_writes) == ("sharded", "foreground")
+    assert (sharded.checkpoint_format, sharded.checkpoint_writes) == ("sharded", "background")
+    assert "every process copies its shards" in next(d.reason for d in sharded.decisions if d.name == "checkpoint_writes")
+    cpu_fsdp, _ = make_plan(recipe, ["target.devices=2", "target.parallelism=fsdp"], host=Host())
+    assert (cpu_fsdp.checkpoint_format, cpu_fsdp.checkpoint_writes) == ("sharded", "background")
+    assert " per process" in next(d.reason for d in cpu_fsdp.decisions if d.name == "checkpoint_writes")
     tpu, _ = make_plan(recipe, ["target.accelerator=tpu", "target.precision=bf16"], host=Host())
     assert tpu.checkpoint_writes == "foreground"
     # on a CPU the copy is host memory: a model whose copy is over 10% of the machine's is saved in the foreground
@@ -176,3 +173,31 @@ def test_only_the_tensors_training_goes_on_changing_are_copied():
         assert torch.equal(staged[name], live)
     live_counter += 1  # training goes on
     assert staged["counter"] == 0
+
+
+@pytest.mark.parametrize("sets", [[], ["target.precision=bf16"], ["target.precision=pure_bf16"]])
+def test_the_plans_copy_is_what_a_checkpoint_holds(tmp_path, sets):
+    """The CPU rule weighs the bytes a checkpoint's tensors take: the master weights (not autocast's bf16 copies) and
+    the optimizer's state, measured on the generated model with its AdamW state."""
+    import importlib.util
+
+    from malt.compiler.api import compile_to
+    from malt.compiler.passes.choose_checkpoint_format import copy_bytes
+
+    recipe = write_tiny_recipe(tmp_path / "r")
+    plan, _ = make_plan(recipe, sets, host=Host())
+    compile_to(recipe, tmp_path / "p", sets, host=Host())
+    spec = importlib.util.spec_from_file_location("copy_model", tmp_path / "p" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.Transformer()
+    if plan.master_weights == "bf16":
+        model = model.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    tensors = checkpoint._model_tensors(model)
+    states, _ = checkpoint._optimizer_tensors(model, optimizer)
+    held = sum(t.numel() * t.element_size() for t in [*tensors.values(), *states.values()] if t.dim())  # not step counters
+    assert copy_bytes(plan) == held

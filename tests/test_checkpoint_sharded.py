@@ -13,6 +13,8 @@ from malt.runtime import checkpoint
 from malt.runtime.run import Run, RunError
 from torch import nn
 
+from .helpers import hold_writes
+
 
 class Tiny(nn.Module):
     def __init__(self):
@@ -72,7 +74,7 @@ def test_a_failed_sharded_save_leaves_the_previous_checkpoint(tmp_path, monkeypa
     checkpoint.save(run, 2, model, opt, fmt="sharded")
     real = dcp.save
 
-    def dies_half_way(state, checkpoint_id):
+    def dies_half_way(state, checkpoint_id, **kw):
         real({"model": state["model"]}, checkpoint_id=checkpoint_id)  # some shards on disk, then the process dies
         raise KeyboardInterrupt
 
@@ -171,7 +173,7 @@ def test_a_full_disk_during_a_sharded_save_is_a_clear_error(tmp_path, monkeypatc
     run = make_run(tmp_path)
     model, opt = trained()
 
-    def full_disk(state, checkpoint_id):
+    def full_disk(state, checkpoint_id, **kw):
         raise CheckpointException("save", {0: (OSError(28, "No space left on device"), None)})
 
     monkeypatch.setattr(dcp, "save", full_disk)
@@ -179,3 +181,68 @@ def test_a_full_disk_during_a_sharded_save_is_a_clear_error(tmp_path, monkeypatc
         checkpoint.save(run, 2, model, opt, fmt="sharded")
     assert "free disk space" in info.value.hint
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.fixture
+def held_dcp(monkeypatch):
+    """DCP's save blocked until the test lets it go: a sharded checkpoint caught in flight in its writer thread."""
+    import torch.distributed.checkpoint as dcp
+
+    gate = hold_writes(monkeypatch, dcp, "save")
+    yield gate
+    gate.set()
+    checkpoint.wait(raise_error=False)
+
+
+def test_a_sharded_checkpoint_written_in_the_background_is_its_steps_state(tmp_path, held_dcp):
+    """The shards are copied to host buffers at the step (kept and reused at the next checkpoint): training goes on
+    changing the weights, moments and RNG while the thread writes, and the checkpoint holds the step's; it appears
+    (latest) only once complete."""
+    run = make_run(tmp_path)
+    model, opt = trained()
+    states, buffers = {}, {}
+    for step in (2, 4):
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+        moments = [opt.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
+        rng = torch.get_rng_state()
+        held_dcp.clear()
+        checkpoint.save(run, step, model, opt, fmt="sharded", background=True)
+        assert checkpoint.writing() == step
+        model(torch.arange(6).view(2, 3)).sum().backward()  # training goes on
+        opt.step()
+        opt.zero_grad()
+        torch.rand(3)
+        assert checkpoint.latest(tmp_path) is None or checkpoint.latest(tmp_path)[0] < step
+        held_dcp.set()
+        checkpoint.wait()
+        assert checkpoint.latest(tmp_path)[0] == step and checkpoint.writing() is None
+        states[step] = want, moments, rng
+        buffers[step] = {k: v.data_ptr() for k, v in checkpoint._Staging.buffers.items()}
+    assert buffers[4] == buffers[2]  # the second checkpoint was copied into the first one's host buffers
+    for step, (want, moments, rng) in states.items():  # ... and both checkpoints are right
+        (tmp_path / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
+        fresh, fresh_opt = trained(seed=1, steps=1)
+        assert checkpoint.restore(run, fresh, fresh_opt) == step
+        assert all(torch.equal(want[k], v) for k, v in fresh.state_dict().items())
+        assert all(torch.equal(m, fresh_opt.state[p]["exp_avg_sq"]) for m, p in zip(moments, fresh.parameters()))
+        assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_full_disk_during_a_background_sharded_save_is_said_at_the_wait(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    run = make_run(tmp_path)
+    model, opt = trained()
+    checkpoint.save(run, 2, model, opt, fmt="sharded", background=True)
+    checkpoint.wait()
+
+    def full_disk(state, checkpoint_id, **kw):
+        raise CheckpointException("save", {0: (OSError(28, "No space left on device"), None)})
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    checkpoint.save(run, 4, model, opt, fmt="sharded", background=True)  # returns: the thread meets the full disk
+    with pytest.raises(RunError, match="cannot write the checkpoint of step 4 .*No space left on device"):
+        checkpoint.wait()
+    assert checkpoint.latest(tmp_path)[0] == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000002"]

@@ -374,6 +374,22 @@ def test_a_source_too_short_for_a_later_phase_is_an_error_before_training(tmp_pa
     assert res.exit_code == 0, res.output
 
 
+def test_a_validation_split_too_short_for_the_evaluations_mixture_is_an_error_before_training(tmp_path, monkeypatch):
+    """Every phase draws only 'c', but an evaluation reads the recipe's mixture ('c' and 's'): the short validation
+    split of 's' is an error at its line before training (it ended the program at the first evaluation)."""
+    monkeypatch.setenv("MALT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "c.jsonl").write_bytes(jsonl({"text": "some text " * 20} for _ in range(30)))
+    (tmp_path / "s.jsonl").write_bytes(jsonl({"text": "other words"} for _ in range(20)))
+    path = recipe_with(tmp_path, {"sources": [{"name": "c", "path": "c.jsonl"}, {"name": "s", "path": "s.jsonl"}],
+                                  "validation": "2%"},
+                       phases=[{"name": "main", "share": "80%", "data": {"weights": {"c": 1.0}}},
+                               {"name": "cool", "share": "20%", "data": {"weights": {"c": 1.0}}}])
+    res = CliRunner().invoke(app, ["prepare", str(path)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "recipe.yaml:" in res.output and "error: data.sources.1: source 's' has" in res.output
+    assert "validation tokens, fewer than seq_len+1 = 17" in res.output
+
+
 def test_validation_files_and_per_source_losses_need_evaluation(tmp_path):
     """data.validation: 0 turns evaluation off: a validation_path or eval_per_source would be silently unread."""
     (tmp_path / "c.jsonl").write_bytes(jsonl([{"text": "x"}]))

@@ -118,6 +118,13 @@ def test_tokens_the_recipe_adds_are_named_when_they_grow_the_vocabulary(trained,
     text = str(err.value)
     assert "vocab is 384 here but 320 in" in text and "this recipe adds 70 special token(s) to the tokenizer (<|t0|>, <|t1|>, <|t2|>, ...)" in text
     assert "start from a checkpoint trained with the same objective" in text
+    # an objective that adds tokens (UL2's sentinels and mode tokens): the error is shown at the objective's line
+    text = recipe.read_text().replace(f", add_special_tokens: [{tokens}]", "").replace("seq_len: 32", "seq_len: 512")
+    recipe.write_text(text + "objective: {kind: ul2}\n")
+    with pytest.raises(RecipeError) as err:
+        check(recipe)
+    found = [d for d in err.value.diagnostics if "special token(s)" in d.message]
+    assert len(found) == 1 and found[0].path == "objective.kind", [d.format() for d in err.value.diagnostics]
 
 
 def test_a_checkpoints_rotary_base_and_norm_eps_must_be_the_recipes(tmp_path):

@@ -114,6 +114,26 @@ def test_malt_run_stops_its_program_when_it_is_stopped(tmp_path, devices, sig):
     assert step % (4 if devices == 2 else 1) == 0
 
 
+@pytest.mark.slow
+def test_malt_run_says_when_its_program_was_killed(tmp_path):
+    """SIGKILL (the out-of-memory killer, a scheduler) ends the program with no word of its own: malt says what ended
+    it and exits 128 + 9, as a shell would (it exited 247, Popen's -9, in silence)."""
+    recipe = write_tiny_recipe(tmp_path / "r", steps=400, eval_every=0, checkpoint_every=5)
+    script = Path(sys.executable).with_name("malt")
+    malt = [str(script)] if script.exists() else [sys.executable, "-m", "malt.compiler.cli"]
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(malt + ["run", str(recipe), "--run-dir", str(run_dir)], env=run_env(tmp_path / "cache"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _steps_logged(run_dir) >= 2 or proc.poll() is not None)
+    holder = lock_holder(run_dir)
+    assert holder, "the program did not start (or its pid is unknown)"
+    os.kill(holder, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGKILL and "Traceback" not in err, err
+    assert "error: the training program was ended by SIGKILL (the kernel's out-of-memory killer" in err
+    assert "continue with --resume" in err
+
+
 def test_a_second_signal_stops_at_once(monkeypatch, tmp_path):
     """During training the first signal lets the step finish and be saved; a second one stops at once."""
     from malt.runtime import run as run_module

@@ -15,11 +15,11 @@ PIPELINE = [
     ("choose_device", choose_device.run),
     ("choose_precision", choose_precision.run),
     ("choose_parallelism", choose_parallelism.run),
-    ("choose_checkpoint_format", choose_checkpoint_format.run),
     ("choose_compile", choose_compile.run),
     ("choose_attention", choose_attention.run),
     ("choose_loss", choose_loss.run),
     ("choose_optimizer", choose_optimizer.run),
+    ("choose_checkpoint_format", choose_checkpoint_format.run),  # after choose_optimizer: a checkpoint holds its state
     ("choose_checkpointing", choose_checkpointing.run),
     ("batch_split", batch_split.run),
     ("estimate", estimate.run),

@@ -97,6 +97,24 @@ def model_counts(plan: Plan, n_layers: int | None = None) -> dict:
                         plan.padded_vocab, m.tie_embeddings, m.qkv_bias)
 
 
+def whole_states(plan: Plan, counts: dict | None = None) -> dict:
+    """Bytes of the whole model's weights (with autocast's bf16 copies), gradients and optimizer state, unsharded."""
+    counts = counts or model_counts(plan)
+    full = state_bytes(counts["params"], plan.precision, plan.master_weights)
+    if plan.galore:  # the blocks' matrices keep projected moments and a projector instead of two full moments
+        m = plan.recipe.model
+        width = 2 if plan.master_weights == "bf16" else 4
+        matrices, kept = galore_state(m.d_model, plan.n_layers or m.n_layers, m.n_heads, plan.n_kv_heads, plan.head_dim,
+                                      plan.d_ff, plan.galore["rank"])
+        full = {**full, "optimizer": full["optimizer"] - 2 * matrices * width + kept * width}
+    return full
+
+
+def shards_of(plan: Plan) -> int:
+    """Over how many processes FSDP2 shards weights and optimizer state (HSDP: within a node); 1 unsharded."""
+    return {"fsdp": plan.world, "hsdp": plan.recipe.target.devices}.get(plan.parallelism, 1)
+
+
 def states(plan: Plan) -> dict:
     """Bytes per device of weights, gradients and optimizer state; FSDP shards all three over the devices.
 
@@ -105,14 +123,8 @@ def states(plan: Plan) -> dict:
     and the root's embedding and head for the whole step ("gathered", fp32 as the weights are).
     """
     counts = model_counts(plan)
-    full = state_bytes(counts["params"], plan.precision, plan.master_weights)
-    if plan.galore:  # the blocks' matrices keep projected moments and a projector instead of two full moments
-        m = plan.recipe.model
-        width = 2 if plan.master_weights == "bf16" else 4
-        matrices, kept = galore_state(m.d_model, plan.n_layers or m.n_layers, m.n_heads, plan.n_kv_heads, plan.head_dim,
-                                      plan.d_ff, plan.galore["rank"])
-        full = {**full, "optimizer": full["optimizer"] - 2 * matrices * width + kept * width}
-    shards = {"fsdp": plan.world, "hsdp": plan.recipe.target.devices}.get(plan.parallelism, 1)
+    full = whole_states(plan, counts)
+    shards = shards_of(plan)
     if shards == 1:
         return full
     out = {k: -(-v // shards) for k, v in full.items()}
