@@ -237,7 +237,7 @@ def resolved_recipe(recipe: Recipe, base_dir: Path | None = None, out_dir: Path 
 # before then must not resume under the new meaning. New fields whose defaults keep the old behaviour need no bump.
 DEFAULTS_VERSION = 1
 # train fields that change neither the batches nor the updates (evaluation, logging, checkpoints, the final sample)
-MONITORING = ("checkpoint_format", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "eval_per_source",
+MONITORING = ("checkpoint_format", "checkpoint_writes", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "eval_per_source",
               "log_every", "sample_tokens", "sample_prompt")
 # train fields the recipe hash leaves out: MONITORING, and how a device's share of the batch is split into
 # micro-batches (the batches are the same for any split, and another number of devices may need another)

@@ -384,6 +384,7 @@ class TrainSpec(Section):
     sample_tokens: Count = 64                                # tokens in the sample printed at the end; 0 disables
     sample_prompt: str = "def "
     checkpoint_format: Literal["auto", "full", "sharded"] = "auto"  # auto: sharded (torch.distributed.checkpoint) with FSDP
+    checkpoint_writes: Literal["auto", "background", "foreground"] = "auto"  # background: a thread writes while training goes on
 
 
 class TargetSpec(Section):

@@ -44,6 +44,9 @@ def problems(r) -> list[tuple[tuple, str, str]]:
     if tr is not None and tr.checkpoint_format == "sharded":
         out.append((("train", "checkpoint_format"), ("sharded checkpoints on a TPU are not built yet: the TPU program writes "
                     "whole tensors from CPU copies"), "use checkpoint_format: full (or auto)"))
+    if tr is not None and tr.checkpoint_writes == "background":
+        out.append((("train", "checkpoint_writes"), ("checkpoints written in the background on a TPU are not built yet: the TPU "
+                    "program writes them from the host copies it makes"), "use checkpoint_writes: foreground (or auto)"))
     if tg.nodes > 1:
         out.append((("target", "nodes"), "TPU slices of several hosts are not built yet: the TPU program uses the devices of one host",
                     "set target.nodes: 1"))

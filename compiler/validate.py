@@ -42,6 +42,20 @@ NOT_BUILT_VALUES = {
 }
 
 
+# model families other tools name that malt writes as family llama: (what makes that family, the fields that say so)
+WRITTEN_AS_LLAMA = {
+    "mistral": ("Mistral's architecture is the llama family with sliding-window attention",
+                "family: llama with model.sliding_window: 4096 (Mistral 7B v0.1; later Mistral models attend to every position)"),
+    "qwen2": ("Qwen2's architecture is the llama family with biases on the q, k and v projections",
+              "family: llama with model.qkv_bias: true and model.rope_theta: 1000000 (as Qwen2)"),
+    "llama2": ("Llama 2 is the llama family", "family: llama"),
+    "llama3": ("Llama 3 is the llama family", "family: llama with model.rope_theta: 500000 (as Llama 3)"),
+}
+WRITTEN_AS_LLAMA.update({"qwen": WRITTEN_AS_LLAMA["qwen2"], "qwen2.5": WRITTEN_AS_LLAMA["qwen2"],
+                         "llama-2": WRITTEN_AS_LLAMA["llama2"], "llama-3": WRITTEN_AS_LLAMA["llama3"],
+                         "llama3.1": WRITTEN_AS_LLAMA["llama3"]})
+
+
 def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
@@ -63,6 +77,11 @@ def _not_built(loaded: Loaded) -> list[Diagnostic]:
         if isinstance(node, dict) and isinstance(node.get(path[-1]), str) and node[path[-1]] in values:
             out.append(Diagnostic(_dotted(path), f"{node[path[-1]]!r} is not built yet: {message}", loaded.origin(path),
                                   hint="see docs/recipes.md for the values malt supports today"))
+    family = tree.get("model", {}).get("family") if isinstance(tree.get("model"), dict) else None
+    if isinstance(family, str) and family.lower() in WRITTEN_AS_LLAMA:
+        what, fields = WRITTEN_AS_LLAMA[family.lower()]
+        out.append(Diagnostic("model.family", f"{family!r} is not a family of its own here: {what}", loaded.origin(("model", "family")),
+                              hint=f"write {fields}; init_from can start from its Hugging Face weights"))
     phases = tree.get("phases")
     for i, ph in enumerate(phases if isinstance(phases, list) else []):
         if not isinstance(ph, dict):

@@ -289,8 +289,7 @@ class _Staging:
 def _host_copies(value, buffers: dict, kept: dict, key: str = ""):
     """``value`` (a state dict: dicts and lists of tensors, DTensors and plain values) with every tensor copied into a
     host buffer: the one in ``buffers`` under the same key where shape and dtype match, else a new one; ``kept`` gets
-    the buffers used. A DTensor keeps its mesh and placements around the host copy of its local shard (DCP reads only
-    those and the local tensor)."""
+    the buffers used. A DTensor keeps its mesh and placements around the host copy of its local shard."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(value, dict):
@@ -299,15 +298,19 @@ def _host_copies(value, buffers: dict, kept: dict, key: str = ""):
         return type(value)(_host_copies(v, buffers, kept, f"{key}/{i}") for i, v in enumerate(value))
     if not torch.is_tensor(value):
         return value  # numbers, strings, None: immutable
-    local = value.to_local() if isinstance(value, DTensor) else value
-    buf = buffers.get(key)
-    if buf is None or buf.shape != local.shape or buf.dtype != local.dtype:
-        buf = torch.empty(local.shape, dtype=local.dtype, device="cpu")
-    kept[key] = buf.copy_(local.detach())
-    if isinstance(value, DTensor):
-        return DTensor.from_local(buf, value.device_mesh, value.placements, run_check=False, shape=value.shape,
-                                  stride=value.stride())
-    return buf
+    old = buffers.get(key)
+    if isinstance(value, DTensor):  # DCP reads its mesh, placements and global shape, and writes its local shard
+        if (isinstance(old, DTensor) and old.shape == value.shape and old.dtype == value.dtype
+                and old.placements == value.placements and old.to_local().shape == value.to_local().shape):
+            old.to_local().copy_(value.to_local().detach())  # to_local() is a view of the kept host shard
+        else:  # a DTensor whose local shard is a host copy (from_local would move it back to the mesh's device)
+            old = value.detach().to("cpu", copy=True)
+    elif old is None or isinstance(old, DTensor) or old.shape != value.shape or old.dtype != value.dtype:
+        old = value.detach().to("cpu", copy=True)
+    else:
+        old.copy_(value.detach())
+    kept[key] = old
+    return old
 
 
 def _staged_for_background(state: dict):
@@ -315,7 +318,12 @@ def _staged_for_background(state: dict):
     import torch.distributed as dist
 
     if _Staging.group is None and dist.is_available() and dist.is_initialized():
-        _Staging.group = dist.new_group(backend="gloo")  # every process saves at the same step: they all make it
+        try:
+            _Staging.group = dist.new_group(backend="gloo")  # every process saves at the same step: they all make it
+        except RuntimeError as e:
+            raise RunError(f"cannot connect the processes for a checkpoint written in the background (a gloo process "
+                           f"group): {e}", "set GLOO_SOCKET_IFNAME to the network interface the nodes reach each other "
+                           "on, or write checkpoints in the foreground: train.checkpoint_writes: foreground") from None
     kept = {}
     staged = _host_copies(state, _Staging.buffers, kept)
     _Staging.buffers = kept

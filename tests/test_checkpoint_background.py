@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from malt.compiler.api import plan as make_plan
+from malt.compiler.diagnostics import RecipeError
 from malt.compiler.plan import Host
 from malt.runtime import checkpoint
 from malt.runtime.run import Run, RunError, _main_with_messages
@@ -130,6 +131,14 @@ def test_the_plan_writes_full_checkpoints_in_the_background(tmp_path):
     big, _ = make_plan(recipe, ["target.memory_per_device=8MiB"], host=Host())
     assert big.checkpoint_writes == "foreground"
     assert "over 10% of the machine's" in next(d.reason for d in big.decisions if d.name == "checkpoint_writes")
+    # the recipe may say which (an escape hatch: memory, a host where gloo cannot reach its peers)
+    asked, _ = make_plan(recipe, ["train.checkpoint_writes=foreground", "target.accelerator=cuda"], host=h100)
+    assert asked.checkpoint_writes == "foreground"
+    assert next(d.reason for d in asked.decisions if d.name == "checkpoint_writes") == "train.checkpoint_writes foreground"
+    forced, _ = make_plan(recipe, ["target.memory_per_device=8MiB", "train.checkpoint_writes=background"], host=Host())
+    assert forced.checkpoint_writes == "background"
+    with pytest.raises(RecipeError, match="checkpoints written in the background on a TPU are not built yet"):
+        make_plan(recipe, ["target.accelerator=tpu", "target.precision=bf16", "train.checkpoint_writes=background"], host=Host())
 
 
 def test_a_wait_interrupted_by_a_signal_still_knows_the_write_is_in_flight(tmp_path, held):

@@ -297,6 +297,14 @@ def test_not_built_model_family(recipe):
                    "    hint: see docs/recipes.md for the values malt supports today")
 
 
+@pytest.mark.parametrize("family, fields", [("mistral", "model.sliding_window: 4096"), ("Qwen2", "model.qkv_bias: true"),
+                                            ("llama3", "model.rope_theta: 500000")])
+def test_families_malt_writes_as_llama_say_how(recipe, family, fields):
+    out = one(recipe(d_model=f"family: {family}", n_layers="d_model: 64\n  n_layers: 2"))
+    assert out.startswith(f"recipe.yaml:3:3: error: model.family: '{family}' is not a family of its own here: "), out
+    assert f"hint: write family: llama with {fields}" in out and "expected one of" not in out
+
+
 def test_not_built_values_of_the_wrong_type_do_not_crash(recipe):
     # a list is unhashable: this used to raise TypeError in the not-built check
     assert "model.family: got ['bert']" in one(recipe(d_model="family: [bert]", n_layers="d_model: 64\n  n_layers: 2"))

@@ -29,6 +29,9 @@ def _writes(plan: Plan) -> Plan:
     if plan.device == "tpu":
         return plan.decide("checkpoint_writes", "foreground", "tpu: the XLA program writes its checkpoints from host "
                            "copies as it makes them", checkpoint_writes="foreground")
+    asked = plan.recipe.train.checkpoint_writes
+    if asked != "auto":
+        return plan.decide("checkpoint_writes", asked, f"train.checkpoint_writes {asked}", checkpoint_writes=asked)
     sharded = plan.checkpoint_format == "sharded"
     how = ("every process copies its shards of the weights and optimizer state to host buffers (kept for the run and "
            "reused) at the step, then a thread writes them (torch.distributed.checkpoint) while training goes on"
