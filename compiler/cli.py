@@ -61,7 +61,9 @@ def _guard(fn):
                    err=True)
         raise typer.Exit(130)
     except OSError as e:
-        _fail(str(e))
+        from malt.runtime.run import describe_os_error
+
+        _fail(*describe_os_error(e), 2)
     except Exception as e:  # errors from the runtime (data, checkpoints) are user errors too
         from malt.runtime.data import DataError
         from malt.runtime.run import RunError
@@ -99,14 +101,17 @@ def check_run_dir(directory: Path, recipe_hash: str, resume: bool | None, lock: 
     this recipe (its hash; an unreadable state.json is left to train.py, which says how it is corrupt).
     ``resume``: `malt run`'s flag (without it a directory with a checkpoint is refused); None: `malt compile`,
     which may recompile a run of the same recipe (for other hardware)."""
-    from malt.runtime.checkpoint import latest, state_of
-    from malt.runtime.run import in_use, lock_holder
+    from malt.runtime.checkpoint import damaged, latest, state_of
+    from malt.runtime.run import damaged_message, in_use, lock_holder
 
     from .diagnostics import UserError
 
     pid = lock_holder(directory)
     if pid is not None:
         raise in_use(directory, pid)
+    bad = damaged(directory)
+    if bad:
+        raise UserError(*damaged_message(bad), code=2)
     found = latest(directory)
     if found is None:
         return
@@ -396,12 +401,21 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
 @app.command()
 def export(run_dir: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
            out: Path = typer.Option(..., "-o", "--out", help="Directory for the Hugging Face model."),
-           force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists.")):
+           force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists (a previous export; never a run).")):
     """Write the latest checkpoint as a Hugging Face model directory (config.json, model.safetensors, tokenizer)."""
     def go():
+        import signal
+
         from malt.runtime.export import export_hf
 
-        arch = export_hf(run_dir, out, force=force)
+        try:
+            arch = export_hf(run_dir, out, force=force)
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the export's temporary folder is already removed
+            signum = getattr(e, "signum", signal.SIGINT)
+            typer.echo(("\n" if signum == signal.SIGINT else "")  # after the terminal's ^C
+                       + f"interrupted ({getattr(e, 'name', 'Ctrl-C')}): the export stopped and removed its temporary "
+                       f"files; {out} is as it was", err=True)
+            raise typer.Exit(128 + signum)
         auto = {"BertForMaskedLM": "AutoModelForMaskedLM", "ElectraForPreTraining": "AutoModelForPreTraining"}.get(arch, "AutoModelForCausalLM")
         typer.echo(f"wrote {out}/ ({arch}): load it with transformers.{auto}.from_pretrained({str(out)!r})")
         objective = json.loads((run_dir / "plan.json").read_text()).get("objective") or {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -67,23 +68,36 @@ def _atomic_text(path: Path, text: str) -> None:
 def _read_text(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8")
-    except OSError:
+    except (OSError, ValueError):  # unreadable, or not UTF-8 (damaged)
         return None
+
+
+NAME = re.compile(r"step_(\d{8,})")  # a checkpoint's folder; any other name in checkpoints/ is not malt's to read or prune
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every folder named as a checkpoint in ``run_dir``/checkpoints, oldest first, complete or not."""
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return []
+    return sorted((int(m[1]), p) for p in ck.iterdir() if (m := NAME.fullmatch(p.name)) and p.is_dir())
+
+
+def damaged(run_dir: Path) -> list[Path]:
+    """Checkpoint folders without state.json, which malt writes into every checkpoint before it is renamed into place:
+    a partial copy of a run, or a file deleted by hand. Training would skip them and might write over them."""
+    return [p for _, p in checkpoint_dirs(run_dir) if not (p / "state.json").is_file()]
 
 
 def latest(run_dir: Path):
     """(step, path) of the newest complete checkpoint, or None."""
     ck = Path(run_dir) / "checkpoints"
-    pointer = ck / "latest"
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        path = ck / name
-        if (path / "state.json").is_file():
-            return int(name.split("_")[-1]), path
-    found = sorted(p for p in ck.glob("step_*") if (p / "state.json").is_file()) if ck.is_dir() else []
-    if found:
-        return int(found[-1].name.split("_")[-1]), found[-1]
-    return None
+    name = (_read_text(ck / "latest") or "").strip()
+    m = NAME.fullmatch(name)
+    if m and (ck / name / "state.json").is_file():
+        return int(m[1]), ck / name
+    found = [(step, p) for step, p in checkpoint_dirs(run_dir) if (p / "state.json").is_file()]
+    return found[-1] if found else None
 
 
 def _options(**kw):
@@ -210,7 +224,12 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
         rng = _rng_state()  # now: training goes on drawing from the generators while the thread writes
         if background:
             live = list(_live_tensors(model, optimizer))
-            tensors, opt_tensors = _own_copies(tensors, live), _own_copies(opt_tensors, live)
+            if all(t.device.type == "cpu" for t in live):  # the state dicts hold the live tensors: copy all of them, into
+                kept = {}                                  # host buffers kept from the last checkpoint (no new memory)
+                tensors, opt_tensors = _host_copies([tensors, opt_tensors], _Staging.buffers, kept)
+                _Staging.buffers = kept
+            else:  # on a GPU they are host copies already, except state kept on the host (GaLore's step counters)
+                tensors, opt_tensors = _own_copies(tensors, live), _own_copies(opt_tensors, live)
             _start_writer(step, _write, run, step, tensors, opt_tensors, meta, keep, extra, rng)
         else:
             _write(run, step, tensors, opt_tensors, meta, keep, extra, rng)
@@ -233,8 +252,15 @@ def stop_if_not_finite(run: Run, step: int, named_tensors, named_states=()) -> N
     """Never write a checkpoint from weights or optimizer state that hold nan or inf (a diverged run): stop the run
     instead, so the newest checkpoint stays the last good one. The state matters on its own: without gradient
     clipping a gradient above about 1.8e19 squares to inf in AdamW's exp_avg_sq, whose updates are then 0, so the
-    weights stay finite while that tensor never trains again. Each process checks its own shards on its device; one
-    all-reduce makes every process see every shard's result, so they all stop together."""
+    weights stay finite while that tensor never trains again."""
+    what = not_finite(named_tensors, named_states)
+    if what:
+        raise run.diverged(step, what + ", so this step's checkpoint was not written")
+
+
+def not_finite(named_tensors, named_states=()) -> str | None:
+    """Which weight and optimizer-state tensors hold nan or inf, in words, or None. Each process checks its own shards
+    on its device; one all-reduce makes every process see every shard's result (every process must call it)."""
     from .distributed import reduce_sum
 
     names, tensors, count = [], [], {"weight": 0, "state": 0}
@@ -245,7 +271,7 @@ def stop_if_not_finite(run: Run, step: int, named_tensors, named_states=()) -> N
             names.append((kind, name))
             tensors.append(local.detach())
     if not tensors:
-        return
+        return None
     # the largest magnitude of each tensor: nan if it holds a nan, inf if an inf (one pass, no copy of the tensor);
     # an empty shard (FSDP2 on many processes) holds nothing, but keeps its place: every process reduces as many flags
     full = [t for t in tensors if t.numel()]
@@ -264,8 +290,7 @@ def stop_if_not_finite(run: Run, step: int, named_tensors, named_states=()) -> N
         what.append(f"{len(weights)} of the model's {count['weight']} weight tensors hold nan or inf ({shown(weights)})")
     if states:
         what.append(f"{len(states)} of the optimizer's {count['state']} state tensors hold nan or inf ({shown(states)})")
-    if what:
-        raise run.diverged(step, " and ".join(what) + ", so this step's checkpoint was not written")
+    return " and ".join(what) or None
 
 
 @contextmanager
@@ -277,10 +302,11 @@ def _one_process_is_fine():
 
 
 class _Staging:
-    """What sharded checkpoints written in the background keep for the whole run, made at the first one: a gloo
-    process group of all processes for DCP's collectives in the writer thread (collectives of two threads on one group
-    would interleave differently on each process), and the host buffers each process copies its shards into, reused
-    at the next checkpoint (no new host memory, and no page faults to touch it, at each one)."""
+    """What checkpoints written in the background keep for the whole run, made at the first one: the host buffers the
+    tensors are copied into, reused at the next checkpoint (no new host memory, and no page faults to touch it, at
+    each one): every process's shards, sharded; the whole state on a CPU, full. And, sharded, a gloo process group of
+    all processes for DCP's collectives in the writer thread (collectives of two threads on one group would interleave
+    differently on each process)."""
 
     group = None
     buffers: dict = {}
@@ -394,8 +420,10 @@ def _unfinished(tmp: Path, step: int):
     except BaseException as e:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        from_dcp = type(e).__name__ == "CheckpointException"
         e = _dcp_cause(e)  # a sharded save: DCP wraps each process's own error
-        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # safetensors reports I/O errors as its own
+        # safetensors reports I/O errors as its own; inside DCP, torch.save reports a full disk as a RuntimeError
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError" or (from_dcp and isinstance(e, RuntimeError)):
             raise RunError(f"cannot write the checkpoint of step {step:,} in {tmp.parent}: {e}",
                            "free disk space (or lower train.keep_checkpoints); the checkpoints already written are complete: "
                            "continue with --resume") from None
@@ -415,7 +443,8 @@ def _dcp_quiet():
     """DCP logs a traceback per file it cannot read before raising; the RunError says it once."""
     import logging
 
-    logs = [logging.getLogger(name) for name in ("torch.distributed.checkpoint", "c10d-NullHandler-dcp_logger")]
+    # DCP's loader also logs its tracebacks through the root logger
+    logs = [logging.getLogger(name) for name in ("torch.distributed.checkpoint", "c10d-NullHandler-dcp_logger", "")]
     levels = [log.level for log in logs]
     for log in logs:
         log.setLevel(logging.CRITICAL + 1)
@@ -431,9 +460,16 @@ def remove_unfinished(run: Run) -> None:
     holds the run directory's lock (Run.acquire) is the only writer, so anything unfinished is dead."""
     if not run.checkpoints.is_dir():
         return
-    for d in list(run.checkpoints.glob(".tmp-step_*")) + list(run.checkpoints.glob(".old-step_*")):
-        if d.is_dir():
-            shutil.rmtree(d, ignore_errors=True)
+    for d in sorted(run.checkpoints.glob(".tmp-step_*")) + sorted(run.checkpoints.glob(".old-step_*")):
+        if not d.is_dir():
+            continue
+        m = re.fullmatch(r"\.(?:tmp|old)-(step_\d{8,})-.+", d.name)
+        if m and (d / "state.json").is_file() and not (run.checkpoints / m[1]).exists():
+            # complete (state.json is written last) but not in place: killed between replacing a checkpoint of the same
+            # step (_finish: the old one aside, then the new one in) or before the rename: keep it, the newer first
+            os.rename(d, run.checkpoints / m[1])
+            continue
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _rng_state() -> dict:
@@ -457,6 +493,7 @@ def _finish(run: Run, step: int, tmp: Path, fields: dict, keep: int, extra: dict
         "recipe_hash": run.recipe_hash,
         "world_size": getattr(run, "world_size", 1),
         "data": {"sampler": "stateless", "next_step": step},  # batches are a pure function of (seed, step, index)
+        **({"tokenizer_sha256": run.tokenizer_sha256} if getattr(run, "tokenizer_sha256", None) else {}),  # token → id
         **fields,
         "recipe": _read_text(run.dir / "recipe.lock.yaml"),  # the resolved recipe that produced this checkpoint
         **(extra or {}),
@@ -478,8 +515,8 @@ def _finish(run: Run, step: int, tmp: Path, fields: dict, keep: int, extra: dict
         os.rename(tmp, final)
     _fsync_dir(ck)
     _atomic_text(ck / "latest", name + "\n")
-    # prune: keep the newest `keep` checkpoints
-    done = sorted(p for p in ck.glob("step_*") if p.is_dir())
+    # prune: keep the newest `keep` complete checkpoints (folders of other names, or without state.json, are not malt's)
+    done = [p for _, p in checkpoint_dirs(run.dir) if (p / "state.json").is_file()]
     for old in done[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -509,6 +546,12 @@ def read_state(path: Path) -> dict:
     if missing:
         raise RunError(f"checkpoint {path / 'state.json'} is corrupt: it lacks {', '.join(missing)}",
                        "remove that checkpoint directory to resume from an older one")
+    opt = state["optimizer"]
+    if not isinstance(opt, dict) or (opt.get("layout") != "dcp" and not (
+            isinstance(opt.get("param_groups"), list) and all(isinstance(g, dict) for g in opt["param_groups"])
+            and isinstance(opt.get("plain_state"), dict))):
+        raise RunError(f"checkpoint {path / 'state.json'} is corrupt: its optimizer entry is not what malt writes",
+                       "remove that checkpoint directory to resume from an older one")
     return state
 
 
@@ -523,7 +566,7 @@ def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     step, path = found
     state = read_state(path)
     if state.get("format") not in (FORMAT, FORMAT_SHARDED):
-        raise RunError(f"checkpoint {path} has format {state.get('format')}, this malt reads formats {FORMAT} and {FORMAT_SHARDED}",
+        raise RunError(f"checkpoint {path} has format {state.get('format')!r}, this malt reads formats {FORMAT} and {FORMAT_SHARDED}",
                        "resume it with the malt version that wrote it")
     if state.get("recipe_hash") != run.recipe_hash:
         raise RunError(f"checkpoint {path} was written by a different version of the recipe "
@@ -533,6 +576,7 @@ def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         _load_sharded(path, model, optimizer)
         if optimizer is not None:
             _load_rng(path)
+        _refuse_not_finite(path, model, optimizer)
         return step
     try:
         tensors = load_file(str(path / "model.safetensors"))
@@ -547,7 +591,19 @@ def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+    _refuse_not_finite(path, model, optimizer)
     return step
+
+
+def _refuse_not_finite(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """A checkpoint malt wrote holds finite weights and optimizer state (save checks them): nan or inf in one that is
+    read back means its files were damaged since (disk, copy). Every process checks its shards (one all-reduce)."""
+    what = not_finite(model.named_parameters(), optimizer_state(model, optimizer) if optimizer is not None else ())
+    if what:
+        older = [step for step, p in checkpoint_dirs(path.parent.parent) if p != path and (p / "state.json").is_file()]
+        raise RunError(f"checkpoint {path} is damaged: {what} (malt never writes such a checkpoint: its files changed "
+                       "since)", f"remove that checkpoint folder to resume from step {older[-1]:,}, the one before"
+                       if older else "remove that checkpoint folder and train again from step 0")
 
 
 def _load_rng(path: Path) -> None:
@@ -654,7 +710,8 @@ def init_from(path: Path, kind: str, model: torch.nn.Module, optimizer: torch.op
     if tokenizer is not None and (path / "tokenizer.json").is_file():
         from .tokenizer import differing_tokens
 
-        differ = differing_tokens(path / "tokenizer.json", tokenizer)
+        differ = differing_tokens(path / "tokenizer.json", tokenizer, "init_from: the checkpoint's tokenizer",
+                                  "copy it back from a backup of that run (or the model directory it came from)")
         if differ:
             raise RunError(f"init_from: the checkpoint's tokenizer ({path / 'tokenizer.json'}) differs from this run's: "
                            f"{len(differ):,} token(s) have another id or are missing there, e.g. {differ[:5]}; each embedding "
@@ -672,7 +729,7 @@ def init_from(path: Path, kind: str, model: torch.nn.Module, optimizer: torch.op
             log(f"init_from: {n:,} parameters from {path} (step {step:,}, sharded)"
                 + (" with its optimizer state" if optimizer is not None else ""))
             return
-        state_dict = load_file(str(ck / "model.safetensors"))
+        state_dict = _read_tensors(ck / "model.safetensors", "init_from")
         source = f"{path} (step {step:,})"
     else:
         state_dict = _hf_state_dict(path)
@@ -691,9 +748,18 @@ def init_from(path: Path, kind: str, model: torch.nn.Module, optimizer: torch.op
     _set_model(model, {k: state_dict[k] for k in own}, source)
     if optimizer is not None:
         state = read_state(ck)
-        _load_optimizer(model, optimizer, state, load_file(str(ck / "optimizer.safetensors")))
+        _load_optimizer(model, optimizer, state, _read_tensors(ck / "optimizer.safetensors", "init_from"))
     n = sum(v.numel() for k, v in own.items() if not (k == "lm_head.weight" and _tied(model)))
     log(f"init_from: {n:,} parameters from {source}" + (" with its optimizer state" if optimizer is not None else ""))
+
+
+def _read_tensors(path: Path, what: str) -> dict:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise RunError(f"{what}: {path} cannot be read: {e}",
+                       "that checkpoint is damaged: start from another run, or from an older checkpoint of it (copy that "
+                       "run and remove the damaged checkpoint folder from the copy)") from None
 
 
 def _hf_state_dict(path: Path) -> dict:

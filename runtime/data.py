@@ -28,7 +28,10 @@ shard only (and, with ``dedupe``, the shards after it); a new tokenizer
 re-tokenizes everything. The manifest is written last: a shard without one
 was never finished. Opening a shard checks its size, header, document index
 and a checksum of its first and last 64 KiB; ``verify`` checks the sha256 of
-everything.
+everything. A shard that fails these checks, or whose manifest lacks a field, is
+tokenized again (a cache this process cannot write is only read: it must hold
+everything intact). Temporary files (``*.<pid>.tmp``) of a prepare that was
+killed are removed by the next one.
 
 Documents are read and filtered in this process and tokenized in batches by a
 pool of worker processes (``workers``); the output is the same for any number
@@ -54,7 +57,7 @@ import numpy as np
 from . import packing as _packing
 from . import sources as _sources
 from .sources import DataError, Source, _digest, make_source
-from .tokenizer import build_tokenizer
+from .tokenizer import build_tokenizer, cache_read_only_error
 
 __all__ = ["prepare", "Dataset", "DataError", "Tokens", "default_workers"]
 
@@ -157,29 +160,97 @@ def _payload_sha(path: Path, header: int) -> str:
 
 
 @contextlib.contextmanager
-def _locked(cache_dir: Path, log):
-    """Serialise concurrent prepare() calls (e.g. several ranks) on one cache."""
+def _locked(cache_dir: Path, log, read_only: str | None = None):
+    """Serialise concurrent prepare() calls (e.g. several ranks) on one cache; yields whether this process holds the
+    lock (False where the file system has no flock). A cache this user cannot write (``read_only``) is only read: it
+    takes a shared lock on the cache's .lock, when there is one, so a prepare that writes (another user's) is waited for."""
     try:
         import fcntl
     except ImportError:  # not POSIX: atomic writes still keep the cache consistent
-        yield
+        yield False
         return
     import errno
 
-    with open(cache_dir / ".lock", "a+") as fh:
+    try:
+        fh = open(cache_dir / ".lock", "r" if read_only else "a+")  # noqa: SIM115  closed by the `with fh` below
+    except OSError:
+        if not read_only:
+            raise
+        yield False  # no .lock, and none can be made here: no prepare ever wrote this cache with a lock
+        return
+    kind = fcntl.LOCK_SH if read_only else fcntl.LOCK_EX
+    with fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, kind | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock here (some NFS, Lustre):
-                yield                                                          # atomic writes keep the cache consistent
+                yield False                                                    # atomic writes keep the cache consistent
                 return
             if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # several ranks of one run wait for each other: no news
                 log(f"data: waiting for another process preparing {cache_dir} ...")
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            fcntl.flock(fh, kind)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _cannot_write(cache: Path) -> str | None:
+    """Why this process cannot write the data cache ``cache`` (made when missing); None when it can."""
+    try:
+        (cache / "tokens").mkdir(parents=True, exist_ok=True)
+        probe = cache / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+# the temporary files prepare() writes before renaming them into place, named with the writing process's id
+_TEMP_NAMES = (re.compile(r"[0-9a-f]{24}\.(?:tokens|index|hashes|prefix)\.npy\.(\d+)\.tmp"),  # tokens/<source>/
+               re.compile(r"\.[0-9a-f]{24}\.json\.(\d+)\.tmp"),                               # tokens/<source>/ manifests
+               re.compile(r"\.(?:tokenizer|spec)\.json\.(\d+)\.tmp"))                          # tokenizers/<name>/
+STALE_TEMP_SECONDS = 60  # a writer adds to its file every few seconds; an older one of a process not alive here is left over
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # another user's process
+        return True
+    except (ProcessLookupError, OverflowError, ValueError):  # none, or not a process id
+        return False
+    return True
+
+
+def _remove_stale_temp(cache: Path, log) -> None:
+    """Remove what a prepare() stopped by SIGKILL or SIGTERM left: malt's temporary files (``*.<pid>.tmp``) whose
+    process is not alive on this machine and which were last written more than STALE_TEMP_SECONDS ago (a writer on
+    another machine sharing the cache, whose process id means nothing here, writes to its files all the time).
+    Called with the cache's lock held: no prepare of this machine is writing."""
+    now = time.time()
+    removed, freed = 0, 0
+    folders = []
+    for top in (cache / "tokens", cache / "tokenizers"):  # a source's shards, a tokenizer
+        with contextlib.suppress(OSError):
+            folders += [d for d in top.iterdir() if d.is_dir()]
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            for f in folder.iterdir():
+                m = next((m for p in _TEMP_NAMES if (m := p.fullmatch(f.name))), None)
+                if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                    continue
+                try:
+                    st = f.stat()
+                    if now - st.st_mtime < STALE_TEMP_SECONDS:
+                        continue
+                    f.unlink()
+                except OSError:
+                    continue
+                removed, freed = removed + 1, freed + st.st_size
+    if removed:
+        log(f"data: removed {removed} temporary file(s) ({_human_bytes(freed)}) left by a prepare that was stopped")
 
 
 def _safe(name: str) -> str:
@@ -384,10 +455,30 @@ def plan_shards(source: Source) -> list[list]:
     return groups
 
 
+# what a shard's manifest must hold, with the types (a manifest without them, or with others, was not written by
+# this version of malt whole: the shard is tokenized again, as when the manifest is missing or not JSON)
+_MANIFEST_FIELDS = {"dtype": str, "n_tokens": int, "n_documents": int, "n_chars": int, "n_records": int,
+                    "skipped": dict, "filtered": dict, "notes": list, "tokens_file": dict, "index_file": dict}
+_FILE_FIELDS = {"n": int, "bytes": int, "header_bytes": int, "sha256": str, "edge_sha256": str}
+
+
+def _manifest_complete(m: dict, files: tuple[str, ...]) -> bool:
+    """Whether a manifest has every field the shard is read with: ``files``, the ``*_file`` entries its source needs."""
+    if not all(isinstance(m.get(k), t) for k, t in _MANIFEST_FIELDS.items()) or m["dtype"] not in ("uint16", "uint32"):
+        return False
+    if not isinstance(m.get("conditioning", {}), dict) or not all(isinstance(n, str) for n in m["notes"]) or \
+            not all(isinstance(v, int) for c in (m["skipped"], m["filtered"], m.get("conditioning", {})) for v in c.values()):
+        return False
+    return all(isinstance(m.get(f), dict) and all(isinstance(m[f].get(k), t) for k, t in _FILE_FIELDS.items())
+               for f in ("tokens_file", "index_file", *files) if f in m or f in files)
+
+
 class _Shard:
-    def __init__(self, directory: Path, key: str, files: list):
+    def __init__(self, directory: Path, key: str, files: list, needs: tuple[str, ...] = ()):
         self.key = key
         self.files = files
+        self.needs = needs  # the manifest entries of the shard's extra files: hashes_file (dedupe), prefix_file (metadata)
+        self.opened: tuple | None = None  # (tokens, index, prefix) of a cached shard, checked before anything is tokenized
         stem = key[:24]
         self.tokens = directory / f"{stem}.tokens.npy"
         self.index = directory / f"{stem}.index.npy"
@@ -403,7 +494,8 @@ class _Shard:
             m = json.loads(self.manifest_path.read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(m, dict) or m.get("key") != self.key or m.get("format") != FORMAT:
+        if not isinstance(m, dict) or m.get("key") != self.key or m.get("format") != FORMAT or \
+                not _manifest_complete(m, self.needs):
             return None
         self.manifest = m
         return m
@@ -423,7 +515,7 @@ def _shard_keys(source: Source, base: dict, prev: str | None = None) -> list[_Sh
                           else [(f.full, f.size, f.mtime_ns) for f in files]),
                 "prev": prev if source.dedupe else None}
         key = _digest(info)
-        out.append(_Shard(directory, key, files))
+        out.append(_Shard(directory, key, files, ("hashes_file",) * bool(source.dedupe) + ("prefix_file",) * bool(source.metadata)))
         prev = key
     return out
 
@@ -518,51 +610,72 @@ def _tokenize_shard(source: Source, shard: _Shard, seen: set | None, enc: _Encod
 
 
 def _open_npy(path: Path, info: dict, verify: bool, fix: str, expect_dtype) -> np.ndarray:
+    """A cache file, checked against its manifest entry ``info``; a DataError naming it (and ``fix``) when it is not
+    what the manifest says."""
+    fix = f"; {fix}" if fix else ""
     if not path.is_file():
-        raise DataError(f"token cache file {path} is missing but its manifest exists; {fix}")
+        raise DataError(f"token cache file {path} is missing but its manifest exists{fix}")
     size = path.stat().st_size
     if size != info["bytes"]:
         raise DataError(f"token cache file {path} is truncated or corrupt: {size:,} bytes, "
-                        f"expected {info['bytes']:,}; {fix}")
+                        f"expected {info['bytes']:,}{fix}")
     payload = size - info["header_bytes"]
     try:
         arr = np.load(path, mmap_mode="r") if info["n"] else np.load(path)
-    except Exception as e:
-        raise DataError(f"token cache file {path} is corrupt ({e}); {fix}") from None
+    except (OSError, ValueError, EOFError) as e:  # numpy's words for a bad header (pickle advice) do not fit malt's own file
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "its .npy header is unreadable"
+        raise DataError(f"token cache file {path} is corrupt: {reason}{fix}") from None
     if arr.dtype != np.dtype(expect_dtype) or arr.shape != (info["n"],):
         raise DataError(f"token cache file {path} is corrupt: its header says {arr.dtype}{arr.shape}, "
-                        f"the manifest {np.dtype(expect_dtype)}({info['n']},); {fix}")
+                        f"the manifest {np.dtype(expect_dtype)}({info['n']},){fix}")
     if _edge_sha(path, info["header_bytes"], payload) != info["edge_sha256"]:
-        raise DataError(f"token cache file {path} is corrupt: checksum mismatch; {fix}")
+        raise DataError(f"token cache file {path} is corrupt: checksum mismatch{fix}")
     if verify and _payload_sha(path, info["header_bytes"]) != info["sha256"]:
-        raise DataError(f"token cache file {path} is corrupt: sha256 mismatch; {fix}")
+        raise DataError(f"token cache file {path} is corrupt: sha256 mismatch{fix}")
     return arr
 
 
-def _open_shard(shard: _Shard, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+_REBUILD = "delete its manifest {} and that shard is tokenized again on the next start"
+
+
+def _open_shard(shard: _Shard, verify: bool, fix: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     m = shard.manifest
-    fix = f"delete its manifest {shard.manifest_path} and that shard is tokenized again on the next start"
+    fix = _REBUILD.format(shard.manifest_path) if fix is None else fix
     toks = _open_npy(shard.tokens, m["tokens_file"], verify, fix, m["dtype"])
     index = _open_npy(shard.index, m["index_file"], verify, fix, np.uint64)
+    sep = f"; {fix}" if fix else ""
     if len(index) != m["n_documents"] + 1 or int(index[0]) != 0 or int(index[-1]) != len(toks):
         raise DataError(f"token cache file {shard.index} is corrupt: its offsets do not cover "
-                        f"{shard.tokens}; {fix}")
+                        f"{shard.tokens}{sep}")
     if verify and len(index) > 1 and not bool((np.diff(index.astype(np.int64)) > 0).all()):
-        raise DataError(f"token cache file {shard.index} is corrupt: offsets are not increasing; {fix}")
+        raise DataError(f"token cache file {shard.index} is corrupt: offsets are not increasing{sep}")
     return toks, index
 
 
-def _open_prefix(shard: _Shard, verify: bool) -> np.ndarray | None:
+def _open_prefix(shard: _Shard, verify: bool, fix: str | None = None) -> np.ndarray | None:
     """The metadata token count of every document of a shard (metadata conditioning), or None."""
     m = shard.manifest
     if "prefix_file" not in m:
         return None
-    fix = f"delete its manifest {shard.manifest_path} and that shard is tokenized again on the next start"
+    fix = _REBUILD.format(shard.manifest_path) if fix is None else fix
     pre = _open_npy(shard.prefix, m["prefix_file"], verify, fix, np.uint32)
     if len(pre) != m["n_documents"]:
         raise DataError(f"token cache file {shard.prefix} is corrupt: {len(pre):,} documents, "
-                        f"the manifest says {m['n_documents']:,}; {fix}")
+                        f"the manifest says {m['n_documents']:,}" + (f"; {fix}" if fix else ""))
     return pre
+
+
+def _check_cached(shard: _Shard, verify: bool) -> str | None:
+    """Open a cached shard's files with the checks of every start (``verify``: the sha256 of every byte too) and keep
+    them on the shard; what is wrong with them (None: nothing)."""
+    try:
+        shard.opened = (*_open_shard(shard, verify, ""), _open_prefix(shard, verify, ""))
+        if "hashes_file" in shard.needs:
+            _open_npy(shard.hashes, shard.manifest["hashes_file"], verify, "", np.uint64)
+    except DataError as e:
+        shard.opened = None
+        return str(e)
+    return None
 
 
 class Tokens:
@@ -695,21 +808,19 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
     workers = default_workers() if workers is None else max(1, int(workers))
 
     cache = Path(cache_dir).expanduser().resolve()
-    try:
-        (cache / "tokens").mkdir(parents=True, exist_ok=True)
-        probe = cache / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise DataError(f"cannot use {cache} as malt's data cache: {e.strerror or e}; "
-                        "set MALT_CACHE_DIR to a directory this user can write (tokenizers and token shards go there)") from None
+    read_only = _cannot_write(cache)  # why this user cannot write the cache: it is then only read, and must hold everything
+    if read_only and not (cache / "tokens").is_dir():
+        raise DataError(f"cannot use {cache} as malt's data cache: {read_only}; set MALT_CACHE_DIR to a "
+                        "directory this user can write (tokenizers and token shards go there)")
     enc = None
     bar = None
     tok = None
     try:
-        with _locked(cache, log):
+        with _locked(cache, log, read_only) as held:
+            if held and not read_only:
+                _remove_stale_temp(cache, log)
             tok, tok_path, tok_hash, specials = build_tokenizer(
-                spec.get("tokenizer") or {}, srcs, cache, base_dir, log, hit_log=known)
+                spec.get("tokenizer") or {}, srcs, cache, base_dir, log, hit_log=known, read_only=read_only)
             eos_id = tok.token_to_id(specials[0])
             vocab = tok.get_vocab_size()
             model_vocab = spec.get("model_vocab")
@@ -725,7 +836,22 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
             # a validation file with dedupe drops the documents its source's training files already hold
             plans += [(v, _shard_keys(v, base, built_of[name][-1].key if v.dedupe and built_of[name] else None))
                       for name, v in val_srcs.items()]
-            todo_bytes = sum(sh.input_bytes() for _, shards in plans for sh in shards if sh.load_manifest() is None)
+            todo_bytes = 0
+            for s, shards in plans:
+                for sh in shards:
+                    if sh.load_manifest() is not None:
+                        problem = _check_cached(sh, verify)  # a cached shard that fails the checks is built again
+                        if problem is None:
+                            continue
+                        if read_only:
+                            raise cache_read_only_error(cache, read_only, problem)
+                        log(f"data: {problem}; tokenizing that shard again")
+                        sh.manifest = None
+                    elif read_only:
+                        raise cache_read_only_error(cache, read_only, f"it lacks tokens of source '{s.name}' (no complete "
+                                                    f"manifest {sh.manifest_path}: the source's files changed since the cache "
+                                                    "was prepared, or it was never prepared for this recipe)")
+                    todo_bytes += sh.input_bytes()
             n_workers = workers if todo_bytes >= POOL_MIN_BYTES else 1
             tok.encode_special_tokens = True  # text that spells "<|endoftext|>" stays text
             enc = _Encoder(tok, eos_id, dtype, fast_bytes, n_workers)
@@ -768,10 +894,10 @@ def prepare(spec: dict, cache_dir: str | os.PathLike, log: Callable[[str], None]
                 skipped, filtered, notes = collections.Counter(), collections.Counter(), []
                 for sh in shards:
                     m = sh.manifest
-                    toks, index = _open_shard(sh, verify)
+                    toks, index, prefix = sh.opened or (*_open_shard(sh, verify), _open_prefix(sh, verify))
                     arrays.append(toks)
                     indexes.append(index)
-                    prefixes.append(_open_prefix(sh, verify))
+                    prefixes.append(prefix)
                     conditioning.update(m.get("conditioning", {}))
                     totals.update(tokens=m["n_tokens"], documents=m["n_documents"], chars=m["n_chars"],
                                   records=m["n_records"])

@@ -87,6 +87,8 @@ class Run:
         self.is_main = rank == 0      # with several processes, only the first logs and writes
         self.world_size = world
         self.resume_step = 0  # the step of the checkpoint a resumed run continues
+        self.resume_path = None  # its folder
+        self.tokenizer_sha256 = None  # adopt_tokenizer: the token → id map's hash, kept in each checkpoint's state.json
         self.elapsed_before = 0.0  # training seconds of the processes before this one (a resumed run: its checkpoint's)
 
     def acquire(self) -> None:
@@ -136,20 +138,38 @@ class Run:
         """Copy the tokenizer into the run directory, so sampling and export need nothing else. On --resume it must
         be the tokenizer the checkpoint trained with: a bpe/unigram tokenizer is trained again when its train_on data
         changed, and the checkpoint's embeddings would carry on under other token ids."""
+        import hashlib
         import shutil
 
+        from tokenizers import Tokenizer
+
         target = self.dir / "tokenizer.json"
+        built = Tokenizer.from_file(str(path))
+        vocab = sorted(built.get_vocab(with_added_tokens=True).items())
+        self.tokenizer_sha256 = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+        changed = ("the tokenizer built for this run now differs from the one its checkpoints trained with ({}): {}; the "
+                   "tokenizer's training data (tokenizer.train_on) changed since the run started")
+        hint = "restore the data files as they were to resume, or train a new run (without --resume)"
         if self.resume and target.is_file():
-            from tokenizers import Tokenizer
+            from .checkpoint import state_of
+            from .tokenizer import RUN_DIR_FIX, differing_tokens
 
-            from .tokenizer import differing_tokens
-
-            differ = differing_tokens(target, Tokenizer.from_file(str(path)))
+            try:
+                differ = differing_tokens(target, built, "this run's tokenizer", RUN_DIR_FIX)
+            except RunError:
+                if not (state_of(self.resume_path) or {}).get("tokenizer_sha256"):
+                    raise  # nothing else says which token ids the checkpoint trained with
+                self.log(f"{target} is damaged: the checkpoint's tokenizer_sha256 says whether the tokenizer is the same")
+                differ = []
             if differ:
-                raise RunError(f"the tokenizer built for this run now differs from the one its checkpoints trained with "
-                               f"({target}): {len(differ):,} token(s) have another id, e.g. {differ[:5]}; the tokenizer's "
-                               "training data (tokenizer.train_on) changed since the run started",
-                               "restore the data files as they were to resume, or train a new run (without --resume)")
+                raise RunError(changed.format(target, f"{len(differ):,} token(s) have another id, e.g. {differ[:5]}"), hint)
+        if self.resume and self.resume_path is not None:  # also when the run's tokenizer.json was lost: the checkpoint's hash
+            from .checkpoint import state_of
+
+            kept = (state_of(self.resume_path) or {}).get("tokenizer_sha256")
+            if kept and kept != self.tokenizer_sha256:
+                raise RunError(changed.format(self.resume_path / "state.json", "its token ids are not the ones the "
+                                              "checkpoint recorded (tokenizer_sha256)"), hint)
         if not self.is_main:
             return
         tmp = self.dir / f".tokenizer.json.tmp-{os.getpid()}"
@@ -169,11 +189,13 @@ class Run:
             return
         kept = []
         if start_step > 0 and self.metrics_path.exists():
-            for line in self.metrics_path.read_text().splitlines():
+            for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
                 except ValueError:
                     continue  # a line cut short by a kill
+                if not isinstance(rec, dict) or not isinstance(rec.get("step", 0), (int, float)):
+                    continue  # not a record malt writes
                 if rec.get("step", 0) <= start_step:  # what the checkpoint's run had logged by then
                     kept.append(line)
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
@@ -373,6 +395,16 @@ def hold_lock(directory: Path):
 USAGE = "usage: python train.py [--resume] [--quiet]"
 
 
+def damaged_message(bad: list) -> tuple[str, str]:
+    """The error for checkpoint folders without state.json (checkpoint.damaged), and its hint."""
+    names = ", ".join(str(p) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    return (f"{names} {'has' if len(bad) == 1 else 'have'} no state.json, which every checkpoint malt writes holds: "
+            f"{'it is' if len(bad) == 1 else 'they are'} damaged or partly copied, and training would skip or write over "
+            f"{'it' if len(bad) == 1 else 'them'}",
+            "put the missing state.json back (copy the whole checkpoint folder again), or move the folder out of "
+            "checkpoints/ to keep it, then run again")
+
+
 def start_run(directory: Path, name: str, recipe_hash: str, argv=None, rank: int = 0, world: int = 1) -> Run:
     """Parse the program's flags and check the run directory before any work is done."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -386,6 +418,9 @@ def start_run(directory: Path, name: str, recipe_hash: str, argv=None, rank: int
     from . import checkpoint
 
     resume = "--resume" in args
+    bad = checkpoint.damaged(directory)
+    if bad:
+        raise RunError(*damaged_message(bad))
     latest = checkpoint.latest(directory)
     if latest is not None and not resume:
         raise RunError(f"{directory} already holds a checkpoint (step {latest[0]:,}); starting over would overwrite it",
@@ -394,7 +429,7 @@ def start_run(directory: Path, name: str, recipe_hash: str, argv=None, rank: int
     if run.is_main:
         run.acquire()
         checkpoint.remove_unfinished(run)  # this process is now the directory's only writer: earlier writes that died are dead
-    run.resume_step = latest[0] if run.resume else 0
+    run.resume_step, run.resume_path = (latest[0], latest[1]) if run.resume else (0, None)
     if run.resume:  # metrics.jsonl's elapsed_s goes on from the checkpoint's (restore reports a corrupt one)
         try:
             run.elapsed_before = float(checkpoint.read_state(latest[1]).get("elapsed_s", 0.0))
@@ -547,6 +582,23 @@ def _land_pending_checkpoint() -> None:
         sys.stderr.write(f"error: a checkpoint written in the background failed: {type(e).__name__}: {e}\n")
 
 
+def describe_os_error(e: OSError) -> tuple[str, str]:
+    """(message, hint) for an operating-system error a user can act on: a full disk, a read-only or forbidden place."""
+    import errno
+
+    where = f": {e.filename}" if getattr(e, "filename", None) else ""
+    what = (e.strerror or str(e)) + where
+    room = ("free disk space there (or point MALT_CACHE_DIR, --run-dir or -o at a disk with room), then run the command "
+            "again: what is already written (data cache, checkpoints) is complete")
+    hints = {errno.ENOSPC: room, errno.EDQUOT: room,
+             errno.EFBIG: "the file system (or `ulimit -f`) refuses a file this large: use another disk, or lift the limit",
+             errno.EROFS: "that file system is read-only: choose a writable directory (--run-dir, -o, MALT_CACHE_DIR)",
+             errno.EACCES: "you may not write or read there: choose a directory you own, or fix its permissions",
+             errno.EPERM: "you may not write or read there: choose a directory you own, or fix its permissions",
+             errno.ENOTDIR: "a file stands where a folder is needed: move it, or choose another path"}
+    return what, hints.get(e.errno, "check that path and its disk, then run the command again")
+
+
 def _main_with_messages(main) -> None:
     from .data import DataError
 
@@ -577,6 +629,16 @@ def _main_with_messages(main) -> None:
                   f"\n{what} at step {saved:,}: saved; continue with --resume" if saved is not None else
                   f"\n{what}: checkpoints already written are complete; continue with --resume", file=sys.stderr)
         raise SystemExit(128 + signum)
+    except OSError as e:
+        who = f"[process {rank}] " if rank else ""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _PEER_LOST.search(str(e)):  # a socket to a process that ended
+            sys.stderr.write(f"{who}stopped: another process of the run ended; its message says why\n")
+            sys.stderr.flush()
+            raise SystemExit(PEER_LOST) from None
+        message, hint = describe_os_error(e)
+        sys.stderr.write(f"{who}error: {message}\n    hint: {hint}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
     except RuntimeError as e:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _PEER_LOST.search(str(e)):
             # another process of the run ended (its own message says why): this one's collective lost its peer

@@ -183,7 +183,9 @@ def check_tokenizer(path, tokenizer, log=print) -> None:
     if not tok_file.is_file():
         log(f"distill: {path} has no tokenizer.json; assuming the teacher uses this run's tokenizer")
         return
-    differ = differing_tokens(tok_file, tokenizer)
+    differ = differing_tokens(tok_file, tokenizer, "distill: the teacher's tokenizer",
+                              "copy the teacher's tokenizer.json back from a backup (a malt run's) or from where the "
+                              "model came from (a Hugging Face model's); distillation needs it to check the token ids")
     if differ:
         raise RunError(f"distill: the teacher's tokenizer ({tok_file}) differs from this run's: {len(differ):,} token(s) "
                        f"have another id or are missing there, e.g. {differ[:5]}",

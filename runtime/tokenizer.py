@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 from .sources import DataError, Source, _digest
 
-__all__ = ["KINDS", "build_tokenizer", "byte_tokenizer", "load_tokenizer", "tokenizer_hash",
+__all__ = ["KINDS", "build_tokenizer", "byte_tokenizer", "load_tokenizer", "read_tokenizer_file", "tokenizer_hash",
            "bytes_to_unicode"]
 
 KINDS = ("bpe", "unigram", "bytes", "file")
@@ -105,12 +105,41 @@ def load_tokenizer(path: str | os.PathLike, users: bool = False):
         raise DataError(f"cannot read tokenizer file {path}: {e}; {fix}") from None
 
 
-def differing_tokens(tok_file: str | os.PathLike, tokenizer) -> list[str]:
-    """Tokens of ``tokenizer`` that ``tok_file`` (another model's tokenizer.json) lacks or gives another id: empty when
-    every token this run can produce means, by its id, what it meant to that model."""
+def _reason(e: Exception) -> str:
+    """Why tokenizers could not read a file, in one short line ("expected value at line 1 column 1")."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+# the hint for a run directory's tokenizer.json that cannot be read (export, sample, resume)
+RUN_DIR_FIX = ("copy it back from a backup of the run, or let `malt run RECIPE --resume` write it again from the data "
+               "cache (the tokenizer `malt data RECIPE` names): it does so only when the cache's tokenizer gives the "
+               "token ids the checkpoint trained with")
+
+
+def read_tokenizer_file(path: str | os.PathLike, what: str = "the tokenizer file", fix: str | None = None):
+    """A tokenizers Tokenizer from a tokenizer.json malt did not just build: a run directory's, a distillation teacher's,
+    an init_from checkpoint's. A file tokenizers cannot read (not JSON, cut short, not a tokenizer, unreadable) is a
+    RunError (printed without a traceback) naming ``what`` and the file, saying it is corrupt or unreadable and, as its
+    hint, ``fix`` (default: copy it back from a backup)."""
     from tokenizers import Tokenizer
 
-    theirs = Tokenizer.from_file(str(tok_file)).get_vocab()
+    from .run import RunError
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001  tokenizers raises plain Exception subclasses; OSError for an unreadable file
+        raise RunError(f"{what} {path} is corrupt or unreadable ({_reason(e)})",
+                       fix or "copy it back from a backup (or from where it was copied from)") from None
+
+
+def differing_tokens(tok_file: str | os.PathLike, tokenizer, what: str = "the other model's tokenizer",
+                     fix: str | None = None) -> list[str]:
+    """Tokens of ``tokenizer`` that ``tok_file`` (another model's tokenizer.json) lacks or gives another id: empty when
+    every token this run can produce means, by its id, what it meant to that model. ``what``, ``fix``: said when
+    ``tok_file`` cannot be read (:func:`read_tokenizer_file`)."""
+    theirs = read_tokenizer_file(tok_file, what, fix).get_vocab()
     return sorted(t for t, i in tokenizer.get_vocab().items() if theirs.get(t) != i)
 
 
@@ -164,10 +193,19 @@ def _training_texts(sources: list[Source], max_chars: int) -> Iterator[str]:
         iters = alive
 
 
+def cache_read_only_error(cache_dir, reason: str, lacking: str) -> DataError:
+    """The error for a data cache this process cannot write (``reason``) that lacks what the run needs (``lacking``)."""
+    return DataError(f"cannot use {cache_dir} as malt's data cache: {lacking}, and this user cannot write there ({reason}); "
+                     "prepare the data where it can be written (`malt prepare RECIPE` by a user who can write it), or set "
+                     "MALT_CACHE_DIR to a directory this user can write (tokenizers and token shards go there)")
+
+
 def build_tokenizer(tspec: dict, sources: list[Source], cache_dir: Path, base_dir,
-                    log: Callable[[str], None] = print, hit_log: Callable[[str], None] | None = None):
+                    log: Callable[[str], None] = print, hit_log: Callable[[str], None] | None = None,
+                    read_only: str | None = None):
     """Return (tokenizer, path of its saved tokenizer.json, content hash, specials). ``hit_log``: where a cache hit
-    is said (default ``log``)."""
+    is said (default ``log``). ``read_only``: why the cache cannot be written (None: it can); the tokenizer must then
+    be in it already. A cached tokenizer.json that cannot be read is built again (it is derived data)."""
     tspec = dict(tspec or {})
     kind = tspec.get("kind", "bpe")
     if kind not in KINDS:
@@ -217,9 +255,21 @@ def build_tokenizer(tspec: dict, sources: list[Source], cache_dir: Path, base_di
     tdir = Path(cache_dir) / "tokenizers" / f"{kind}-{_digest(key)[:16]}"
     path = tdir / "tokenizer.json"
     if path.is_file():
-        tok = load_tokenizer(path)
-        (hit_log or log)(f"data: tokenizer cache hit ({kind}, vocab {tok.get_vocab_size():,}): {path}")
-        return tok, str(path), tokenizer_hash(path), specials
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001  malt's own derived file, cut short or overwritten: built again
+            reason = _reason(e)
+            if read_only:
+                raise cache_read_only_error(cache_dir, read_only,
+                                            f"its tokenizer {path} is corrupt or unreadable ({reason})") from None
+            log(f"data: the cached tokenizer {path} is corrupt or unreadable ({reason}); building it again")
+        else:
+            (hit_log or log)(f"data: tokenizer cache hit ({kind}, vocab {tok.get_vocab_size():,}): {path}")
+            return tok, str(path), tokenizer_hash(path), specials
+    if read_only:
+        raise cache_read_only_error(cache_dir, read_only, f"it lacks this recipe's tokenizer ({path})")
 
     t0 = time.time()
     if kind == "bytes":
