@@ -536,22 +536,30 @@ def _set_model(model: torch.nn.Module, tensors: dict, source) -> None:
                        "resume with the recipe that wrote it (same model shape)")
 
 
+def _way_out(path: Path) -> str:
+    """The hint for a damaged checkpoint ``path``: the one before it, if the run has one."""
+    older = [step for step, p in checkpoint_dirs(Path(path).parent.parent) if p != Path(path) and (p / "state.json").is_file()]
+    return (f"remove that checkpoint folder (or move it out of checkpoints/) to resume from step {older[-1]:,}, the one "
+            "before" if older else "remove that checkpoint folder (or move it out of checkpoints/); no older one is left: "
+            "the run trains again from step 0")
+
+
 def read_state(path: Path) -> dict:
     """A checkpoint's state.json, or a RunError that says it is corrupt."""
     try:
         state = json.loads((path / "state.json").read_text())
     except (ValueError, OSError) as e:
-        raise RunError(f"checkpoint {path / 'state.json'} is corrupt: {e}", "remove that checkpoint directory to resume from an older one")
+        raise RunError(f"checkpoint {path / 'state.json'} is corrupt: {e}", _way_out(path))
     missing = [k for k in ("format", "step", "recipe_hash", "optimizer") if k not in state] if isinstance(state, dict) else ["all"]
     if missing:
         raise RunError(f"checkpoint {path / 'state.json'} is corrupt: it lacks {', '.join(missing)}",
-                       "remove that checkpoint directory to resume from an older one")
+                       _way_out(path))
     opt = state["optimizer"]
     if not isinstance(opt, dict) or (opt.get("layout") != "dcp" and not (
             isinstance(opt.get("param_groups"), list) and all(isinstance(g, dict) for g in opt["param_groups"])
             and isinstance(opt.get("plain_state"), dict))):
         raise RunError(f"checkpoint {path / 'state.json'} is corrupt: its optimizer entry is not what malt writes",
-                       "remove that checkpoint directory to resume from an older one")
+                       _way_out(path))
     return state
 
 
@@ -584,7 +592,7 @@ def restore(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
             opt_tensors = load_file(str(path / "optimizer.safetensors"))
             rng = load_file(str(path / "rng.safetensors"))
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise RunError(f"checkpoint {path} cannot be read: {e}", "remove that checkpoint directory to resume from an older one")
+        raise RunError(f"checkpoint {path} cannot be read: {e}", _way_out(path))
     _set_model(model, tensors, path)
     if optimizer is not None:
         _load_optimizer(model, optimizer, state, opt_tensors)
@@ -600,17 +608,15 @@ def _refuse_not_finite(path: Path, model: torch.nn.Module, optimizer: torch.opti
     read back means its files were damaged since (disk, copy). Every process checks its shards (one all-reduce)."""
     what = not_finite(model.named_parameters(), optimizer_state(model, optimizer) if optimizer is not None else ())
     if what:
-        older = [step for step, p in checkpoint_dirs(path.parent.parent) if p != path and (p / "state.json").is_file()]
         raise RunError(f"checkpoint {path} is damaged: {what} (malt never writes such a checkpoint: its files changed "
-                       "since)", f"remove that checkpoint folder to resume from step {older[-1]:,}, the one before"
-                       if older else "remove that checkpoint folder and train again from step 0")
+                       "since)", _way_out(path))
 
 
 def _load_rng(path: Path) -> None:
     try:
         rng = load_file(str(path / "rng.safetensors"))
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise RunError(f"checkpoint {path} cannot be read: {e}", "remove that checkpoint directory to resume from an older one")
+        raise RunError(f"checkpoint {path} cannot be read: {e}", _way_out(path))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -658,7 +664,7 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         text = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:300] if str(cause).strip() else ''}"
         if isinstance(cause, (OSError, EOFError)) or any(w in text.lower() for w in ("unpickl", "corrupt", "no such file", "metadata")):
             raise RunError(f"sharded checkpoint {path} is corrupt or incomplete ({text})",
-                           "remove that checkpoint folder to resume from an older one") from None
+                           _way_out(path)) from None
         raise RunError(f"sharded checkpoint {path} cannot be loaded into this model: {text}",
                        "resume with the recipe that wrote it (same model shape), or remove that checkpoint to use an older one") from None
 

@@ -157,7 +157,11 @@ def load_teacher(path, kind: str, device, log=print) -> Teacher:
     except (OSError, ValueError, KeyError) as e:
         raise RunError(f"distill: cannot read the teacher's shape from {path}: {e}")
     teacher = Teacher(shape)
-    init_from(path, kind, teacher, None, log=lambda msg: log(msg.replace("init_from:", "distill: teacher", 1)))
+    try:
+        init_from(path, kind, teacher, None, log=lambda msg: log(msg.replace("init_from:", "distill: teacher", 1)))
+    except RunError as e:  # init_from's readers speak of init_from: here the file is the teacher's
+        raise RunError(e.message.replace("init_from:", "distill: teacher:", 1).replace("init_from ", "distill: teacher ", 1),
+                       e.hint) from None
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 

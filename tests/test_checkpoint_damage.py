@@ -220,3 +220,18 @@ def test_a_damaged_tokenizer_json_in_the_run_is_rewritten_when_the_checkpoint_vo
     again = start_run(tmp_path / "run", "t", "hash", argv=["--resume", "--quiet"])
     with pytest.raises(RunError, match="this run's tokenizer .*tokenizer.json is corrupt or unreadable"):
         again.adopt_tokenizer(path)
+
+
+def test_a_damaged_teacher_file_is_named_as_the_teachers(tmp_path):
+    """The teacher is read with init_from's readers, whose messages said 'init_from:' for a recipe without one."""
+    from transformers import LlamaConfig
+
+    from malt.runtime.teacher import load_teacher
+
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2).save_pretrained(tmp_path / "teacher")
+    (tmp_path / "teacher" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RunError) as info:
+        load_teacher(tmp_path / "teacher", "hf", "cpu", log=lambda m: None)
+    assert info.value.message.startswith("distill: teacher: ") and "cannot be read" in info.value.message
+    assert "init_from" not in info.value.message
