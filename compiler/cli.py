@@ -42,10 +42,33 @@ def _fail(message: str, hint: str | None = None, code: int = 1):
     raise typer.Exit(code)
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while a command works in this process (preparing data): raised as Ctrl-C is, so what is
+    being written is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_signals_interrupt():
+    """SIGTERM and SIGHUP raise _Stopped (a signal ignored, as under nohup, stays ignored); returns the old handlers."""
+    import signal
+
+    def handler(signum, frame):
+        raise _Stopped(signum)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)
+            if signal.getsignal(sig) is not signal.SIG_IGN}
+
+
 def _guard(fn):
     """Turn user errors into messages and exit codes (2 for recipe and data problems)."""
+    import signal
+
     from .diagnostics import RecipeError, UserError
 
+    old = _stop_signals_interrupt()
     try:
         return fn()
     except RecipeError as e:
@@ -56,10 +79,12 @@ def _guard(fn):
         raise typer.Exit(2)
     except UserError as e:
         _fail(e.message, e.hint, e.code)
-    except KeyboardInterrupt:  # Ctrl-C while this process works (preparing data): files are written whole or not at all
-        typer.echo("\ninterrupted: what is already written (data cache, checkpoints) is complete; run the command again to go on",
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP while this process works (preparing data): files are
+        signum = getattr(e, "signum", signal.SIGINT)  # written whole or not at all
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        typer.echo(f"\n{what}: what is already written (data cache, checkpoints) is complete; run the command again to go on",
                    err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(128 + signum)
     except OSError as e:
         from malt.runtime.run import describe_os_error
 
@@ -71,6 +96,9 @@ def _guard(fn):
         if isinstance(e, (DataError, RunError)):
             _fail(getattr(e, "message", str(e)), getattr(e, "hint", None), 2)
         raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def changed_fields(old_lock: str | None, new_lock: str | None, limit: int = 6) -> list[str]:

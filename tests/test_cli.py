@@ -301,3 +301,33 @@ def test_malt_data_warns_when_an_evaluation_reads_more_than_the_validation_split
     assert many.exit_code == 0
     assert (f"warning: an evaluation reads {batches * 256:,} tokens (train.eval_batches {batches} global batches) but the "
             f"validation split holds {held:,}") in many.stderr
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_during_a_command_is_said_like_ctrl_c(signame, capsys):
+    """SIGTERM or SIGHUP while malt prepares data in its own process (malt prepare, data, the start of malt run) ended
+    it at once, leaving temporary files; they now unwind as Ctrl-C does (what is being written is removed)."""
+    import os
+    import signal
+    import time
+
+    import typer
+
+    from malt.compiler.cli import _guard
+
+    sig = getattr(signal, signame)
+    before = signal.getsignal(sig)
+    cleaned = []
+
+    def work():
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)
+        finally:
+            cleaned.append(True)
+
+    with pytest.raises(typer.Exit) as exit_:
+        _guard(work)
+    assert exit_.value.exit_code == 128 + sig and cleaned == [True]
+    assert f"stopped by {signame}: what is already written (data cache, checkpoints) is complete" in capsys.readouterr().err
+    assert signal.getsignal(sig) is before
