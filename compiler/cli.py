@@ -101,6 +101,12 @@ def _guard(fn):
             signal.signal(sig, handler)
 
 
+def _said_kept(kept: list[str], directory: Path) -> None:
+    if kept:
+        typer.echo(f"note: {', '.join(kept)} in {directory}/: malt's files as edited by hand since it wrote them, kept "
+                   "before the new ones replaced them (the recipe is where a change lasts)", err=True)
+
+
 def changed_fields(old_lock: str | None, new_lock: str | None, limit: int = 6) -> list[str]:
     """'field: old → new' for the recipe fields (outside target) that differ between two recipe.lock.yaml texts."""
     import yaml
@@ -343,8 +349,9 @@ def compile_(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
 
         p, files = compile_files(recipe, target, set_)
         check_run_dir(target, p.recipe_hash, resume=None, lock=files.get("recipe.lock.yaml"))
-        write(files, target)
+        kept = write(files, target)
         typer.echo(f"wrote {target}/: train.py model.py launch.sh {'slurm.sbatch ' if p.nodes > 1 else ''}plan.json recipe.lock.yaml")
+        _said_kept(kept, target)
     _guard(go)
 
 
@@ -371,7 +378,7 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         check_run_dir(directory, p.recipe_hash, resume=resume, lock=files.get("recipe.lock.yaml"))
         from .render import write
 
-        write(files, directory)
+        _said_kept(write(files, directory), directory)
         where = p.device if p.world == 1 else f"{p.world} × {p.device}, {p.parallelism}"
         typer.echo(f"compiled {p.recipe_file} → {directory}/ ({p.estimates['params']:,} params, {p.steps:,} steps, {where}, {'pure_bf16' if p.master_weights == 'bf16' else p.precision})")
         if p.nodes > 1:  # one machine cannot start the other nodes' processes: say how to start them

@@ -220,6 +220,24 @@ def test_console_script_errors_without_traceback(recipe, tmp_path):
     assert "recipe file not found: missing.yaml" in r.stderr
 
 
+def test_compiling_again_keeps_a_copy_of_a_program_edited_by_hand(recipe, tmp_path):
+    """malt's own files are replaced by the next compile; one edited since malt wrote it (its sha256 is not the one
+    malt recorded in .malt-files.json) is first kept beside it as NAME.edited, and the command says so."""
+    path = recipe()
+    assert malt("compile", path, "-o", "out").exit_code == 0
+    train = tmp_path / "out" / "train.py"
+    original = train.read_text()
+    assert malt("compile", path, "-o", "out").exit_code == 0  # unchanged: nothing kept
+    assert not list((tmp_path / "out").glob("*.edited*"))
+    train.write_text(original.replace("LOG_EVERY = ", "LOG_EVERY = 1  # mine\nOLD_LOG_EVERY = ", 1))
+    edited = train.read_text()
+    for n, name in enumerate(["train.py.edited", "train.py.edited-2"]):
+        r = malt("compile", path, "-o", "out")
+        assert r.exit_code == 0 and f"note: {name} in out/: malt's files as edited by hand" in r.output, r.output
+        assert (tmp_path / "out" / name).read_text() == edited and train.read_text() == original
+        train.write_text(edited)
+
+
 def test_compile_never_replaces_files_malt_did_not_write(recipe, tmp_path):
     path = recipe()
     (tmp_path / "mine").mkdir()
