@@ -410,7 +410,8 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         own_group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}  # Python 3.10: no process_group
         child = subprocess.Popen(cmd, env=env, **own_group)
         forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
-                   for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+                   for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                   if signal.getsignal(sig) is not signal.SIG_IGN}  # nohup's SIGHUP stays ignored (the child's too)
         try:
             code = child.wait()
         finally:

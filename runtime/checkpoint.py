@@ -460,7 +460,8 @@ def remove_unfinished(run: Run) -> None:
     holds the run directory's lock (Run.acquire) is the only writer, so anything unfinished is dead."""
     if not run.checkpoints.is_dir():
         return
-    for d in sorted(run.checkpoints.glob(".tmp-step_*")) + sorted(run.checkpoints.glob(".old-step_*")):
+    for d in (sorted(run.checkpoints.glob(".tmp-step_*")) + sorted(run.checkpoints.glob(".old-step_*"))
+              + sorted(run.checkpoints.glob(".pruned-step_*"))):
         if not d.is_dir():
             continue
         m = re.fullmatch(r"\.(?:tmp|old)-(step_\d{8,})-.+", d.name)
@@ -518,8 +519,10 @@ def _finish(run: Run, step: int, tmp: Path, fields: dict, keep: int, extra: dict
     # prune: keep the newest `keep` complete checkpoints (folders of other names, or without state.json, are not malt's)
     done = [p for _, p in checkpoint_dirs(run.dir) if (p / "state.json").is_file()]
     for old in done[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+        if old != final:  # renamed out of the checkpoints' names first: a kill mid-delete leaves no half checkpoint
+            gone = ck / f".pruned-{old.name}-{os.getpid()}"
+            os.rename(old, gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
 
 def _set_model(model: torch.nn.Module, tensors: dict, source) -> None:

@@ -509,16 +509,22 @@ def entry(main) -> None:
     _leave(code)
 
 
+_IGNORED_AT_START: set | None = None  # stop signals this process was started with ignored
+
+
 def _on_stop_signals(handler) -> None:
-    """``handler`` for SIGTERM, SIGHUP (where the platform has it) and SIGINT (unless this process was started
-    with SIGINT ignored, as `nohup` and a shell's background jobs are)."""
+    """``handler`` for SIGTERM, SIGHUP (where the platform has it) and SIGINT, except a signal this process was
+    started with ignored: `nohup` ignores SIGHUP (a closed terminal must not stop the run), a shell's background
+    jobs SIGINT."""
     import signal
 
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
+    global _IGNORED_AT_START
+    stops = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None), signal.SIGINT) if s is not None]
+    if _IGNORED_AT_START is None:
+        _IGNORED_AT_START = {s for s in stops if signal.getsignal(s) is signal.SIG_IGN}
+    for sig in stops:
+        if sig not in _IGNORED_AT_START:
             signal.signal(sig, handler)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, handler)
 
 
 def _leave(code: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -235,3 +236,25 @@ def test_a_damaged_teacher_file_is_named_as_the_teachers(tmp_path):
         load_teacher(tmp_path / "teacher", "hf", "cpu", log=lambda m: None)
     assert info.value.message.startswith("distill: teacher: ") and "cannot be read" in info.value.message
     assert "init_from" not in info.value.message
+
+
+def test_a_kill_while_an_old_checkpoint_is_pruned_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """Pruning deleted the folder in place: a kill after its state.json went left a step folder without one, which a
+    resume then refused as damaged. It is renamed out of the checkpoints' names first; the next start removes it."""
+    import shutil
+
+    run, model, opt = saved(tmp_path, steps=(2, 4))
+    real = shutil.rmtree
+
+    def killed_mid_delete(path, *a, **k):
+        (Path(path) / "state.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(run, 6, model, opt, keep=2)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real)
+    assert checkpoint.damaged(tmp_path) == [] and checkpoint.latest(tmp_path)[0] == 6
+    again = start_run(tmp_path, "t", "hash", argv=["--resume", "--quiet"])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000004", "step_00000006"]
+    again._lock.close()

@@ -291,3 +291,31 @@ def test_a_process_of_several_exits_with_its_code(tmp_path, ending, code, err):
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == "trained"
     assert err in proc.stderr and ("Traceback" in proc.stderr) == (code == 1 and "bug" in err)
+
+
+def test_the_launcher_names_a_process_killed_by_sigkill(monkeypatch, capsys, tmp_path):
+    """A process of a multi-process run killed by the out-of-memory killer says nothing itself: the launcher names
+    the signal (it said 'exit code 137; its messages are above', and there were none)."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from malt.runtime import launch
+
+    def killed(args):
+        raise ChildFailedError("train.py", {0: ProcessFailure(0, 4242, -signal.SIGKILL, str(tmp_path / "none.json"))})
+
+    monkeypatch.setattr(torchrun, "run", killed)
+    assert launch.main(["--nproc_per_node", "2", "train.py"]) == 128 + signal.SIGKILL
+    err = capsys.readouterr().err
+    assert "launch: process 0 of the run was killed by SIGKILL (the kernel's out-of-memory killer" in err
+
+
+def test_a_run_started_under_nohup_keeps_ignoring_sighup(tmp_path):
+    """nohup ignores SIGHUP so that a closed terminal does not stop the run: the program's stop handlers and malt
+    run's forwarding left it ignored only for SIGINT; SIGHUP then stopped the run."""
+    code = ("import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+            "from malt.runtime.run import _on_stop_signals\n"
+            "_on_stop_signals(lambda *a: None); _on_stop_signals(signal.SIG_DFL)\n"
+            "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
