@@ -421,12 +421,9 @@ def run(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
                 child.terminate()
                 child.wait()
         if code < 0:  # ended by a signal it could not answer (SIGKILL: the out-of-memory killer, a scheduler's kill)
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            oom = " (the kernel's out-of-memory killer sends it when the machine runs out of memory)" if -code == signal.SIGKILL else ""
-            typer.echo(f"error: the training program was ended by {name}{oom}; the checkpoints already written are "
+            from malt.runtime.run import ended_by
+
+            typer.echo(f"error: the training program was ended by {ended_by(-code)}; the checkpoints already written are "
                        "complete: continue with --resume", err=True)
             raise typer.Exit(128 - code)
         if code:

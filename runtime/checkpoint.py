@@ -224,10 +224,8 @@ def save(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Opt
         rng = _rng_state()  # now: training goes on drawing from the generators while the thread writes
         if background:
             live = list(_live_tensors(model, optimizer))
-            if all(t.device.type == "cpu" for t in live):  # the state dicts hold the live tensors: copy all of them, into
-                kept = {}                                  # host buffers kept from the last checkpoint (no new memory)
-                tensors, opt_tensors = _host_copies([tensors, opt_tensors], _Staging.buffers, kept)
-                _Staging.buffers = kept
+            if all(t.device.type == "cpu" for t in live):  # the state dicts hold the live tensors: copy all of them
+                tensors, opt_tensors = _staged([tensors, opt_tensors])
             else:  # on a GPU they are host copies already, except state kept on the host (GaLore's step counters)
                 tensors, opt_tensors = _own_copies(tensors, live), _own_copies(opt_tensors, live)
             _start_writer(step, _write, run, step, tensors, opt_tensors, meta, keep, extra, rng)
@@ -339,6 +337,14 @@ def _host_copies(value, buffers: dict, kept: dict, key: str = ""):
     return old
 
 
+def _staged(value):
+    """``value`` with its tensors copied into the host buffers kept from the last checkpoint (_host_copies)."""
+    kept = {}
+    staged = _host_copies(value, _Staging.buffers, kept)
+    _Staging.buffers = kept
+    return staged
+
+
 def _staged_for_background(state: dict):
     """Host copies of this process's shards (``state``: DCP's state dicts) and the process group to write them over."""
     import torch.distributed as dist
@@ -350,10 +356,7 @@ def _staged_for_background(state: dict):
             raise RunError(f"cannot connect the processes for a checkpoint written in the background (a gloo process "
                            f"group): {e}", "set GLOO_SOCKET_IFNAME to the network interface the nodes reach each other "
                            "on, or write checkpoints in the foreground: train.checkpoint_writes: foreground") from None
-    kept = {}
-    staged = _host_copies(state, _Staging.buffers, kept)
-    _Staging.buffers = kept
-    return staged, _Staging.group
+    return _staged(state), _Staging.group
 
 
 def _save_sharded(run: Run, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: int,
@@ -542,9 +545,9 @@ def _set_model(model: torch.nn.Module, tensors: dict, source) -> None:
 def _way_out(path: Path) -> str:
     """The hint for a damaged checkpoint ``path``: the one before it, if the run has one."""
     older = [step for step, p in checkpoint_dirs(Path(path).parent.parent) if p != Path(path) and (p / "state.json").is_file()]
-    return (f"remove that checkpoint folder (or move it out of checkpoints/) to resume from step {older[-1]:,}, the one "
-            "before" if older else "remove that checkpoint folder (or move it out of checkpoints/); no older one is left: "
-            "the run trains again from step 0")
+    return (f"remove that checkpoint folder (or move it out of checkpoints/): resume, export and sample then read step "
+            f"{older[-1]:,}, the one before" if older else "remove that checkpoint folder (or move it out of checkpoints/); "
+            "no older one is left: the run trains again from step 0")
 
 
 def read_state(path: Path) -> dict:
@@ -800,9 +803,10 @@ def load_weights(run_dir: Path, model: torch.nn.Module) -> int:
     step, path = found
     if is_sharded(path):  # consolidated into this one unsharded model
         _load_sharded(path, model, None)
-        return step
-    try:
-        load_model(model, str(path / "model.safetensors"))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise RunError(f"checkpoint {path / 'model.safetensors'} cannot be read: {e}")
+    else:
+        try:
+            load_model(model, str(path / "model.safetensors"))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise RunError(f"checkpoint {path / 'model.safetensors'} cannot be read: {e}", _way_out(path))
+    _refuse_not_finite(path, model, None)  # export and sample: never a model that computes nan
     return step

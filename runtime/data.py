@@ -57,6 +57,7 @@ import numpy as np
 from . import packing as _packing
 from . import sources as _sources
 from .sources import DataError, Source, _digest, make_source
+from .run import pid_alive
 from .tokenizer import build_tokenizer, cache_read_only_error
 
 __all__ = ["prepare", "Dataset", "DataError", "Tokens", "default_workers"]
@@ -214,16 +215,6 @@ _TEMP_NAMES = (re.compile(r"[0-9a-f]{24}\.(?:tokens|index|hashes|prefix)\.npy\.(
 STALE_TEMP_SECONDS = 60  # a writer adds to its file every few seconds; an older one of a process not alive here is left over
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except PermissionError:  # another user's process
-        return True
-    except (ProcessLookupError, OverflowError, ValueError):  # none, or not a process id
-        return False
-    return True
-
-
 def _remove_stale_temp(cache: Path, log) -> None:
     """Remove what a prepare() stopped by SIGKILL or SIGTERM left: malt's temporary files (``*.<pid>.tmp``) whose
     process is not alive on this machine and which were last written more than STALE_TEMP_SECONDS ago (a writer on
@@ -239,7 +230,7 @@ def _remove_stale_temp(cache: Path, log) -> None:
         with contextlib.suppress(OSError):
             for f in folder.iterdir():
                 m = next((m for p in _TEMP_NAMES if (m := p.fullmatch(f.name))), None)
-                if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
                     continue
                 try:
                     st = f.stat()

@@ -24,7 +24,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from .run import RunError
+from .run import RunError, pid_alive
 
 
 def _not_found(path: Path) -> RunError:
@@ -82,8 +82,7 @@ def load_run_model(run_dir):
             model.set_rope(m["rope_theta"])
     else:
         model = module.Transformer()
-    load_weights(run_dir, model)
-    _refuse_not_finite(model, run_dir)  # export and sample: never a model that computes nan
+    load_weights(run_dir, model)  # refuses weights that hold nan or inf
     model.eval()
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
@@ -338,17 +337,6 @@ def _check_out(run_dir: Path, out: Path, force: bool) -> None:
                            "--force would delete them with it", hint)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (on this machine)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True  # another user's process: alive; a number no process can have is left alone too
-    return True
-
-
 def _remove_stale(out: Path) -> None:
     """Remove the temporary folders ``.NAME.tmp-PID`` (and ``.NAME.old-PID``, the previous export being replaced)
     beside ``out`` left by an export that was killed (SIGKILL, a power loss) before it could remove them: those whose
@@ -363,7 +351,7 @@ def _remove_stale(out: Path) -> None:
         if not m or not path.is_dir() or path.is_symlink():
             continue
         pid = int(m.group(2))
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():
@@ -446,39 +434,6 @@ def _write_error(out: Path, e: BaseException, nbytes: int | None) -> RunError:
                     "choose a writable directory with enough free space with -o, such as hf/NAME")
 
 
-def _refuse_not_finite(model, run_dir: Path) -> None:
-    """Refuse to export weights that hold nan or inf (a diverged run's, or a checkpoint damaged on disk): the exported
-    model would compute nan. The check malt's training makes before each checkpoint (stop_if_not_finite), here on
-    the loaded checkpoint."""
-    import torch
-
-    from .checkpoint import latest
-
-    seen, names, tensors = set(), [], []
-    for name, t in model.state_dict().items():  # a tied head is the embedding: checked (and named) once
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen or not t.is_floating_point() or not t.numel():
-            continue
-        seen.add(key)
-        names.append(name)
-        tensors.append(t.detach())
-    if not tensors:
-        return
-    bad = [n for n, m in zip(names, torch._foreach_norm(tensors, float("inf"))) if not m.isfinite()]
-    if not bad:
-        return
-    found = latest(run_dir)
-    where = f"checkpoint {found[1]}" if found else f"the checkpoint of {run_dir}"
-    older = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")
-                   if (p / "state.json").is_file() and found and p.name < found[1].name)
-    shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-    hint = ("the run diverged or the file is damaged; an older checkpoint may be finite (the run keeps "
-            "train.keep_checkpoints of them" + (f": {', '.join(older)}" if older else ", none older here") + "): to export "
-            "one, copy the run directory and remove the newer checkpoint folders from the copy, then export the copy")
-    raise RunError(f"{where} holds nan or inf in {len(bad)} of its {len(names)} weight tensors ({shown}): "
-                   "the exported model would compute nan; nothing was written", hint)
-
-
 def _check_run(run_dir: Path) -> None:
     """A run's files and a checkpoint are all there before anything is written; each error says what is missing."""
     from .checkpoint import latest
@@ -539,7 +494,7 @@ def _export(run_dir: Path, out: Path, force: bool, signals: _StopSignals) -> str
         raise _write_error(shown_out, e, None) from None
     nbytes = None
     try:
-        model, tokenizer, plan = load_run_model(run_dir)  # refuses weights that hold nan or inf
+        model, tokenizer, plan = load_run_model(run_dir)
         lock = read_lock(run_dir)
         eos_token, eos_id = end_of_text(tokenizer, lock)
         state = {}

@@ -26,18 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as e:
+        from .run import ended_by
+
         rank, code = cause(e.failures)
-        try:
-            name = signal.Signals(code - 128).name if code > 128 else None
-        except ValueError:
-            name = None
-        if name == "SIGKILL":  # no word of its own: the out-of-memory killer, or a scheduler's kill
-            print(f"launch: process {rank} of the run was killed by SIGKILL (the kernel's out-of-memory killer sends it "
-                  "when the machine runs out of memory); the checkpoints already written are complete: continue with "
-                  "--resume", file=sys.stderr)
+        if code == 128 + signal.SIGKILL:  # no word of its own: the out-of-memory killer, or a scheduler's kill
+            print(f"launch: process {rank} of the run was ended by {ended_by(signal.SIGKILL)}; the checkpoints already "
+                  "written are complete: continue with --resume", file=sys.stderr)
         else:
             print(f"launch: process {rank} of the run ended with exit code {code}"
-                  + (f" ({name})" if name else "") + "; its messages are above", file=sys.stderr)
+                  + (f" ({ended_by(code - 128)})" if code > 128 else "") + "; its messages are above", file=sys.stderr)
         return code or 1
     except SignalException as e:
         return 128 + int(e.sigval)

@@ -150,26 +150,26 @@ class Run:
         changed = ("the tokenizer built for this run now differs from the one its checkpoints trained with ({}): {}; the "
                    "tokenizer's training data (tokenizer.train_on) changed since the run started")
         hint = "restore the data files as they were to resume, or train a new run (without --resume)"
-        if self.resume and target.is_file():
+        kept = None  # the hash the checkpoint resumed from recorded (checkpoints of older malt versions have none)
+        if self.resume and self.resume_path is not None:
             from .checkpoint import state_of
+
+            kept = (state_of(self.resume_path) or {}).get("tokenizer_sha256")
+        if self.resume and target.is_file():
             from .tokenizer import RUN_DIR_FIX, differing_tokens
 
             try:
                 differ = differing_tokens(target, built, "this run's tokenizer", RUN_DIR_FIX)
             except RunError:
-                if not (state_of(self.resume_path) or {}).get("tokenizer_sha256"):
+                if not kept:
                     raise  # nothing else says which token ids the checkpoint trained with
                 self.log(f"{target} is damaged: the checkpoint's tokenizer_sha256 says whether the tokenizer is the same")
                 differ = []
             if differ:
                 raise RunError(changed.format(target, f"{len(differ):,} token(s) have another id, e.g. {differ[:5]}"), hint)
-        if self.resume and self.resume_path is not None:  # also when the run's tokenizer.json was lost: the checkpoint's hash
-            from .checkpoint import state_of
-
-            kept = (state_of(self.resume_path) or {}).get("tokenizer_sha256")
-            if kept and kept != self.tokenizer_sha256:
-                raise RunError(changed.format(self.resume_path / "state.json", "its token ids are not the ones the "
-                                              "checkpoint recorded (tokenizer_sha256)"), hint)
+        if kept and kept != self.tokenizer_sha256:  # also when the run's tokenizer.json was lost
+            raise RunError(changed.format(self.resume_path / "state.json", "its token ids are not the ones the "
+                                          "checkpoint recorded (tokenizer_sha256)"), hint)
         if not self.is_main:
             return
         tmp = self.dir / f".tokenizer.json.tmp-{os.getpid()}"
@@ -362,6 +362,29 @@ def _pid_in(fh) -> int:
     fh.seek(0)
     text = fh.read().strip()
     return int(text) if text.isdigit() else 0
+
+
+def ended_by(signum: int) -> str:
+    """A signal a process could not answer, named for a message: SIGKILL is most often the out-of-memory killer."""
+    import signal
+
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+    return name + (" (the kernel's out-of-memory killer sends it when the machine runs out of memory)"
+                   if signum == signal.SIGKILL else "")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's counts; a number no process can have does not)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    return True
 
 
 def lock_holder(directory: Path) -> int | None:

@@ -64,9 +64,11 @@ def run_program(run_dir: Path, cache: Path, *args: str, check: bool = True) -> s
 
 
 def hold_writes(monkeypatch, module, name: str):
-    """``module.name`` (a checkpoint writer's file or DCP save) blocked until the test sets the returned event: a
-    background checkpoint caught in flight. The caller sets it again at the end (and waits for the writer)."""
+    """A fixture's body: ``module.name`` (a checkpoint writer's file or DCP save) blocked until the test sets the
+    yielded event, a background checkpoint caught in flight; at the end the write is let go and waited for."""
     import threading
+
+    from malt.runtime import checkpoint
 
     gate, real = threading.Event(), getattr(module, name)
 
@@ -75,4 +77,6 @@ def hold_writes(monkeypatch, module, name: str):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, slow)
-    return gate
+    yield gate
+    gate.set()
+    checkpoint.wait(raise_error=False)

@@ -22,10 +22,7 @@ from .helpers import hold_writes, write_tiny_recipe
 @pytest.fixture
 def held(monkeypatch):
     """checkpoint's save_file blocked until the test lets it go: a write caught in flight."""
-    gate = hold_writes(monkeypatch, checkpoint, "save_file")
-    yield gate
-    gate.set()
-    checkpoint.wait(raise_error=False)
+    yield from hold_writes(monkeypatch, checkpoint, "save_file")
 
 
 def model_and_optimizer():

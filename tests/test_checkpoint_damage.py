@@ -97,7 +97,7 @@ def test_a_checkpoint_holding_nan_is_said_to_be_damaged(tmp_path):
     with pytest.raises(RunError) as info:
         checkpoint.restore(run, fresh, fresh_opt)
     assert "step_00000004 is damaged: 1 of the model's 6 weight tensors hold nan or inf (layers.1.weight)" in info.value.message
-    assert "resume from step 2, the one before" in info.value.hint
+    assert "resume, export and sample then read step 2, the one before" in info.value.hint
 
 
 def test_a_state_json_of_the_wrong_shape_is_corrupt_not_a_traceback(tmp_path):

@@ -188,10 +188,7 @@ def held_dcp(monkeypatch):
     """DCP's save blocked until the test lets it go: a sharded checkpoint caught in flight in its writer thread."""
     import torch.distributed.checkpoint as dcp
 
-    gate = hold_writes(monkeypatch, dcp, "save")
-    yield gate
-    gate.set()
-    checkpoint.wait(raise_error=False)
+    yield from hold_writes(monkeypatch, dcp, "save")
 
 
 def test_a_sharded_checkpoint_written_in_the_background_is_its_steps_state(tmp_path, held_dcp):

@@ -366,7 +366,7 @@ def test_cli_export_through_a_file_is_a_clear_error(llama_run, tmp_path):
 
 
 def test_export_refuses_weights_that_are_not_finite(llama_run, tmp_path):
-    """A checkpoint whose weights hold nan or inf (a diverged run's, bit rot) is refused: the message names the
+    """A checkpoint whose weights hold nan or inf (bit rot: malt never writes one) is refused: the message names the
     tensor and the checkpoint, the hint the run's older checkpoint; nothing is written."""
     from safetensors.torch import load_file, save_file
 
@@ -379,9 +379,9 @@ def test_export_refuses_weights_that_are_not_finite(llama_run, tmp_path):
     out = tmp_path / "hf"
     with pytest.raises(RunError) as e:
         export_hf(run_dir, out)
-    assert f"checkpoint {run_dir / 'checkpoints' / 'step_00000006'} holds nan or inf in 1 of its" in e.value.message
-    assert f"({name})" in e.value.message
-    assert "keep_checkpoints" in e.value.hint and "step_00000003" in e.value.hint
+    assert f"checkpoint {run_dir / 'checkpoints' / 'step_00000006'} is damaged: 1 of the model's" in e.value.message
+    assert f"weight tensors hold nan or inf ({name})" in e.value.message
+    assert "export and sample then read step 3, the one before" in e.value.hint
     assert not out.exists() and _hidden(tmp_path) == []
 
 

@@ -307,7 +307,7 @@ def test_the_launcher_names_a_process_killed_by_sigkill(monkeypatch, capsys, tmp
     monkeypatch.setattr(torchrun, "run", killed)
     assert launch.main(["--nproc_per_node", "2", "train.py"]) == 128 + signal.SIGKILL
     err = capsys.readouterr().err
-    assert "launch: process 0 of the run was killed by SIGKILL (the kernel's out-of-memory killer" in err
+    assert "launch: process 0 of the run was ended by SIGKILL (the kernel's out-of-memory killer" in err
 
 
 def test_a_run_started_under_nohup_keeps_ignoring_sighup(tmp_path):
