@@ -32,6 +32,7 @@ SDPA = "y = F.scaled_dot_product_attention(q, k, v, is_causal=True)"
 EXPLICIT = ("att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(HEAD_DIM))  # bench: explicit attention\n"
             "        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float(\"-inf\"))\n"
             "        y = att.softmax(dim=-1) @ v")
+BLOCKED = "y = causal_attention(q, k, v)"
 GROUPS = ["adamw", "attention", "vocab", "precision", "loss", "compile", "allocator"]
 
 
@@ -39,7 +40,7 @@ class Variant:
     """One model + optimizer built as the generated train.py builds them, and its training step."""
 
     def __init__(self, program: Path, adamw: str = "fused", precision: str | None = None, compile: str = "off",
-                 loss: str = "full", batch=None):
+                 loss: str = "chunked", batch=None):
         import torch
 
         self.train, self.model_mod = load_program(program)
@@ -55,9 +56,9 @@ class Variant:
         precision = precision or t.PRECISION
         self.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
         self.loss = loss
-        if compile == "model":          # the template today: forward = torch.compile(model)
+        if compile == "model":          # torch.compile(model), the loss on its logits outside (loss="full")
             self.forward = torch.compile(self.model)
-        elif compile == "model+loss":   # proposed: the loss asked of the (compiled) model, forward(x, y)
+        elif compile == "model+loss":   # as generated: the loss asked of the (compiled) model, forward(x, y)
             self.forward = torch.compile(self.model)
             self.loss = "in-model"
         else:
@@ -73,8 +74,9 @@ class Variant:
         for group in self.optimizer.param_groups:
             group["lr"] = t.lr_at(self.step_i)
         with self.autocast():
-            if self.loss == "full":
-                loss = t.loss_fn(self.forward(self.x), self.y)
+            if self.loss == "full":     # logits, then F.cross_entropy on them in fp32 (the program before the loss moved in)
+                logits = self.forward(self.x)
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.y.flatten())
             else:                       # "chunked" (eager) or "in-model" (compiled): the model computes it
                 loss = self.forward(self.x, self.y)
         loss.backward()
@@ -90,16 +92,26 @@ class Variant:
         self.first_step_s = time.perf_counter() - t
 
 
-def explicit_attention(program: Path) -> Path:
-    out = program.with_name(program.name + "-explicit-attention")
+def edited_copy(program: Path, suffix: str, line: str, replacement: str) -> Path:
+    """A copy of a program whose model.py has ``line`` replaced (an off-variant of a group)."""
+    out = program.with_name(program.name + suffix)
     out.mkdir(exist_ok=True)
     for name in ("train.py", "plan.json"):
         (out / name).write_text((program / name).read_text())
     text = (program / "model.py").read_text()
-    if SDPA not in text:
-        raise SystemExit(f"{program}/model.py has no line {SDPA!r}; update bench/ablate.py")
-    (out / "model.py").write_text(text.replace(SDPA, EXPLICIT))
+    if line not in text:
+        raise SystemExit(f"{program}/model.py has no line {line!r}; update bench/ablate.py")
+    (out / "model.py").write_text(text.replace(line, replacement))
     return out
+
+
+def explicit_attention(program: Path) -> Path:
+    return edited_copy(program, "-explicit-attention", SDPA, EXPLICIT)
+
+
+def sdpa_attention(program: Path) -> Path:
+    """choose_attention's blocked causal_attention (bf16 on a CPU with bf16 matmuls) replaced by SDPA."""
+    return edited_copy(program, "-sdpa", BLOCKED, SDPA)
 
 
 def batch_for(plan: dict, vocab: int | None = None):
@@ -175,6 +187,10 @@ def main():
         elif group == "attention":
             vs = {"explicit softmax(QKᵀ)V, causal mask": Variant(explicit_attention(fp32), batch=batch),
                   "SDPA is_causal": Variant(fp32, batch=batch)}
+            rows += measure(group, vs, args.reps, args.warmup, tokens)
+            # bf16 on a CPU with bf16 matmuls: choose_attention's blocked causal_attention (bench/attention.py)
+            vs = {"bf16, SDPA is_causal": Variant(sdpa_attention(bf16), batch=batch),
+                  "bf16, causal_attention (blocked, generated)": Variant(bf16, batch=batch)}
         elif group == "vocab":
             b = batch_for(plan, odd)
             vs = {f"vocab {plan_of(p1)['model']['padded_vocab']} (unpadded)": Variant(p1, batch=b),
@@ -182,16 +198,16 @@ def main():
         elif group == "precision":
             vs = {"fp32": Variant(fp32, batch=batch), "bf16 autocast": Variant(bf16, batch=batch)}
         elif group == "loss":
-            vs = {"fp32, logits + F.cross_entropy": Variant(fp32, batch=batch),
-                  "fp32, chunked (proposed)": Variant(fp32, loss="chunked", batch=batch)}
+            vs = {"fp32, logits + F.cross_entropy": Variant(fp32, loss="full", batch=batch),
+                  "fp32, chunked (generated)": Variant(fp32, loss="chunked", batch=batch)}
             rows += measure(group, vs, args.reps, args.warmup, tokens)
-            vs = {"bf16, logits + F.cross_entropy": Variant(bf16, batch=batch),
-                  "bf16, chunked (proposed)": Variant(bf16, loss="chunked", batch=batch)}
+            vs = {"bf16, logits + F.cross_entropy": Variant(bf16, loss="full", batch=batch),
+                  "bf16, chunked (generated)": Variant(bf16, loss="chunked", batch=batch)}
         elif group == "compile":
             for prog, prec in ((fp32, "fp32"), (bf16, "bf16")):
                 vs = {f"{prec} eager": Variant(prog, batch=batch),
-                      f"{prec} compile(model) (template)": Variant(prog, compile="model", batch=batch),
-                      f"{prec} compile(model + loss) (proposed)": Variant(prog, compile="model+loss", batch=batch)}
+                      f"{prec} compile(model), loss outside": Variant(prog, compile="model", loss="full", batch=batch),
+                      f"{prec} compile(model + loss) (generated)": Variant(prog, compile="model+loss", batch=batch)}
                 rows += measure(group, vs, args.reps, args.warmup, tokens)
             continue
         elif group == "allocator":

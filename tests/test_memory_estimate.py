@@ -80,12 +80,16 @@ def measured_peak(directory: Path, bf16: bool, mask_rate: float | None = None, r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision, checkpointing", [("fp32", "none"), ("bf16", "none"), ("bf16", "selective"), ("bf16", "full")])
-def test_the_plans_activations_are_what_a_step_keeps(tmp_path, precision, checkpointing):
+@pytest.mark.parametrize("precision, checkpointing, cpu_bf16", [
+    ("fp32", "none", False), ("bf16", "none", False), ("bf16", "selective", False), ("bf16", "full", False),
+    # a CPU with bf16 matmuls: choose_attention's blocked causal attention keeps each block's probabilities
+    ("bf16", "none", True), ("bf16", "full", True)])
+def test_the_plans_activations_are_what_a_step_keeps(tmp_path, precision, checkpointing, cpu_bf16):
     out = tmp_path / "build"
-    plan = compile_to(ROOT / "recipes" / "tiny.yaml", out, host=Host(), sets=[
+    plan = compile_to(ROOT / "recipes" / "tiny.yaml", out, host=Host(cpu_bf16=cpu_bf16), sets=[
         f"target.precision={precision}", "target.compile=off", "target.accelerator=cpu", "train.micro_batch=16",
         f"target.activation_checkpointing={checkpointing}"])
+    assert (plan.attention == "blocked_causal") == cpu_bf16
     memory = plan.estimates["memory_per_device_bytes"]
     before, peak = measured_peak(out, bf16=precision == "bf16")
     state = memory["weights"] + memory["optimizer"]

@@ -6,6 +6,10 @@
   something); elsewhere SDPA with an explicit boolean mask, because FlexAttention has no CPU backward.
 - prefix_lm, span_corruption, ul2: a bidirectional prefix per row: on cuda FlexAttention with a block mask from each
   row's prefix length; elsewhere SDPA with an explicit boolean prefix-LM mask.
+- concat packing on a CPU that multiplies bf16 natively, bf16 precision, seq_len <= 512: causal attention written as
+  batched matmuls, 128 queries at a time against only the keys they may see (`causal_attention` in model.py):
+  1.2-1.8× SDPA's CPU kernel there (forward and backward, bench/attention.py), whose bf16 path does not use the
+  CPU's bf16 matmuls; it keeps each block's probabilities for the backward (mask_bytes in estimate.py).
 - model.sliding_window W (any packing): position i attends to j when i - W < j <= i (and, with document masks, j
   in i's document). On cuda FlexAttention with a block mask from that rule (blocks outside every window are
   skipped); elsewhere SDPA with the explicit boolean mask.
@@ -17,6 +21,14 @@ from ..objectives import PREFIX_OBJECTIVES, seq_lens
 from ..plan import Plan
 
 BLOCK = 128  # FlexAttention's block size (create_block_mask's default)
+QUERY_BLOCK = 128     # queries per block of the generated causal_attention (bench/attention.py: 64 and 256 are slower)
+BLOCKED_MAX_SEQ = 512  # the longest seq_len where it beats SDPA's CPU kernel (bench/attention.py: level at 1024, slower at 2048)
+
+
+def blocked_scores(seq_len: int, block: int = QUERY_BLOCK) -> int:
+    """Query-key pairs causal_attention computes for one row and head: each block of queries against every key up
+    to its last (the diagonal block's future keys are computed and masked)."""
+    return sum((min(s + block, seq_len) - s) * min(s + block, seq_len) for s in range(0, seq_len, block))
 
 
 def window_blocks(seq_len: int, window: int) -> tuple[int, int]:
@@ -90,6 +102,14 @@ def run(plan: Plan) -> Plan:
                            "causal_lm with concat packing on tpu: scaled_dot_product_attention(is_causal=True), which XLA lowers "
                            "to matmuls and a masked softmax fused into the step graph (no seq×seq mask tensor in the program)",
                            attention="sdpa_causal")
+    T = max(seq_lens(plan.recipe))
+    if plan.device == "cpu" and plan.precision == "bf16" and plan.host.cpu_bf16 and T <= BLOCKED_MAX_SEQ:
+        return plan.decide("attention", "blocked_causal",
+                           f"causal_lm with concat packing, bf16 on a CPU with bf16 matmuls, seq_len {T} <= {BLOCKED_MAX_SEQ}: "
+                           f"causal attention as batched matmuls, {QUERY_BLOCK} queries at a time against only the keys they may "
+                           "see (fp32 scores, bf16 probabilities times values): 1.2-1.8× scaled_dot_product_attention's CPU "
+                           "kernel at these lengths (bench/attention.py); it keeps each block's probabilities for the backward",
+                           attention="blocked_causal")
     return plan.decide("attention", "sdpa_causal",
                        "causal_lm with concat packing needs only a causal mask: scaled_dot_product_attention(is_causal=True) "
                        "picks flash/memory-efficient kernels and never builds a seq×seq mask", attention="sdpa_causal")

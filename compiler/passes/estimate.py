@@ -8,6 +8,7 @@ from ..estimates import CHIPS, LOSS_CHUNK, activation_bytes, cpu_chip, flops_per
 from .. import encoder
 from ..objectives import seq_lens, teacher_costs
 from ..plan import Plan
+from .choose_attention import blocked_scores
 
 
 def chip_of(plan: Plan):
@@ -36,7 +37,13 @@ def mask_bytes(plan: Plan, micro_batch: int, seq_len: int, checkpointing: str = 
     makes of a bool mask in each layer and keeps for that layer's backward (measured on this CPU: 8 MiB a layer
     at 4 × 1024² in bf16; with full checkpointing one layer's at a time); sdpa_alibi, the (batch, heads, T, T)
     fp32 ALiBi bias with padding at -inf (ELECTRA's generator has its own). Causal SDPA, FlexAttention's block
-    mask and unmasked encoders keep no (T, T) tensor."""
+    mask and unmasked encoders keep no (T, T) tensor. blocked_causal (the generated causal_attention) keeps each
+    query block's probabilities, fp32 for the softmax's backward and bf16 for the product with v, and fp32 copies of
+    q and k for the scores' backward, in every layer (one with full checkpointing)."""
+    if plan.attention == "blocked_causal":
+        layers = 1 if checkpointing == "full" else (plan.n_layers or plan.recipe.model.n_layers)
+        heads = plan.recipe.model.n_heads
+        return layers * micro_batch * heads * (blocked_scores(seq_len) * (4 + 2) + 2 * seq_len * plan.head_dim * 4)
     if plan.attention == "sdpa_mask":
         shared = plan.recipe.model.sliding_window is not None and plan.recipe.data.packing == "concat"
         elements = (1 if shared else micro_batch) * seq_len * seq_len
