@@ -35,7 +35,11 @@ def plan_of(make_recipe, tmp_path, overrides=None, host=BF16_CPU, sets=()):
     (["target.precision=bf16", f"train.seq_len={BLOCKED_MAX_SEQ + 1}"], BF16_CPU, "sdpa_causal"),  # measured slower from 1024
     (["target.precision=fp32"], BF16_CPU, "sdpa_causal"),                # level with SDPA in fp32 (bench/attention.py)
     (["target.precision=bf16"], Host(), "sdpa_causal"),                  # bf16 emulated: not measured, SDPA
-    (["target.precision=bf16", "data.packing=document"], BF16_CPU, "sdpa_mask"),
+    (["target.precision=bf16", "data.packing=document"], BF16_CPU, "blocked_causal"),   # with the document mask
+    (["target.precision=bf16", "data.packing=best_fit"], BF16_CPU, "blocked_causal"),
+    (["target.precision=bf16", "model.sliding_window=16"], BF16_CPU, "blocked_causal"),  # with the window's mask
+    (["target.precision=fp32", "data.packing=document"], BF16_CPU, "sdpa_mask"),
+    (["target.precision=bf16", "objective.kind=prefix_lm"], BF16_CPU, "sdpa_mask"),      # a prefix sees later keys
     (["target.precision=bf16", "target.accelerator=auto"], H100, "sdpa_causal"),
 ])
 def test_choose_attention_takes_blocked_only_where_it_was_measured_faster(make_recipe, tmp_path, sets, host, want):
@@ -43,7 +47,8 @@ def test_choose_attention_takes_blocked_only_where_it_was_measured_faster(make_r
     assert plan.attention == want
     text = (tmp_path / "build" / "model.py").read_text()
     assert ("def causal_attention(" in text) == (want == "blocked_causal")
-    assert ("y = causal_attention(q, k, v)" in text) == (want == "blocked_causal")
+    masked = any(x.startswith(("data.packing", "model.sliding_window")) for x in sets)
+    assert ("y = causal_attention(q, k, v" + (", mask)" if masked else ")") in text) == (want == "blocked_causal")
     if want == "blocked_causal":
         reason = next(d.reason for d in plan.decisions if d.name == "attention")
         assert "bench/attention.py" in reason and f"{QUERY_BLOCK} queries at a time" in reason
@@ -110,9 +115,20 @@ def test_logits_match_transformers(shape, make_recipe, load_model_module, tmp_pa
                                            msg=lambda m: f"{shape}, {x.shape[1]} tokens, vs {model_type} ({attn}): {m}")
 
 
-def _attention(make_recipe, load_model_module, tmp_path, gqa=False):
+def test_the_plan_counts_the_mask_and_its_negations(make_recipe, tmp_path):
+    """With document masks: the (batch, 1, T, T) bool mask once, and each layer's negated blocks (masked_fill keeps them)."""
+    sets = ["target.precision=bf16", "train.seq_len=256", "train.micro_batch=4"]
+    plain = plan_of(make_recipe, tmp_path / "a", sets=sets)
+    docs = plan_of(make_recipe, tmp_path / "b", sets=sets + ["data.packing=document"])
+    assert (plain.attention, docs.attention) == ("blocked_causal", "blocked_causal")
+    a = plain.estimates["memory_per_device_bytes"]["activations"]
+    b = docs.estimates["memory_per_device_bytes"]["activations"]
+    assert b - a == 4 * 256 * 256 + 2 * 4 * blocked_scores(256)
+
+
+def _attention(make_recipe, load_model_module, tmp_path, gqa=False, masked=False):
     overrides = {"model": {"d_model": 128, "n_layers": 1, "n_heads": 8, "n_kv_heads": 2 if gqa else 8, "d_ff": 128},
-                 "train": {"seq_len": 320}, **BF16}
+                 "train": {"seq_len": 320}, **BF16, **({"data": {"packing": "document"}} if masked else {})}
     plan_of(make_recipe, tmp_path, overrides)
     return load_model_module(tmp_path / "build").causal_attention
 
@@ -155,3 +171,23 @@ def test_bf16_error_is_no_larger_than_sdpas(make_recipe, load_model_module, tmp_
     for name, g, s, r in zip(("output", "dq", "dk", "dv"), got, sdpa, ref):
         err, sdpa_err = ((g - r).norm() / r.norm()).item(), ((s - r).norm() / r.norm()).item()
         assert err <= 1.5 * sdpa_err + 1e-4, f"{name}: blocked {err:.2e}, SDPA {sdpa_err:.2e}"
+
+
+def test_masks_equal_sdpa_with_the_same_mask(make_recipe, load_model_module, tmp_path):
+    """Across three query blocks in fp32: documents (batch, 1, T, T) and a window (1, 1, T, T), outputs and gradients."""
+    attention = _attention(make_recipe, load_model_module, tmp_path, masked=True)
+    B, T = 2, 320
+    q, k, v, do = _qkv(B, 8, 8, T, 16, torch.float32)
+    ids = torch.cumsum(torch.rand(B, T, generator=torch.Generator().manual_seed(4)) < 0.02, dim=1)
+    pos = torch.arange(T)
+    causal = pos[None, :] <= pos[:, None]
+    documents = (causal & (ids[:, :, None] == ids[:, None, :]))[:, None]
+    window = (causal & (pos[:, None] - pos[None, :] < 40))[None, None]
+    assert int(ids[:, -1].min()) >= 3  # several documents a row
+    for mask in (documents, window):
+        got = _forward_backward(attention, q, k, v, do, torch.float32, mask=mask)
+        want = _forward_backward(F.scaled_dot_product_attention, q, k, v, do, torch.float32, attn_mask=mask)
+        for name, g, w in zip(("output", "dq", "dk", "dv"), got, want):
+            torch.testing.assert_close(g, w, atol=2e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        # the test can fail: without the mask the rows see other documents / keys outside the window
+        assert (_forward_backward(attention, q, k, v, do, torch.float32)[0] - want[0]).abs().max() > 1e-2

@@ -45,10 +45,17 @@ def build(make_recipe, load_model_module, tmp_path, overrides, packing="document
     return plan, module, model
 
 
+# the CPU kernels of document masks: SDPA with the mask, and (bf16 on a CPU with bf16 matmuls) the generated
+# causal_attention with it; the models run in fp32 here, where both must be exact
+KERNELS = {"sdpa_mask": (Host(), []), "blocked_causal": (Host(cpu_bf16=True), ["target.precision=bf16"])}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_each_documents_logits_equal_running_it_alone(make_recipe, load_model_module, tmp_path, shape):
-    plan, _, model = build(make_recipe, load_model_module, tmp_path, SHAPES[shape])
-    assert plan.attention == "sdpa_mask"
+def test_each_documents_logits_equal_running_it_alone(make_recipe, load_model_module, tmp_path, shape, kernel):
+    host, sets = KERNELS[kernel]
+    plan, _, model = build(make_recipe, load_model_module, tmp_path, SHAPES[shape], host=host, sets=sets)
+    assert plan.attention == kernel
     lengths = [7, 1, 12, 12]               # a one-token document (only its EOS) among them; 32 = seq_len
     x, ids, docs = packed_row(lengths)
     with torch.no_grad():
@@ -64,9 +71,13 @@ def test_each_documents_logits_equal_running_it_alone(make_recipe, load_model_mo
     torch.testing.assert_close(plain[:7], packed[:7], rtol=1e-5, atol=1e-5)
 
 
-def test_padding_and_two_rows(make_recipe, load_model_module, tmp_path):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_padding_and_two_rows(make_recipe, load_model_module, tmp_path, kernel):
     """best_fit rows: documents, then padding with an id of its own; rows packed differently."""
-    _, _, model = build(make_recipe, load_model_module, tmp_path, SHAPES["gqa_untied"], packing="best_fit")
+    host, sets = KERNELS[kernel]
+    plan, _, model = build(make_recipe, load_model_module, tmp_path, SHAPES["gqa_untied"], packing="best_fit", host=host,
+                           sets=sets)
+    assert plan.attention == kernel
     x0, ids0, docs0 = packed_row([10, 15], seed=1)
     x1, ids1, docs1 = packed_row([20, 3, 9], seed=2)
     pad = torch.full((1, 7), EOS_ID)

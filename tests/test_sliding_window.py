@@ -110,12 +110,19 @@ def test_mask_is_transformers_sliding_window_mask(make_recipe, load_model_module
     assert int(mask[0, 0].sum(1).max()) == W
 
 
+# the CPU kernels of a window: SDPA with the mask, and (bf16 on a CPU with bf16 matmuls) the generated
+# causal_attention with it; the models run in fp32 here, where both must be exact
+KERNELS = {"sdpa_mask": (Host(), []), "blocked_causal": (Host(cpu_bf16=True), ["target.precision=bf16"])}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_logits_match_transformers(make_recipe, load_model_module, tmp_path, shape, attn):
+def test_logits_match_transformers(make_recipe, load_model_module, tmp_path, shape, attn, kernel):
     model, want_arch = SHAPES[shape]
-    plan, _, net = build(make_recipe, load_model_module, tmp_path / "w", model)
-    assert plan.attention == "sdpa_mask"
+    host, sets = KERNELS[kernel]
+    plan, _, net = build(make_recipe, load_model_module, tmp_path / "w", model, host=host, sets=sets)
+    assert plan.attention == kernel
     arch, hf = hf_model(plan, net, attn)
     assert arch == want_arch and type(hf).__name__ == want_arch and hf.config.sliding_window == W
     gen = torch.Generator().manual_seed(2)
@@ -137,10 +144,13 @@ def test_logits_match_transformers(make_recipe, load_model_module, tmp_path, sha
 # --------------------------------------------------------------------------- document packing
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("packing", ["document", "best_fit"])
-def test_each_documents_logits_equal_running_it_alone(make_recipe, load_model_module, tmp_path, packing):
-    plan, module, net = build(make_recipe, load_model_module, tmp_path / "w", SHAPES["gqa_untied"][0], packing=packing)
-    assert plan.attention == "sdpa_mask"
+def test_each_documents_logits_equal_running_it_alone(make_recipe, load_model_module, tmp_path, packing, kernel):
+    host, sets = KERNELS[kernel]
+    plan, module, net = build(make_recipe, load_model_module, tmp_path / "w", SHAPES["gqa_untied"][0], packing=packing,
+                              host=host, sets=sets)
+    assert plan.attention == kernel
     lengths = [19, 1, 9, 3]                # documents longer and shorter than the window, a one-token one; 32 = seq_len
     x, ids, docs = packed_row(lengths)
     x1, ids1, docs1 = packed_row([14, 11], seed=3)

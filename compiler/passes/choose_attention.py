@@ -6,8 +6,9 @@
   something); elsewhere SDPA with an explicit boolean mask, because FlexAttention has no CPU backward.
 - prefix_lm, span_corruption, ul2: a bidirectional prefix per row: on cuda FlexAttention with a block mask from each
   row's prefix length; elsewhere SDPA with an explicit boolean prefix-LM mask.
-- concat packing on a CPU that multiplies bf16 natively, bf16 precision, seq_len <= 512: causal attention written as
-  batched matmuls, 128 queries at a time against only the keys they may see (`causal_attention` in model.py):
+- bf16 on a CPU that multiplies bf16 natively, seq_len <= 512, concat or document packing or a sliding window (every
+  mask here never lets a query see a later key): attention written as batched matmuls, 128 queries at a time against
+  only the keys up to the block's last query (`causal_attention` in model.py, with the explicit mask if any):
   1.2-1.8× SDPA's CPU kernel there (forward and backward, bench/attention.py), whose bf16 path does not use the
   CPU's bf16 matmuls; it keeps each block's probabilities for the backward (mask_bytes in estimate.py).
 - model.sliding_window W (any packing): position i attends to j when i - W < j <= i (and, with document masks, j
@@ -29,6 +30,18 @@ def blocked_scores(seq_len: int, block: int = QUERY_BLOCK) -> int:
     """Query-key pairs causal_attention computes for one row and head: each block of queries against every key up
     to its last (the diagonal block's future keys are computed and masked)."""
     return sum((min(s + block, seq_len) - s) * min(s + block, seq_len) for s in range(0, seq_len, block))
+
+
+def cpu_blocked(plan: Plan) -> bool:
+    """Whether the generated causal_attention beats SDPA here: bf16 on a CPU with bf16 matmuls, seq_len <= 512."""
+    return (plan.device == "cpu" and plan.precision == "bf16" and plan.host.cpu_bf16
+            and max(seq_lens(plan.recipe)) <= BLOCKED_MAX_SEQ)
+
+
+BLOCKED_WHY = (f"bf16 on a CPU with bf16 matmuls, seq_len <= {BLOCKED_MAX_SEQ}: attention as batched matmuls, {QUERY_BLOCK} "
+               "queries at a time against only the keys up to the block's last (fp32 scores, bf16 probabilities times "
+               "values): 1.2-1.8× scaled_dot_product_attention's CPU kernel at these lengths (bench/attention.py); it keeps "
+               "each block's probabilities for the backward")
 
 
 def window_blocks(seq_len: int, window: int) -> tuple[int, int]:
@@ -53,6 +66,9 @@ def _sliding_window(plan: Plan, window: int) -> Plan:
                            f"{BLOCK}×{BLOCK} blocks that hold a pair inside a window (at seq_len {T}: at most {touched} of the "
                            f"{causal} causal blocks) and skips the rest; other lengths than the run's (sampling) take "
                            "scaled_dot_product_attention with the same rule as a dense mask", attention="flex")
+    if cpu_blocked(plan):
+        return plan.decide("attention", "blocked_causal", f"{rule}, as an explicit ({'batch' if docs else '1'}, 1, seq, seq) "
+                           f"boolean mask; {BLOCKED_WHY}", attention="blocked_causal")
     return plan.decide("attention", "sdpa_mask",
                        f"{rule}: scaled_dot_product_attention with an explicit ({'batch' if docs else '1'}, 1, seq, seq) "
                        f"boolean mask; FlexAttention has no backward on {plan.device}", attention="sdpa_mask")
@@ -93,6 +109,10 @@ def run(plan: Plan) -> Plan:
                                f"data.packing {packing} on cuda: FlexAttention with a block mask built from the document ids "
                                "computes only the 128×128 blocks where a token may see another of its document and skips "
                                "the rest (a dense seq×seq mask would rule out the flash kernel)", attention="flex")
+        if cpu_blocked(plan):
+            return plan.decide("attention", "blocked_causal",
+                               f"data.packing {packing} on cpu: an explicit (batch, 1, seq, seq) boolean block-diagonal causal "
+                               f"mask; {BLOCKED_WHY}", attention="blocked_causal")
         return plan.decide("attention", "sdpa_mask",
                            f"data.packing {packing} on {plan.device}: scaled_dot_product_attention with an explicit "
                            "(batch, 1, seq, seq) boolean block-diagonal causal mask; FlexAttention has no backward "
@@ -102,14 +122,8 @@ def run(plan: Plan) -> Plan:
                            "causal_lm with concat packing on tpu: scaled_dot_product_attention(is_causal=True), which XLA lowers "
                            "to matmuls and a masked softmax fused into the step graph (no seq×seq mask tensor in the program)",
                            attention="sdpa_causal")
-    T = max(seq_lens(plan.recipe))
-    if plan.device == "cpu" and plan.precision == "bf16" and plan.host.cpu_bf16 and T <= BLOCKED_MAX_SEQ:
-        return plan.decide("attention", "blocked_causal",
-                           f"causal_lm with concat packing, bf16 on a CPU with bf16 matmuls, seq_len {T} <= {BLOCKED_MAX_SEQ}: "
-                           f"causal attention as batched matmuls, {QUERY_BLOCK} queries at a time against only the keys they may "
-                           "see (fp32 scores, bf16 probabilities times values): 1.2-1.8× scaled_dot_product_attention's CPU "
-                           "kernel at these lengths (bench/attention.py); it keeps each block's probabilities for the backward",
-                           attention="blocked_causal")
+    if cpu_blocked(plan):
+        return plan.decide("attention", "blocked_causal", f"causal_lm with concat packing, {BLOCKED_WHY}", attention="blocked_causal")
     return plan.decide("attention", "sdpa_causal",
                        "causal_lm with concat packing needs only a causal mask: scaled_dot_product_attention(is_causal=True) "
                        "picks flash/memory-efficient kernels and never builds a seq×seq mask", attention="sdpa_causal")
