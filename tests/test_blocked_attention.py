@@ -34,6 +34,7 @@ def plan_of(make_recipe, tmp_path, overrides=None, host=BF16_CPU, sets=()):
     (["target.precision=bf16", f"train.seq_len={BLOCKED_MAX_SEQ}"], BF16_CPU, "blocked_causal"),
     (["target.precision=bf16", f"train.seq_len={BLOCKED_MAX_SEQ + 1}"], BF16_CPU, "sdpa_causal"),  # measured slower from 1024
     (["target.precision=fp32"], BF16_CPU, "sdpa_causal"),                # level with SDPA in fp32 (bench/attention.py)
+    (["target.precision=bf16", "target.compile=on"], BF16_CPU, "sdpa_causal"),  # longer cold compiles, not costed
     (["target.precision=bf16"], Host(), "sdpa_causal"),                  # bf16 emulated: not measured, SDPA
     (["target.precision=bf16", "data.packing=document"], BF16_CPU, "blocked_causal"),   # with the document mask
     (["target.precision=bf16", "data.packing=best_fit"], BF16_CPU, "blocked_causal"),

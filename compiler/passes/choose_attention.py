@@ -6,7 +6,7 @@
   something); elsewhere SDPA with an explicit boolean mask, because FlexAttention has no CPU backward.
 - prefix_lm, span_corruption, ul2: a bidirectional prefix per row: on cuda FlexAttention with a block mask from each
   row's prefix length; elsewhere SDPA with an explicit boolean prefix-LM mask.
-- bf16 on a CPU that multiplies bf16 natively, seq_len <= 512, concat or document packing or a sliding window (every
+- bf16 on a CPU that multiplies bf16 natively, seq_len <= 512, eager, concat or document packing or a sliding window (every
   mask here never lets a query see a later key): attention written as batched matmuls, 128 queries at a time against
   only the keys up to the block's last query (`causal_attention` in model.py, with the explicit mask if any):
   1.2-1.8× SDPA's CPU kernel there (forward and backward, bench/attention.py), whose bf16 path does not use the
@@ -33,12 +33,14 @@ def blocked_scores(seq_len: int, block: int = QUERY_BLOCK) -> int:
 
 
 def cpu_blocked(plan: Plan) -> bool:
-    """Whether the generated causal_attention beats SDPA here: bf16 on a CPU with bf16 matmuls, seq_len <= 512."""
-    return (plan.device == "cpu" and plan.precision == "bf16" and plan.host.cpu_bf16
+    """Whether the generated causal_attention beats SDPA here: bf16 on a CPU with bf16 matmuls, seq_len <= 512, eager.
+    Under torch.compile it cost 14-44 s more of cold compile (bench tiny, small) for a step 1.0-1.15× as fast: not
+    counted by choose_compile's cost model, so a compiled program keeps SDPA."""
+    return (plan.device == "cpu" and plan.precision == "bf16" and plan.host.cpu_bf16 and not plan.compile
             and max(seq_lens(plan.recipe)) <= BLOCKED_MAX_SEQ)
 
 
-BLOCKED_WHY = (f"bf16 on a CPU with bf16 matmuls, seq_len <= {BLOCKED_MAX_SEQ}: attention as batched matmuls, {QUERY_BLOCK} "
+BLOCKED_WHY = (f"bf16 on a CPU with bf16 matmuls, seq_len <= {BLOCKED_MAX_SEQ}, no torch.compile: attention as batched matmuls, {QUERY_BLOCK} "
                "queries at a time against only the keys up to the block's last (fp32 scores, bf16 probabilities times "
                "values): 1.2-1.8× scaled_dot_product_attention's CPU kernel at these lengths (bench/attention.py); it keeps "
                "each block's probabilities for the backward")
