@@ -110,7 +110,10 @@ def explicit_attention(program: Path) -> Path:
 
 
 def sdpa_attention(program: Path) -> Path:
-    """choose_attention's blocked causal_attention (bf16 on a CPU with bf16 matmuls) replaced by SDPA."""
+    """choose_attention's blocked causal_attention (bf16 on a CPU with bf16 matmuls) replaced by SDPA; a program that
+    has SDPA already (a CPU without bf16 matmuls) as it is."""
+    if BLOCKED not in (program / "model.py").read_text():
+        return program
     return edited_copy(program, "-sdpa", BLOCKED, SDPA)
 
 
@@ -188,6 +191,9 @@ def main():
             vs = {"explicit softmax(QKᵀ)V, causal mask": Variant(explicit_attention(fp32), batch=batch),
                   "SDPA is_causal": Variant(fp32, batch=batch)}
             rows += measure(group, vs, args.reps, args.warmup, tokens)
+            if BLOCKED not in (bf16 / "model.py").read_text():
+                print("  (bf16 keeps SDPA on this CPU: no causal_attention to compare)")
+                continue
             # bf16 on a CPU with bf16 matmuls: choose_attention's blocked causal_attention (bench/attention.py)
             vs = {"bf16, SDPA is_causal": Variant(sdpa_attention(bf16), batch=batch),
                   "bf16, causal_attention (blocked, generated)": Variant(bf16, batch=batch)}
@@ -196,7 +202,7 @@ def main():
             vs = {f"vocab {plan_of(p1)['model']['padded_vocab']} (unpadded)": Variant(p1, batch=b),
                   f"vocab {plan_of(p64)['model']['padded_vocab']} (padded to 64)": Variant(p64, batch=b)}
         elif group == "precision":
-            vs = {"fp32": Variant(fp32, batch=batch), "bf16 autocast": Variant(bf16, batch=batch)}
+            vs = {"fp32": Variant(fp32, batch=batch), "bf16 autocast (same attention kernel)": Variant(sdpa_attention(bf16), batch=batch)}
         elif group == "loss":
             vs = {"fp32, logits + F.cross_entropy": Variant(fp32, loss="full", batch=batch),
                   "fp32, chunked (generated)": Variant(fp32, loss="chunked", batch=batch)}
@@ -204,7 +210,7 @@ def main():
             vs = {"bf16, logits + F.cross_entropy": Variant(bf16, loss="full", batch=batch),
                   "bf16, chunked (generated)": Variant(bf16, loss="chunked", batch=batch)}
         elif group == "compile":
-            for prog, prec in ((fp32, "fp32"), (bf16, "bf16")):
+            for prog, prec in ((fp32, "fp32"), (sdpa_attention(bf16), "bf16")):  # compiled programs keep SDPA
                 vs = {f"{prec} eager": Variant(prog, batch=batch),
                       f"{prec} compile(model), loss outside": Variant(prog, compile="model", loss="full", batch=batch),
                       f"{prec} compile(model + loss) (generated)": Variant(prog, compile="model+loss", batch=batch)}

@@ -192,3 +192,39 @@ def test_masks_equal_sdpa_with_the_same_mask(make_recipe, load_model_module, tmp
             torch.testing.assert_close(g, w, atol=2e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
         # the test can fail: without the mask the rows see other documents / keys outside the window
         assert (_forward_backward(attention, q, k, v, do, torch.float32)[0] - want[0]).abs().max() > 1e-2
+
+
+def _peaks(make_recipe, tmp_path, sets):
+    """(peak bytes per device with causal_attention, with SDPA) of the same pinned layout, memory to spare."""
+    from malt.compiler.passes.estimate import step_peak
+
+    blocked = plan_of(make_recipe, tmp_path / "peak-b", sets=sets + ["target.memory_per_device=64GiB"])
+    sdpa = plan_of(make_recipe, tmp_path / "peak-s", host=Host(), sets=sets + ["target.memory_per_device=64GiB"])
+    assert (blocked.attention, sdpa.attention) == ("blocked_causal", "sdpa_causal")
+    return [step_peak(p, p.micro_batch, p.recipe.train.seq_len, checkpointing="none") for p in (blocked, sdpa)]
+
+
+SETTLE = ["target.precision=bf16", "train.seq_len=512", "train.global_batch=16", "train.micro_batch=16"]
+
+
+def test_settle_keeps_sdpa_where_causal_attention_would_need_checkpointing(make_recipe, tmp_path):
+    blocked, sdpa = _peaks(make_recipe, tmp_path, SETTLE)
+    memory = int((blocked + sdpa) / 2 / 0.8)  # the budget (80%) holds SDPA's step without checkpointing, not causal_attention's
+    plan = plan_of(make_recipe, tmp_path, sets=SETTLE + [f"target.memory_per_device={memory}B"])
+    assert (plan.attention, plan.activation_checkpointing) == ("sdpa_causal", "none")
+    reason = next(d.reason for d in plan.decisions if d.name == "attention")
+    assert "with it, selective activation checkpointing instead of none" in reason or "with it, full" in reason
+    assert "def causal_attention(" not in (tmp_path / "build" / "model.py").read_text()
+    # pinned to no checkpointing, it would not fit: SDPA, which does
+    pinned = plan_of(make_recipe, tmp_path / "pinned", sets=SETTLE + [f"target.memory_per_device={memory}B",
+                                                                     "target.activation_checkpointing=none"])
+    assert pinned.attention == "sdpa_causal"
+    assert "the run would not fit the memory budget" in next(d.reason for d in pinned.decisions if d.name == "attention")
+
+
+def test_settle_keeps_causal_attention_with_a_smaller_micro_batch(make_recipe, tmp_path):
+    blocked, sdpa = _peaks(make_recipe, tmp_path, SETTLE)
+    memory = int((blocked + sdpa) / 2 / 0.8)
+    plan = plan_of(make_recipe, tmp_path, sets=SETTLE[:-1] + [f"target.memory_per_device={memory}B"])  # micro_batch auto
+    assert (plan.attention, plan.activation_checkpointing) == ("blocked_causal", "none")
+    assert plan.micro_batch < 16  # SDPA's plan would take all 16 at once; accumulation costs a CPU no work

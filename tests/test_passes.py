@@ -167,7 +167,7 @@ def test_plan_is_deterministic(recipe):
     assert a.to_json() == b.to_json()
     assert list(a.passes) == ["resolve_shape", "pad_vocab", "run_length", "resolve_objective", "choose_device", "choose_precision",
                               "choose_parallelism", "choose_compile", "choose_attention", "choose_loss",
-                              "choose_optimizer", "choose_checkpoint_format", "choose_checkpointing", "batch_split", "estimate"]
+                              "choose_optimizer", "choose_checkpoint_format", "choose_checkpointing", "batch_split", "settle_attention", "estimate"]
 
 
 def test_cpu_processes_share_the_machines_compute_in_the_time_estimate():

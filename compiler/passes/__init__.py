@@ -22,5 +22,6 @@ PIPELINE = [
     ("choose_checkpoint_format", choose_checkpoint_format.run),  # after choose_optimizer: a checkpoint holds its state
     ("choose_checkpointing", choose_checkpointing.run),
     ("batch_split", batch_split.run),
+    ("settle_attention", choose_attention.settle),  # causal_attention only where its memory costs nothing else
     ("estimate", estimate.run),
 ]

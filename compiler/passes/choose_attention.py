@@ -18,12 +18,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..objectives import PREFIX_OBJECTIVES, seq_lens
 from ..plan import Plan
 
 BLOCK = 128  # FlexAttention's block size (create_block_mask's default)
 QUERY_BLOCK = 128     # queries per block of the generated causal_attention (bench/attention.py: 64 and 256 are slower)
-BLOCKED_MAX_SEQ = 512  # the longest seq_len where it beats SDPA's CPU kernel (bench/attention.py: level at 1024, slower at 2048)
+BLOCKED_MAX_SEQ = 512  # the longest seq_len where it beats SDPA's CPU kernel (bench/attention.py: 0.83× at 1024, 0.78× at 2048)
 
 
 def blocked_scores(seq_len: int, block: int = QUERY_BLOCK) -> int:
@@ -42,7 +44,8 @@ def cpu_blocked(plan: Plan) -> bool:
 
 BLOCKED_WHY = (f"bf16 on a CPU with bf16 matmuls, seq_len <= {BLOCKED_MAX_SEQ}, no torch.compile: attention as batched matmuls, {QUERY_BLOCK} "
                "queries at a time against only the keys up to the block's last (fp32 scores, bf16 probabilities times "
-               "values): 1.2-1.8× scaled_dot_product_attention's CPU kernel at these lengths (bench/attention.py); it keeps "
+               "values): 1.2-1.8× scaled_dot_product_attention's CPU kernel at these lengths (bench/attention.py, causal and "
+               "document masks); it keeps "
                "each block's probabilities for the backward")
 
 
@@ -55,7 +58,7 @@ def window_blocks(seq_len: int, window: int) -> tuple[int, int]:
     return sum(min(q, back) + 1 for q in range(n)), n * (n + 1) // 2
 
 
-def _sliding_window(plan: Plan, window: int) -> Plan:
+def _sliding_window(plan: Plan, window: int, blocked: bool) -> Plan:
     packing = plan.recipe.data.packing
     docs = packing != "concat"
     rule = (f"model.sliding_window {window}: position i attends to position j when i - {window} < j <= i (the last {window} "
@@ -68,7 +71,7 @@ def _sliding_window(plan: Plan, window: int) -> Plan:
                            f"{BLOCK}×{BLOCK} blocks that hold a pair inside a window (at seq_len {T}: at most {touched} of the "
                            f"{causal} causal blocks) and skips the rest; other lengths than the run's (sampling) take "
                            "scaled_dot_product_attention with the same rule as a dense mask", attention="flex")
-    if cpu_blocked(plan):
+    if blocked and cpu_blocked(plan):
         return plan.decide("attention", "blocked_causal", f"{rule}, as an explicit ({'batch' if docs else '1'}, 1, seq, seq) "
                            f"boolean mask; {BLOCKED_WHY}", attention="blocked_causal")
     return plan.decide("attention", "sdpa_mask",
@@ -76,7 +79,8 @@ def _sliding_window(plan: Plan, window: int) -> Plan:
                        f"boolean mask; FlexAttention has no backward on {plan.device}", attention="sdpa_mask")
 
 
-def run(plan: Plan) -> Plan:
+def run(plan: Plan, blocked: bool = True) -> Plan:
+    """``blocked`` False: what the pass chooses without causal_attention (settle compares the two)."""
     m = plan.recipe.model
     if m.family == "bert":  # encoders (OBJ-ENC): every position attends to every other (of its document)
         docs = plan.recipe.data.packing != "concat"
@@ -91,7 +95,7 @@ def run(plan: Plan) -> Plan:
                            + (where[2:] if docs else "without a mask (a key-padding mask only when a batch carries padding)"),
                            attention="sdpa_mask" if docs else "sdpa_bidirectional")
     if m.sliding_window is not None:  # validation keeps windows to the llama family, off TPUs, without prefix objectives
-        return _sliding_window(plan, m.sliding_window)
+        return _sliding_window(plan, m.sliding_window, blocked)
     kind = plan.recipe.objective.kind
     if kind in PREFIX_OBJECTIVES:  # a bidirectional prefix per row (validation keeps these objectives to concat packing)
         rule = f"objective {kind} attends bidirectionally over each row's prefix (j <= i or j < prefix_len)"
@@ -111,7 +115,7 @@ def run(plan: Plan) -> Plan:
                                f"data.packing {packing} on cuda: FlexAttention with a block mask built from the document ids "
                                "computes only the 128×128 blocks where a token may see another of its document and skips "
                                "the rest (a dense seq×seq mask would rule out the flash kernel)", attention="flex")
-        if cpu_blocked(plan):
+        if blocked and cpu_blocked(plan):
             return plan.decide("attention", "blocked_causal",
                                f"data.packing {packing} on cpu: an explicit (batch, 1, seq, seq) boolean block-diagonal causal "
                                f"mask; {BLOCKED_WHY}", attention="blocked_causal")
@@ -124,8 +128,42 @@ def run(plan: Plan) -> Plan:
                            "causal_lm with concat packing on tpu: scaled_dot_product_attention(is_causal=True), which XLA lowers "
                            "to matmuls and a masked softmax fused into the step graph (no seq×seq mask tensor in the program)",
                            attention="sdpa_causal")
-    if cpu_blocked(plan):
+    if blocked and cpu_blocked(plan):
         return plan.decide("attention", "blocked_causal", f"causal_lm with concat packing, {BLOCKED_WHY}", attention="blocked_causal")
     return plan.decide("attention", "sdpa_causal",
                        "causal_lm with concat packing needs only a causal mask: scaled_dot_product_attention(is_causal=True) "
                        "picks flash/memory-efficient kernels and never builds a seq×seq mask", attention="sdpa_causal")
+
+
+def settle(plan: Plan) -> Plan:
+    """After choose_checkpointing and batch_split: keep causal_attention only where its kept probabilities cost the run
+    no recomputation and no failed fit. If SDPA's plan needs less activation checkpointing, or fits the memory budget
+    where this one does not, that plan is the run's (choose_attention without causal_attention, then the two passes
+    again), with the reason. A smaller micro-batch is kept: on a CPU the step's matmuls stay large (micro-batches of
+    seq_len <= 512 tokens and more), and accumulation adds no work."""
+    if plan.attention != "blocked_causal":
+        return plan
+    from . import batch_split, choose_checkpointing
+    from .estimate import memory_of, step_peak
+
+    r = plan.recipe
+    asked = tuple(replace(ph, micro_batch=(r.phases[ph.index].train.micro_batch if r.phases and r.phases[ph.index].train
+                                            and r.phases[ph.index].train.micro_batch is not None else None)
+                          or r.train.micro_batch) for ph in plan.phases)  # what the recipe asks, as batch_split saw it
+    sdpa = batch_split.run(choose_checkpointing.run(replace(run(plan, blocked=False), phases=asked)))
+
+    def layout(p: Plan):
+        shapes = [(ph.micro_batch, ph.seq_len) for ph in p.phases] or [(p.micro_batch, p.recipe.train.seq_len)]
+        fits = max(step_peak(p, mb, seq) for mb, seq in shapes) <= memory_of(p)[0] * batch_split.BUDGET_SHARE
+        return fits, -choose_checkpointing.MODES.index(p.activation_checkpointing)
+    (fits_b, ck_b), (fits_s, ck_s) = layout(plan), layout(sdpa)
+    costs = []
+    if fits_s and not fits_b:
+        costs.append("the run would not fit the memory budget")
+    if ck_b < ck_s:
+        costs.append(f"{plan.activation_checkpointing} activation checkpointing instead of {sdpa.activation_checkpointing}")
+    if not costs:
+        return plan
+    why = next(d.reason for d in sdpa.decisions if d.name == "attention")
+    return sdpa.decide("attention", sdpa.attention, f"{why} (causal_attention, faster on this CPU, keeps each block's "
+                       f"probabilities for the backward: with it, {'; '.join(costs)})")

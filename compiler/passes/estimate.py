@@ -39,12 +39,14 @@ def mask_bytes(plan: Plan, micro_batch: int, seq_len: int, checkpointing: str = 
     fp32 ALiBi bias with padding at -inf (ELECTRA's generator has its own). Causal SDPA, FlexAttention's block
     mask and unmasked encoders keep no (T, T) tensor. blocked_causal (the generated causal_attention) keeps each
     query block's probabilities, fp32 for the softmax's backward and bf16 for the product with v, and fp32 copies of
-    q and k for the scores' backward, in every layer (one with full checkpointing); with document masks or a
+    q and k for the scores' backward (and, with grouped-query attention, v repeated to every head), in every layer
+    (one with full checkpointing); with document masks or a
     sliding window also the bool mask and, per layer, its blocks' negation (masked_fill's backward keeps it)."""
     if plan.attention == "blocked_causal":
         layers = 1 if checkpointing == "full" else (plan.n_layers or plan.recipe.model.n_layers)
         heads = plan.recipe.model.n_heads
-        kept = layers * micro_batch * heads * (blocked_scores(seq_len) * (4 + 2) + 2 * seq_len * plan.head_dim * 4)
+        expanded_v = 2 * seq_len * plan.head_dim if plan.n_kv_heads < heads else 0  # grouped-query: v repeated per head (bf16)
+        kept = layers * micro_batch * heads * (blocked_scores(seq_len) * (4 + 2) + 2 * seq_len * plan.head_dim * 4 + expanded_v)
         if plan.recipe.data.packing == "concat" and plan.recipe.model.sliding_window is None:
             return kept
         # an explicit bool mask, (batch or 1, 1, T, T), built once a micro-batch; each layer keeps its blocks' negation

@@ -2,7 +2,7 @@
 # recipe sha256: f8baea4afe8b1a5967c15f8771fa6ca45a09bfa44e19cfaf2bf56c86e969e601
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 24-layer Llama (341M parameters), causal language modelling.
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints, metrics

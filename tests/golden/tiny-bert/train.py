@@ -2,7 +2,7 @@
 # recipe sha256: eae64a859c1e471aa29ed5f3d1f66a76909334469da1ac0eb3b3a41f5e89cc00
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer BERT-family encoder (1.36M parameters), masked language modelling.
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints and metrics

@@ -2,7 +2,7 @@
 # recipe sha256: 7bfb43f244f9c1bd3412582febe769a5507c24572462a50b95032466e185f84b
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer Llama (2.56M parameters), causal language modelling.
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints, metrics

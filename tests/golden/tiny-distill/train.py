@@ -2,7 +2,7 @@
 # recipe sha256: 3fd69b982f20c0b3af59f13a1fb8ff934985c839fea1a6f013e8145e6f986d18
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer Llama (1.83M parameters), knowledge distillation from a teacher, mixed with causal language modelling.
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints, metrics

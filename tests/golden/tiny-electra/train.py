@@ -2,7 +2,7 @@
 # recipe sha256: ee7e35c015992e5d72bf4f0b39be58dbed5c73f24ee71d7516d2c706d09f2a9a
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer BERT-family encoder (ELECTRA) (1.42M parameters), replaced token detection (ELECTRA: an MLM generator corrupts, the model detects).
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints and metrics

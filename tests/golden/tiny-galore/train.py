@@ -2,7 +2,7 @@
 # recipe sha256: fd8ec740dbf6239ab01394c4ab9efd5463ada9d6a697e1162da5eea99ef255d8
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer Llama (2.56M parameters), causal language modelling.
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints, metrics

@@ -2,7 +2,7 @@
 # recipe sha256: 9101bf5e46ee3c3a7792325e96db76a328e70bf12b8f3abca9672c6656478c0c
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer BERT-family encoder (1.61M parameters), masked language modelling.
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints and metrics

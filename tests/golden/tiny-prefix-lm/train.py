@@ -2,7 +2,7 @@
 # recipe sha256: cdfb96d98477d0269a3acddc252223aeb3ddf9a7f0ead9248b70f4c3f5033652
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer Llama (2.56M parameters), prefix language modelling (bidirectional prefix, loss on the rest).
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints, metrics

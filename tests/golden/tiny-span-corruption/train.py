@@ -2,7 +2,7 @@
 # recipe sha256: 203a1ee66e02c35bbe0cf57d5dfc28046852dc1ed28361882f732ca193c70deb
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer Llama (2.57M parameters), T5 span corruption, decoder-only (UL2's layout).
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints, metrics

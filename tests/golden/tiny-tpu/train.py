@@ -2,7 +2,7 @@
 # recipe sha256: cc3ea4b029bfc367042d3369dccf7eda67d344824ec77b4f86c20024823639cd
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer Llama (2.56M parameters), causal language modelling.
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints, metrics

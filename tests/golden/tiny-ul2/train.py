@@ -2,7 +2,7 @@
 # recipe sha256: bc1fda077ab91b23fe9cef293df9c5ee59f1b11ee2ab44961243a06bf5f72e82
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer Llama (2.57M parameters), UL2's mixture of denoisers, decoder-only.
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints, metrics

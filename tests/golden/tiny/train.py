@@ -2,7 +2,7 @@
 # recipe sha256: c03e13f9e27d3b5fdd2f274dc5928570016f3d59ac201030bbf96e1230862cc1
 # passes: resolve_shape, pad_vocab, run_length, resolve_objective, choose_device, choose_precision,
 #         choose_parallelism, choose_compile, choose_attention, choose_loss, choose_optimizer,
-#         choose_checkpoint_format, choose_checkpointing, batch_split, estimate
+#         choose_checkpoint_format, choose_checkpointing, batch_split, settle_attention, estimate
 """Training program: a 4-layer Llama (2.56M parameters), causal language modelling.
 
 Run it with `malt run RECIPE` or `python train.py [--resume]`. Checkpoints, metrics
