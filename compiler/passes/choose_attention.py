@@ -42,11 +42,10 @@ def cpu_blocked(plan: Plan) -> bool:
             and max(seq_lens(plan.recipe)) <= BLOCKED_MAX_SEQ)
 
 
-BLOCKED_WHY = (f"bf16 on a CPU with bf16 matmuls, seq_len <= {BLOCKED_MAX_SEQ}, no torch.compile: attention as batched matmuls, {QUERY_BLOCK} "
-               "queries at a time against only the keys up to the block's last (fp32 scores, bf16 probabilities times "
-               "values): 1.2-1.8× scaled_dot_product_attention's CPU kernel at these lengths (bench/attention.py, causal and "
-               "document masks); it keeps "
-               "each block's probabilities for the backward")
+BLOCKED_WHY = (f"bf16 on a CPU with bf16 matmuls, seq_len <= {BLOCKED_MAX_SEQ}, no torch.compile: attention as batched "
+               f"matmuls, {QUERY_BLOCK} queries at a time against only the keys up to the block's last (fp32 scores, bf16 "
+               "probabilities times values): 1.2-1.8× scaled_dot_product_attention's CPU kernel at these lengths "
+               "(bench/attention.py, causal and document masks); it keeps each block's probabilities for the backward")
 
 
 def window_blocks(seq_len: int, window: int) -> tuple[int, int]:
@@ -146,11 +145,10 @@ def settle(plan: Plan) -> Plan:
     from . import batch_split, choose_checkpointing
     from .estimate import memory_of, step_peak
 
-    r = plan.recipe
-    asked = tuple(replace(ph, micro_batch=(r.phases[ph.index].train.micro_batch if r.phases and r.phases[ph.index].train
-                                            and r.phases[ph.index].train.micro_batch is not None else None)
-                          or r.train.micro_batch) for ph in plan.phases)  # what the recipe asks, as batch_split saw it
-    sdpa = batch_split.run(choose_checkpointing.run(replace(run(plan, blocked=False), phases=asked)))
+    def asked(ph):  # the phase's micro-batch as the recipe asks it ("auto" or a number), as batch_split first saw it
+        spec = plan.recipe.phases[ph.index].train if plan.recipe.phases else None
+        return replace(ph, micro_batch=spec.micro_batch if spec and spec.micro_batch is not None else plan.recipe.train.micro_batch)
+    sdpa = batch_split.run(choose_checkpointing.run(replace(run(plan, blocked=False), phases=tuple(map(asked, plan.phases)))))
 
     def layout(p: Plan):
         shapes = [(ph.micro_batch, ph.seq_len) for ph in p.phases] or [(p.micro_batch, p.recipe.train.seq_len)]
