@@ -265,7 +265,7 @@ def _plan_text(p) -> str:
                          + (f"  changes: {', '.join(ph.changes)}" if ph.changes else ""))
     lines += ["", "decisions"]
     width = max(len(d.name) for d in p.decisions)
-    value_width = max(12, *(len(str(d.value)) for d in p.decisions if len(str(d.value)) <= 16))  # longer ones overflow
+    value_width = max([12] + [len(str(d.value)) for d in p.decisions if len(str(d.value)) <= 16])  # longer ones overflow
     for d in p.decisions:
         lines.append(f"  {d.name:<{width}}  {d.value!s:<{value_width}}  {d.reason}")
     return "\n".join(lines)

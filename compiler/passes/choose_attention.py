@@ -42,7 +42,7 @@ def cpu_blocked(plan: Plan) -> bool:
             and max(seq_lens(plan.recipe)) <= BLOCKED_MAX_SEQ)
 
 
-BLOCKED_WHY = (f"bf16 on a CPU with bf16 matmuls, seq_len <= {BLOCKED_MAX_SEQ}, no torch.compile: attention as batched "
+BLOCKED_WHY = (f"causal_attention: bf16 on a CPU with bf16 matmuls, seq_len <= {BLOCKED_MAX_SEQ}, no torch.compile: attention as batched "
                f"matmuls, {QUERY_BLOCK} queries at a time against only the keys up to the block's last (fp32 scores, bf16 "
                "probabilities times values): 1.2-1.8× scaled_dot_product_attention's CPU kernel at these lengths "
                "(bench/attention.py, causal and document masks); it keeps each block's probabilities for the backward")
@@ -57,7 +57,7 @@ def window_blocks(seq_len: int, window: int) -> tuple[int, int]:
     return sum(min(q, back) + 1 for q in range(n)), n * (n + 1) // 2
 
 
-def _sliding_window(plan: Plan, window: int, blocked: bool) -> Plan:
+def _sliding_window(plan: Plan, window: int) -> Plan:
     packing = plan.recipe.data.packing
     docs = packing != "concat"
     rule = (f"model.sliding_window {window}: position i attends to position j when i - {window} < j <= i (the last {window} "
@@ -70,16 +70,23 @@ def _sliding_window(plan: Plan, window: int, blocked: bool) -> Plan:
                            f"{BLOCK}×{BLOCK} blocks that hold a pair inside a window (at seq_len {T}: at most {touched} of the "
                            f"{causal} causal blocks) and skips the rest; other lengths than the run's (sampling) take "
                            "scaled_dot_product_attention with the same rule as a dense mask", attention="flex")
-    if blocked and cpu_blocked(plan):
-        return plan.decide("attention", "blocked_causal", f"{rule}, as an explicit ({'batch' if docs else '1'}, 1, seq, seq) "
-                           f"boolean mask; {BLOCKED_WHY}", attention="blocked_causal")
     return plan.decide("attention", "sdpa_mask",
                        f"{rule}: scaled_dot_product_attention with an explicit ({'batch' if docs else '1'}, 1, seq, seq) "
                        f"boolean mask; FlexAttention has no backward on {plan.device}", attention="sdpa_mask")
 
 
-def run(plan: Plan, blocked: bool = True) -> Plan:
-    """``blocked`` False: what the pass chooses without causal_attention (settle compares the two)."""
+def run(plan: Plan) -> Plan:
+    """The kernel below (_sdpa_or_flex), or in its place causal_attention where cpu_blocked says it is faster and every
+    mask the kernel would take is causal (no bidirectional prefix, no encoder)."""
+    chosen = _sdpa_or_flex(plan)
+    if (chosen.attention in ("sdpa_causal", "sdpa_mask") and cpu_blocked(plan) and plan.recipe.model.family != "bert"
+            and plan.recipe.objective.kind not in PREFIX_OBJECTIVES):
+        sdpa = next(d.reason for d in chosen.decisions if d.name == "attention")
+        return plan.decide("attention", "blocked_causal", f"{BLOCKED_WHY}; in place of: {sdpa}", attention="blocked_causal")
+    return chosen
+
+
+def _sdpa_or_flex(plan: Plan) -> Plan:
     m = plan.recipe.model
     if m.family == "bert":  # encoders (OBJ-ENC): every position attends to every other (of its document)
         docs = plan.recipe.data.packing != "concat"
@@ -94,7 +101,7 @@ def run(plan: Plan, blocked: bool = True) -> Plan:
                            + (where[2:] if docs else "without a mask (a key-padding mask only when a batch carries padding)"),
                            attention="sdpa_mask" if docs else "sdpa_bidirectional")
     if m.sliding_window is not None:  # validation keeps windows to the llama family, off TPUs, without prefix objectives
-        return _sliding_window(plan, m.sliding_window, blocked)
+        return _sliding_window(plan, m.sliding_window)
     kind = plan.recipe.objective.kind
     if kind in PREFIX_OBJECTIVES:  # a bidirectional prefix per row (validation keeps these objectives to concat packing)
         rule = f"objective {kind} attends bidirectionally over each row's prefix (j <= i or j < prefix_len)"
@@ -114,10 +121,6 @@ def run(plan: Plan, blocked: bool = True) -> Plan:
                                f"data.packing {packing} on cuda: FlexAttention with a block mask built from the document ids "
                                "computes only the 128×128 blocks where a token may see another of its document and skips "
                                "the rest (a dense seq×seq mask would rule out the flash kernel)", attention="flex")
-        if blocked and cpu_blocked(plan):
-            return plan.decide("attention", "blocked_causal",
-                               f"data.packing {packing} on cpu: an explicit (batch, 1, seq, seq) boolean block-diagonal causal "
-                               f"mask; {BLOCKED_WHY}", attention="blocked_causal")
         return plan.decide("attention", "sdpa_mask",
                            f"data.packing {packing} on {plan.device}: scaled_dot_product_attention with an explicit "
                            "(batch, 1, seq, seq) boolean block-diagonal causal mask; FlexAttention has no backward "
@@ -127,8 +130,6 @@ def run(plan: Plan, blocked: bool = True) -> Plan:
                            "causal_lm with concat packing on tpu: scaled_dot_product_attention(is_causal=True), which XLA lowers "
                            "to matmuls and a masked softmax fused into the step graph (no seq×seq mask tensor in the program)",
                            attention="sdpa_causal")
-    if blocked and cpu_blocked(plan):
-        return plan.decide("attention", "blocked_causal", f"causal_lm with concat packing, {BLOCKED_WHY}", attention="blocked_causal")
     return plan.decide("attention", "sdpa_causal",
                        "causal_lm with concat packing needs only a causal mask: scaled_dot_product_attention(is_causal=True) "
                        "picks flash/memory-efficient kernels and never builds a seq×seq mask", attention="sdpa_causal")
@@ -137,8 +138,8 @@ def run(plan: Plan, blocked: bool = True) -> Plan:
 def settle(plan: Plan) -> Plan:
     """After choose_checkpointing and batch_split: keep causal_attention only where its kept probabilities cost the run
     no recomputation and no failed fit. If SDPA's plan needs less activation checkpointing, or fits the memory budget
-    where this one does not, that plan is the run's (choose_attention without causal_attention, then the two passes
-    again), with the reason. A smaller micro-batch is kept: on a CPU the step's matmuls stay large (micro-batches of
+    where this one does not, that plan is the run's (the kernel choose_attention takes without causal_attention, then
+    the two passes again), with the reason. A smaller micro-batch is kept: on a CPU the step's matmuls stay large (micro-batches of
     seq_len <= 512 tokens and more), and accumulation adds no work."""
     if plan.attention != "blocked_causal":
         return plan
@@ -148,7 +149,7 @@ def settle(plan: Plan) -> Plan:
     def asked(ph):  # the phase's micro-batch as the recipe asks it ("auto" or a number), as batch_split first saw it
         spec = plan.recipe.phases[ph.index].train if plan.recipe.phases else None
         return replace(ph, micro_batch=spec.micro_batch if spec and spec.micro_batch is not None else plan.recipe.train.micro_batch)
-    sdpa = batch_split.run(choose_checkpointing.run(replace(run(plan, blocked=False), phases=tuple(map(asked, plan.phases)))))
+    sdpa = batch_split.run(choose_checkpointing.run(replace(_sdpa_or_flex(plan), phases=tuple(map(asked, plan.phases)))))
 
     def layout(p: Plan):
         shapes = [(ph.micro_batch, ph.seq_len) for ph in p.phases] or [(p.micro_batch, p.recipe.train.seq_len)]

@@ -40,8 +40,8 @@ def mask_bytes(plan: Plan, micro_batch: int, seq_len: int, checkpointing: str = 
     mask and unmasked encoders keep no (T, T) tensor. blocked_causal (the generated causal_attention) keeps each
     query block's probabilities, fp32 for the softmax's backward and bf16 for the product with v, and fp32 copies of
     q and k for the scores' backward (and, with grouped-query attention, v repeated to every head), in every layer
-    (one with full checkpointing); with document masks or a
-    sliding window also the bool mask and, per layer, its blocks' negation (masked_fill's backward keeps it)."""
+    (one with full checkpointing); with document masks or a sliding window also the bool mask and, per layer, its
+    blocks' negation (masked_fill's backward keeps it)."""
     if plan.attention == "blocked_causal":
         layers = 1 if checkpointing == "full" else (plan.n_layers or plan.recipe.model.n_layers)
         heads = plan.recipe.model.n_heads
