@@ -1,6 +1,6 @@
 """Each optimization on and off, at equal precision, on this CPU: the on/off table of docs/performance.md.
 
-    python bench/ablate.py --shape tiny [--groups adamw,attention,vocab,precision,loss,compile,allocator] [--reps 12]
+    python bench/ablate.py --shape tiny [--groups adamw,attention,matmul,vocab,precision,loss,compile,allocator] [--reps 12]
 
 What runs: the generated program's own model.py and the step of its train.py loop, imported
 in-process (common.load_program) and driven step by step as the loop does (set lr, forward
@@ -33,7 +33,7 @@ EXPLICIT = ("att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(HEAD_DIM))  # be
             "        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float(\"-inf\"))\n"
             "        y = att.softmax(dim=-1) @ v")
 BLOCKED = "y = causal_attention(q, k, v)"
-GROUPS = ["adamw", "attention", "vocab", "precision", "loss", "compile", "allocator"]
+GROUPS = ["adamw", "attention", "matmul", "vocab", "precision", "loss", "compile", "allocator"]
 
 
 class Variant:
@@ -197,6 +197,17 @@ def main():
             # bf16 on a CPU with bf16 matmuls: choose_attention's blocked causal_attention (bench/attention.py)
             vs = {"bf16, SDPA is_causal": Variant(sdpa_attention(bf16), batch=batch),
                   "bf16, causal_attention (blocked, generated)": Variant(bf16, batch=batch)}
+        elif group == "matmul":    # choose_matmul: fp32 products in oneDNN on an AMD CPU with AVX-512
+            if plan["execution"]["matmul"] != "onednn":
+                print("  (this CPU keeps torch's fp32 matmul: no oneDNN program to compare)")
+                continue
+            from dataclasses import replace
+
+            from malt.compiler.plan import Host
+
+            mkl = compile_program(args.shape, "fp32-mkl", ["target.precision=fp32", "target.compile=off"],
+                                  host=replace(Host.detect(), cpu_avx512=False))     # the pass's rule off: torch's matmul
+            vs = {"fp32, torch's matmul (MKL)": Variant(mkl, batch=batch), "fp32, oneDNN (generated)": Variant(fp32, batch=batch)}
         elif group == "vocab":
             b = batch_for(plan, odd)
             vs = {f"vocab {plan_of(p1)['model']['padded_vocab']} (unpadded)": Variant(p1, batch=b),

@@ -29,6 +29,8 @@ class Host:
     cpu_cores: int = 2
     memory_bytes: int = 24 * 2**30
     cpu_bf16: bool = False           # the CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo)
+    cpu_vendor: str = ""             # /proc/cpuinfo's vendor_id: GenuineIntel, AuthenticAMD, ... ("" elsewhere)
+    cpu_avx512: bool = False         # the CPU has AVX-512 (avx512f)
     cxx_compiler: bool = False       # a C++ compiler on PATH: torch.compile's CPU backend needs one
 
     @staticmethod
@@ -48,16 +50,23 @@ class Host:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             memory = 8 * 2**30
+        flags, vendor = set(), ""
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-                flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+                for line in f:
+                    if line.startswith("vendor_id") and not vendor:
+                        vendor = line.split(":", 1)[1].strip()
+                    elif line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
         except OSError:
-            flags = set()
+            pass
         import shutil
 
         cxx = any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++"))
         return Host(cuda=cuda, cuda_name=name, cuda_memory=cuda_memory, cpu_cores=cores, memory_bytes=memory,
-                    cpu_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}), cxx_compiler=cxx)
+                    cpu_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}), cpu_vendor=vendor, cpu_avx512="avx512f" in flags,
+                    cxx_compiler=cxx)
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class Plan:
     master_weights: str = "fp32"     # dtype of the weights, gradients and AdamW moments: fp32 | bf16 (target.precision pure_bf16)
     compile: bool = False
     attention: str = ""
+    matmul: str = "torch"            # fp32 products on a CPU: torch (its BLAS, MKL) | onednn (choose_matmul)
     masked_targets: bool = False     # some targets are -100 (no loss): the loss counts the others (choose_loss)
     fused_adamw: bool = False
     galore: object = None            # optimizer.kind galore: {"rank", "update_every", "scale"} resolved (choose_optimizer)
@@ -166,7 +176,7 @@ class Plan:
             "execution": {
                 "device": self.device, "devices": self.world, "parallelism": self.parallelism,
                 "chip": self.chip, "precision": self.precision, "master_weights": self.master_weights, "compile": self.compile,
-                "attention": self.attention, "fused_adamw": self.fused_adamw,
+                "attention": self.attention, "matmul": self.matmul, "fused_adamw": self.fused_adamw,
                 "nodes": self.nodes, "activation_checkpointing": self.activation_checkpointing,
                 "checkpoint_format": self.checkpoint_format,
                 "checkpoint_writes": self.checkpoint_writes,

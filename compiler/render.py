@@ -332,6 +332,8 @@ def context(plan: Plan, base_dir: Path, out_dir: Path) -> dict:
         "sharded_checkpoints": plan.checkpoint_format == "sharded",
         "background_checkpoints": plan.checkpoint_writes == "background",
         "attention": plan.attention,
+        "onednn": plan.matmul == "onednn",         # choose_matmul: fp32 products through oneDNN (class Linear)
+        "linear": "Linear" if plan.matmul == "onednn" else "nn.Linear",
         "window": m.sliding_window is not None,    # model.sliding_window: one mask function, window & causal (& documents)
         "doc_masks": r.data.packing != "concat",   # document ids ride with every batch (choose_attention)
         "packing": r.data.packing,

@@ -16,7 +16,7 @@ from malt.compiler.api import compile_to
 from malt.compiler.passes.choose_attention import BLOCKED_MAX_SEQ, QUERY_BLOCK, blocked_scores
 from malt.compiler.plan import Host, resolved_recipe
 
-from .test_numerics import build_hf, copy_weights
+from .test_numerics import build_hf, copy_weights, perturb_norms_and_biases
 
 BF16_CPU = Host(cpu_bf16=True)
 H100 = Host(cuda=True, cuda_name="NVIDIA H100 80GB HBM3", cpu_cores=16, memory_bytes=128 * 2**30)
@@ -95,10 +95,7 @@ def test_logits_match_transformers(shape, make_recipe, load_model_module, tmp_pa
     torch.manual_seed(0)
     model = module.Transformer().eval()
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every parameter matters (norms off 1, biases off 0)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=gen))
+    perturb_norms_and_biases(model, gen)
     pj = plan.to_json()
     T = pj["batch"]["seq_len"]
     vocab = pj["model"]["vocab_size"]

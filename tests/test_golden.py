@@ -62,16 +62,19 @@ TARGET_CASES = {
     "tiny-full-checkpointing": ("tiny", ["target.activation_checkpointing=full"], ["model.py"]),
     # the TPU program on one device (recipes/tiny-tpu.yaml's golden is the 4-device SPMD one)
     "tiny-1-tpu": ("tiny", ["target.accelerator=tpu"], ["launch.sh", "train.py", "model.py"]),
+    # fp32 on an AMD CPU with AVX-512: the linears and the chunked loss multiply in oneDNN (choose_matmul)
+    "tiny-fp32-amd-avx512": ("tiny", ["target.precision=fp32"], ["model.py"],
+                             Host(cpu_cores=2, memory_bytes=24 * 2**30, cpu_vendor="AuthenticAMD", cpu_avx512=True)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(TARGET_CASES))
 def test_target_golden(case):
-    name, sets, wanted = TARGET_CASES[case]
+    name, sets, wanted, *host = TARGET_CASES[case]
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        _, files = compile_files(Path("recipes") / f"{name}.yaml", GOLDEN / "targets" / case, sets, host=HOST)
+        _, files = compile_files(Path("recipes") / f"{name}.yaml", GOLDEN / "targets" / case, sets, host=host[0] if host else HOST)
     finally:
         os.chdir(cwd)
     assert ("slurm.sbatch" in files) == any(s.startswith("target.nodes") for s in sets)

@@ -37,8 +37,11 @@ def _steps_logged(run_dir: Path) -> int:
 
 
 def _start(run_dir: Path, cache: Path, *args: str) -> subprocess.Popen:
+    # SIGINT as from a terminal: a suite started in the background (`pytest &`) has it ignored, which the program
+    # then respects (as under nohup)
     return subprocess.Popen([sys.executable, str(run_dir / "train.py"), *args], env=run_env(cache),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(cond, timeout: float = 120.0) -> None:
@@ -51,7 +54,7 @@ def _wait_for(cond, timeout: float = 120.0) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_training_says_so_and_resumes(tmp_path, sig):
-    recipe = write_tiny_recipe(tmp_path / "r", steps=400, eval_every=0, checkpoint_every=5)
+    recipe = write_tiny_recipe(tmp_path / "r", steps=20_000, eval_every=0, checkpoint_every=5)
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     compile_to(recipe, run_dir, host=Host())
     proc = _start(run_dir, cache)
@@ -87,7 +90,7 @@ def test_a_stopped_training_says_so_and_resumes(tmp_path, sig):
 def test_malt_run_stops_its_program_when_it_is_stopped(tmp_path, devices, sig):
     """Also with torchrun's processes (malt.runtime.launch): one message, the signal's exit code, no traceback.
     SIGINT sent to malt alone (a supervisor, `kill -INT`) reaches the program too: it used to be swallowed."""
-    recipe = write_tiny_recipe(tmp_path / "r", steps=400, eval_every=0, checkpoint_every=5)
+    recipe = write_tiny_recipe(tmp_path / "r", steps=20_000, eval_every=0, checkpoint_every=5)
     script = Path(sys.executable).with_name("malt")
     malt = [str(script)] if script.exists() else [sys.executable, "-m", "malt.compiler.cli"]
     run_dir = tmp_path / "run"
@@ -118,7 +121,7 @@ def test_malt_run_stops_its_program_when_it_is_stopped(tmp_path, devices, sig):
 def test_malt_run_says_when_its_program_was_killed(tmp_path):
     """SIGKILL (the out-of-memory killer, a scheduler) ends the program with no word of its own: malt says what ended
     it and exits 128 + 9, as a shell would (it exited 247, Popen's -9, in silence)."""
-    recipe = write_tiny_recipe(tmp_path / "r", steps=400, eval_every=0, checkpoint_every=5)
+    recipe = write_tiny_recipe(tmp_path / "r", steps=20_000, eval_every=0, checkpoint_every=5)
     script = Path(sys.executable).with_name("malt")
     malt = [str(script)] if script.exists() else [sys.executable, "-m", "malt.compiler.cli"]
     run_dir = tmp_path / "run"

@@ -88,6 +88,14 @@ def build_hf(plan_json: dict, lock: dict, model_type: str, attn: str):
     return hf.eval()
 
 
+def perturb_norms_and_biases(model, gen: torch.Generator) -> None:
+    """Norm weights off 1 and biases off 0 (by 0.2 × normal noise), so that every parameter matters in a comparison."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.2 * torch.randn(p.shape, generator=gen))
+
+
 def copy_weights(malt_model, hf, tied: bool):
     """Rename malt's parameters into the HF model (the rename `malt export` does) and check nothing is left out."""
     state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in malt_model.state_dict().items()}

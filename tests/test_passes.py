@@ -166,7 +166,7 @@ def test_plan_is_deterministic(recipe):
     b, _ = make_plan(recipe, [], host=CPU)
     assert a.to_json() == b.to_json()
     assert list(a.passes) == ["resolve_shape", "pad_vocab", "run_length", "resolve_objective", "choose_device", "choose_precision",
-                              "choose_parallelism", "choose_compile", "choose_attention", "choose_loss",
+                              "choose_parallelism", "choose_compile", "choose_attention", "choose_matmul", "choose_loss",
                               "choose_optimizer", "choose_checkpoint_format", "choose_checkpointing", "batch_split", "settle_attention", "estimate"]
 
 

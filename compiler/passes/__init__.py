@@ -5,7 +5,7 @@ reason) in ``plan.decisions``, which ``plan.json`` and ``malt plan`` show.
 """
 
 from . import choose_loss  # noqa: I001  (data.sources[].metadata/.control, packing, objective: -100 targets)
-from . import batch_split, choose_checkpoint_format, choose_checkpointing, choose_attention, choose_parallelism, choose_compile, choose_device, choose_optimizer, choose_precision, estimate, pad_vocab, resolve_objective, resolve_shape, run_length
+from . import batch_split, choose_checkpoint_format, choose_checkpointing, choose_attention, choose_matmul, choose_parallelism, choose_compile, choose_device, choose_optimizer, choose_precision, estimate, pad_vocab, resolve_objective, resolve_shape, run_length
 
 PIPELINE = [
     ("resolve_shape", resolve_shape.run),
@@ -17,6 +17,7 @@ PIPELINE = [
     ("choose_parallelism", choose_parallelism.run),
     ("choose_compile", choose_compile.run),
     ("choose_attention", choose_attention.run),
+    ("choose_matmul", choose_matmul.run),
     ("choose_loss", choose_loss.run),
     ("choose_optimizer", choose_optimizer.run),
     ("choose_checkpoint_format", choose_checkpoint_format.run),  # after choose_optimizer: a checkpoint holds its state
