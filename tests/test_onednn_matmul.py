@@ -75,7 +75,8 @@ def _grads(fn, x, w, b, g):
 
 
 @pytest.mark.parametrize("strided", [False, True])
-def test_linear_products_are_fp32_products(onednn_module, strided):
+@pytest.mark.parametrize("out", [40, 150])   # narrower and wider than the input: grad w's two orientations
+def test_linear_products_are_fp32_products(onednn_module, strided, out):
     """Output, grad x, grad w, grad b against fp64: within 4× the error of torch's own fp32 F.linear, which sums in
     another order (and far below a bf16 product's); a transposed (strided) input as attention's output reshapes."""
     m = onednn_module
@@ -83,8 +84,8 @@ def test_linear_products_are_fp32_products(onednn_module, strided):
     x = torch.randn(3, 70, 96, generator=gen)
     if strided:
         x = torch.randn(3, 96, 70, generator=gen).transpose(1, 2)
-    w, b, g = torch.randn(40, 96, generator=gen), torch.randn(40, generator=gen), torch.randn(3, 70, 40, generator=gen)
-    lin = m.Linear(96, 40)
+    w, b, g = torch.randn(out, 96, generator=gen), torch.randn(out, generator=gen), torch.randn(3, 70, out, generator=gen)
+    lin = m.Linear(96, out)
     with torch.no_grad():
         lin.weight.copy_(w)
         lin.bias.copy_(b)

@@ -86,7 +86,10 @@ class OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])                       # (positions, out)
         grad_x = mm_nt(g, weight.t()).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = mm_nt(g.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # gᵀ x; oneDNN is faster with the wider side as its n: a wide layer's as (xᵀ g)ᵀ
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_w = mm_nt(g.t(), x2.t()) if weight.shape[0] <= weight.shape[1] else mm_nt(x2.t(), g.t()).t().contiguous()
         grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
