@@ -54,10 +54,17 @@ def main():
     for layer, (out, inp) in layers.items():
         x, w, gy = torch.randn(n, inp, generator=g), torch.randn(out, inp, generator=g), torch.randn(n, out, generator=g)
         # (name, a, b) with the product a @ bᵀ: b as the (n, k) "weight" oneDNN takes, a strided view where it is one
-        for product, a, b in (("forward x @ Wᵀ", x, w), ("grad x = g @ W", gy, w.t()), ("grad W = gᵀ @ x", gy.t(), x.t())):
+        # grad W of a layer wider than its input as (xᵀ g)ᵀ, as the generated OneDNNLinear takes it (oneDNN is faster so)
+        wide = out > inp
+        for product, a, b in (("forward x @ Wᵀ", x, w), ("grad x = g @ W", gy, w.t()),
+                              ("grad W = (xᵀ @ g)ᵀ" if wide else "grad W = gᵀ @ x", x.t() if wide else gy.t(), gy.t() if wide else x.t())):
             fl = 2 * a.shape[0] * a.shape[1] * b.shape[0]
             ab, bb = a.bfloat16(), b.bfloat16()
-            calls = {"torch": lambda: a @ b.t(), "onednn": lambda: onednn(a, b), "bf16": lambda: ab @ bb.t()}
+            flip = wide and product.startswith("grad W")   # MKL and bf16 take gᵀ @ x as torch's autograd does
+            ta, tb = (b, a) if flip else (a, b)
+            tab, tbb = (bb, ab) if flip else (ab, bb)
+            calls = {"torch": lambda: ta @ tb.t(), "onednn": (lambda: onednn(a, b).t().contiguous()) if flip else (lambda: onednn(a, b)),
+                     "bf16": lambda: tab @ tbb.t()}
             for f in calls.values():
                 f()
             times = {k: [] for k in calls}
@@ -67,11 +74,11 @@ def main():
                     f()
                     times[k].append(time.perf_counter() - t)
             rate = {k: fl / sorted(v)[len(v) // 2] / 1e9 for k, v in times.items()}
-            ref = a.double() @ b.double().t()
+            ref = ta.double() @ tb.double().t()
             err = {k: (calls[k]().double() - ref).abs().max().item() for k in ("torch", "onednn")}
             for k in weighted:
                 weighted[k] += fl / rate[k]
-            print(f"| {layer} | {product} | {a.shape[0]} × {a.shape[1]} × {b.shape[0]} | {rate['torch']:.0f} | {rate['onednn']:.0f} "
+            print(f"| {layer} | {product} | {ta.shape[0]} × {ta.shape[1]} × {tb.shape[0]} | {rate['torch']:.0f} | {rate['onednn']:.0f} "
                   f"| {rate['onednn'] / rate['torch']:.2f}× | {rate['bf16']:.0f} | {err['torch']:.1e}, {err['onednn']:.1e} |")
     print(f"\none step's linear products (FLOP-weighted, each layer once): oneDNN {weighted['torch'] / weighted['onednn']:.2f}× torch's fp32 time")
 

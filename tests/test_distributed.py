@@ -38,13 +38,20 @@ def runs(tmp_path_factory):
                        "fsdp": ["target.devices=2", "target.parallelism=fsdp"]}.items():
         out[name] = tmp / name
         compile_to(recipe, out[name], sets=[*sets, "train.eval_batches=3"], host=Host())
+    # FSDP2 with the fp32 products in oneDNN (choose_matmul on an AMD CPU with AVX-512): model.py's Linear on the
+    # parameters FSDP2 unshards for each forward and backward
+    out["fsdp_onednn"] = tmp / "fsdp_onednn"
+    plan = compile_to(recipe, out["fsdp_onednn"], sets=["target.devices=2", "target.parallelism=fsdp", "train.eval_batches=3"],
+                      host=Host(cpu_vendor="AuthenticAMD", cpu_avx512=True))
+    assert plan.matmul == "onednn"
     run_program(out["single"], cache, "--quiet")
     torchrun(out["ddp"], cache)
     torchrun(out["fsdp"], cache)
+    torchrun(out["fsdp_onednn"], cache)
     return tmp, recipe, cache, out
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp", "fsdp_onednn"])
 def test_two_processes_follow_the_single_process_loss_curve(runs, kind):
     _, _, _, out = runs
     ref, got = losses(out["single"]), losses(out[kind])

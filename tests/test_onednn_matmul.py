@@ -50,7 +50,7 @@ def test_the_pass_takes_onednn_only_for_fp32_on_amd_avx512(make_recipe, tmp_path
     assert ("class Linear(nn.Linear)" in text) == (want == "onednn")
     assert ("nn.Linear(D_MODEL" in text) == (want != "onednn")
     if want == "onednn":
-        assert "AVX2" in reason and "bench/recipes/small.yaml" in reason
+        assert "AVX2" in reason and "bench/recipes/tiny.yaml, small.yaml" in reason
         assert "grad_w += mm_nt(p.t(), hc.t())" in text   # the chunked loss's products too
 
 
@@ -204,3 +204,59 @@ def test_a_run_trains_as_the_mkl_program_does(tmp_path):
     assert losses["onednn"][-3] < losses["onednn"][0] - 0.5      # it learns
     for a, b in zip(losses["onednn"], losses["torch"]):
         assert abs(a - b) < 2e-4 * max(1.0, abs(b)), (losses["onednn"], losses["torch"])
+
+
+# ---- encoders (model.family bert): the same Linear and linear() in encoder.py.j2 ------------------------------
+
+ENCODERS = {  # name -> recipe overrides on test_encoder's BERT
+    "bert_untied": {"model": {"d_model": 96, "n_heads": 3, "d_ff": 200, "tie_embeddings": False}},
+    "mosaic": {"model": {"position": "alibi", "activation": "geglu", "unpad": True}, "objective": {"mask_rate": 0.3}},
+    "electra": {"objective": {"kind": "rtd", "discriminator_weight": 50}},
+}
+
+
+def _encoder(tmp_path, name, host):
+    from .conftest import import_model_module, merge, write_recipe
+    from .test_encoder import BERT
+
+    recipe = write_recipe(tmp_path / name, merge(BERT, ENCODERS[name]))
+    plan = compile_to(recipe, tmp_path / name / ("onednn" if host is AMD512 else "torch"), host=host)
+    return plan, import_model_module(tmp_path / name / ("onednn" if host is AMD512 else "torch"))
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_encoders_train_as_the_mkl_program_does(name, tmp_path):
+    """The onednn encoder's loss and every gradient equal the MKL program's on the same weights and batch (to fp32
+    rounding), and every product of its step is oneDNN's."""
+    from malt.runtime import objectives
+
+    from .test_encoder import randomize
+
+    (plan, ours), (_, torchs) = _encoder(tmp_path, name, AMD512), _encoder(tmp_path, name, Host())
+    assert plan.matmul == "onednn" and "class Linear(nn.Linear)" in (tmp_path / name / "onednn" / "model.py").read_text()
+    torch.manual_seed(0)
+    a = randomize(ours.Transformer()).train()
+    b = torchs.Transformer().train()
+    b.load_state_dict(a.state_dict())
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(4))
+    x, y = objectives.mlm_batch(tokens, 0.3, 257, 258, [256], objectives.row_generators(1, 0, 0, 4))
+    kw = {"uniforms": torch.rand(4, 32, generator=torch.Generator().manual_seed(9))} if name == "electra" else {}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss_a = a(x, y, **kw)
+        loss_a.backward()
+    loss_b = b(x, y, **kw)
+    loss_b.backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("mkldnn::_linear_pointwise") >= 3 * 2 * 6       # 2 layers' q, k, v, out, intermediate, output
+    # (attention's own products stay SDPA's: with ALiBi's float bias its math kernel, batched matmuls)
+    assert not {"aten::mm", "aten::addmm", "aten::linear"} & set(names), sorted(set(names))
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-5)
+    grads_b = dict(b.named_parameters())
+    for n, p in a.named_parameters():
+        if p.grad is None:
+            assert grads_b[n].grad is None, n
+            continue
+        want = grads_b[n].grad
+        # relative to the gradient, or to 1e-3 for a gradient that is zero but for rounding (the key bias's)
+        err = ((p.grad - want).norm() / want.norm().clamp(min=1e-3)).item()
+        assert err < 1e-5, f"{n}: relative error {err:.2e}"

@@ -59,7 +59,7 @@ def apply_rope(x, cos, sin):
 
 # ---- fp32 products through oneDNN (choose_matmul) ------------------------------
 # torch's fp32 matmul calls MKL's sgemm, which takes its AVX2 kernels on AMD processors; oneDNN (in torch, which
-# uses it for bf16) runs AVX-512 ones: 2.2× the fp32 GFLOP/s on the AMD EPYC this was measured on (bench/matmul.py).
+# uses it for bf16) runs AVX-512 ones: 2.0× the fp32 rate on a Zen 5 EPYC (bench/matmul.py), the step 1.5-1.7×.
 ONEDNN = torch.backends.mkldnn.is_available()  # a torch built without oneDNN: torch's matmul instead
 
 
@@ -94,15 +94,20 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def linear(x, weight, bias=None):
+    """F.linear, with its fp32 products on the CPU (forward and backward) in oneDNN; other dtypes, autocast and other
+    devices as F.linear."""
+    if (ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")):
+        return OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
-    """nn.Linear (the same parameters, initialisation and state dict) whose fp32 products on the CPU run in oneDNN;
-    other dtypes, autocast and other devices take nn.Linear's."""
+    """nn.Linear (the same parameters, initialisation and state dict) whose products go through linear()."""
 
     def forward(self, x):
-        if (ONEDNN and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_autocast_enabled("cpu")):
-            return OneDNNLinear.apply(x, self.weight, self.bias)
-        return super().forward(x)
+        return linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
