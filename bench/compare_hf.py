@@ -14,7 +14,7 @@ Rows are alternated, round after round (the order rotates every round), so a slo
 shared machine falls on all of them. tokens/s is the median over every step after --skip warm-up
 steps of every round; "vs hf-fp32" divides medians. MFU counts the plan's flops_per_token (6 ×
 matmul params + attention, PaLM) against the matmul peak of the row's precision, measured here
-(best 2048³ matmul, before and after the rounds). Time to first step is from process start to the
+(best 2048³ matmul, torch's or oneDNN's, before and after the rounds). Time to first step is from process start to the
 first logged step: imports, data ready (tokenized data cached), model, compile (cold: each run
 gets an empty TORCHINDUCTOR_CACHE_DIR unless --warm-compile-cache), one step.
 """
