@@ -64,8 +64,8 @@ ONEDNN = torch.backends.mkldnn.is_available()  # a torch built without oneDNN: t
 
 
 def mm_nt(a, b):
-    """a @ b.T for 2-D a (m, k) and b (n, k): in oneDNN where fp32 on the CPU (strided views such as transposes are
-    read in place, not copied), otherwise torch's matmul."""
+    """a @ b.T for 2-D a (m, k) and b (n, k): in oneDNN where fp32 on the CPU (b may be a transposed view, read in place;
+    a transposed a is copied first), otherwise torch's matmul."""
     if ONEDNN and a.dtype == torch.float32 and a.device.type == "cpu":
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     return a @ b.t()
