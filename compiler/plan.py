@@ -31,6 +31,7 @@ class Host:
     cpu_bf16: bool = False           # the CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16 in /proc/cpuinfo)
     cpu_vendor: str = ""             # /proc/cpuinfo's vendor_id: GenuineIntel, AuthenticAMD, ... ("" elsewhere)
     cpu_avx512: bool = False         # the CPU has AVX-512 (avx512f)
+    cpu_family: int = 0              # /proc/cpuinfo's cpu family (AMD: 25 Zen 3/4, 26 Zen 5); 0 unknown
     cxx_compiler: bool = False       # a C++ compiler on PATH: torch.compile's CPU backend needs one
 
     @staticmethod
@@ -50,12 +51,15 @@ class Host:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             memory = 8 * 2**30
-        flags, vendor = set(), ""
+        flags, vendor, family = set(), "", 0
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
                 for line in f:
                     if line.startswith("vendor_id") and not vendor:
                         vendor = line.split(":", 1)[1].strip()
+                    elif line.startswith("cpu family") and not family:
+                        value = line.split(":", 1)[1].strip()
+                        family = int(value) if value.isdigit() else 0
                     elif line.startswith("flags"):
                         flags = set(line.split(":", 1)[1].split())
                         break
@@ -66,7 +70,7 @@ class Host:
         cxx = any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++"))
         return Host(cuda=cuda, cuda_name=name, cuda_memory=cuda_memory, cpu_cores=cores, memory_bytes=memory,
                     cpu_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}), cpu_vendor=vendor, cpu_avx512="avx512f" in flags,
-                    cxx_compiler=cxx)
+                    cpu_family=family, cxx_compiler=cxx)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
     # parameters FSDP2 unshards for each forward and backward
     out["fsdp_onednn"] = tmp / "fsdp_onednn"
     plan = compile_to(recipe, out["fsdp_onednn"], sets=["target.devices=2", "target.parallelism=fsdp", "train.eval_batches=3"],
-                      host=Host(cpu_vendor="AuthenticAMD", cpu_avx512=True))
+                      host=Host(cpu_vendor="AuthenticAMD", cpu_avx512=True, cpu_family=26))
     assert plan.matmul == "onednn"
     run_program(out["single"], cache, "--quiet")
     torchrun(out["ddp"], cache)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..estimates import CPU_MFU, cpu_chip, flops_per_token
 from ..plan import Plan
+from .choose_matmul import ONEDNN_STEP_SPEEDUP, onednn_fp32
 from .estimate import model_counts
 
 # bench/compare_hf.py on a 2-core AMD EPYC (Zen 4), torch 2.13, bf16, cold inductor cache (docs/performance.md):
@@ -40,6 +41,11 @@ def run(plan: Plan) -> Plan:
         return plan.decide("compile", True, "auto on cuda: torch.compile fuses the elementwise work between matmuls", compile=True)
     if not plan.host.cxx_compiler:
         return plan.decide("compile", False, "auto on cpu: no C++ compiler on PATH (torch.compile's CPU backend needs one)", compile=False)
+    if plan.precision == "fp32" and onednn_fp32(plan.host):
+        return plan.decide("compile", False,
+                           f"auto on cpu: fp32 on an AMD CPU of Zen 5 or later, where eager multiplies through oneDNN (choose_matmul: "
+                           f"{ONEDNN_STEP_SPEEDUP[0]}-{ONEDNN_STEP_SPEEDUP[1]}× the step) and a compiled program through MKL's "
+                           f"AVX2 kernels: compiling saves about {CPU_COMPILE_GAIN:.0%} of a step, oneDNN more", compile=False)
     eager = estimated_eager_seconds(plan)
     worth = CPU_COMPILE_SECONDS / CPU_COMPILE_GAIN
     on = eager >= worth

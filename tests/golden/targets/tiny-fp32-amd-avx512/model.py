@@ -82,6 +82,7 @@ class OneDNNLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward (create_graph=True raises instead of a wrong 0)
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])                       # (positions, out)
@@ -97,8 +98,8 @@ class OneDNNLinear(torch.autograd.Function):
 def linear(x, weight, bias=None):
     """F.linear, with its fp32 products on the CPU (forward and backward) in oneDNN; other dtypes, autocast and other
     devices as F.linear."""
-    if (ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")):
+    if (ONEDNN and x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and x.device.type == "cpu" and x.numel() > 0 and not torch.is_autocast_enabled("cpu")):  # oneDNN refuses 0 rows
         return OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -187,8 +188,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 p = logits.sub_(lse).exp_()                            # softmax
                 p.scatter_add_(1, tc, torch.full_like(lse, -1.0))      # d(loss)/d(logits) = softmax - one_hot
                 p = p.mul_(1.0 / n).to(dtype)
-                grad_h[s:s + chunk] = mm_nt(p, w.t())
-                grad_w += mm_nt(p.t(), hc.t())                         # summed in fp32 (bf16 products under autocast)
+                grad_h[s:s + chunk] = mm_nt(p, w.t())                  # p @ w
+                grad_w += mm_nt(p.t(), hc.t())                         # pᵀ @ hc, summed over the chunks
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / n
 
