@@ -70,14 +70,28 @@ class _RMSNorm(nn.Module):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
 
 
+class _Linear(nn.Linear):
+    """nn.Linear whose product, once ``onednn_matmuls`` set ``onednn``, runs in oneDNN where fp32 on the CPU (the teacher
+    computes without gradients, so the product alone: no backward)."""
+
+    onednn = False
+
+    def forward(self, x):
+        if (self.onednn and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
+                and (self.bias is None or self.bias.dtype == torch.float32) and not torch.is_grad_enabled()):
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+            return y.view(*x.shape[:-1], self.weight.shape[0])
+        return super().forward(x)
+
+
 class _Attention(nn.Module):
     def __init__(self, s: TeacherShape):
         super().__init__()
         self.s = s
-        self.q_proj = nn.Linear(s.d_model, s.n_heads * s.head_dim, bias=s.qkv_bias)
-        self.k_proj = nn.Linear(s.d_model, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.v_proj = nn.Linear(s.d_model, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
-        self.o_proj = nn.Linear(s.n_heads * s.head_dim, s.d_model, bias=False)
+        self.q_proj = _Linear(s.d_model, s.n_heads * s.head_dim, bias=s.qkv_bias)
+        self.k_proj = _Linear(s.d_model, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.v_proj = _Linear(s.d_model, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.o_proj = _Linear(s.n_heads * s.head_dim, s.d_model, bias=False)
 
     def forward(self, x, cos, sin):
         s = self.s
@@ -93,9 +107,9 @@ class _Attention(nn.Module):
 class _MLP(nn.Module):
     def __init__(self, s: TeacherShape):
         super().__init__()
-        self.gate_proj = nn.Linear(s.d_model, s.d_ff, bias=False)
-        self.up_proj = nn.Linear(s.d_model, s.d_ff, bias=False)
-        self.down_proj = nn.Linear(s.d_ff, s.d_model, bias=False)
+        self.gate_proj = _Linear(s.d_model, s.d_ff, bias=False)
+        self.up_proj = _Linear(s.d_model, s.d_ff, bias=False)
+        self.down_proj = _Linear(s.d_ff, s.d_model, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -128,7 +142,7 @@ class Teacher(nn.Module):
         self.embed_tokens = nn.Embedding(s.vocab, s.d_model)
         self.layers = nn.ModuleList(_Block(s) for _ in range(s.n_layers))
         self.norm = _RMSNorm(s.d_model, s.norm_eps)
-        self.lm_head = nn.Linear(s.d_model, s.vocab, bias=False)
+        self.lm_head = _Linear(s.d_model, s.vocab, bias=False)
         if s.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -164,6 +178,17 @@ def load_teacher(path, kind: str, device, log=print) -> Teacher:
                        e.hint) from None
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
+
+
+def onednn_matmuls(teacher: Teacher) -> Teacher:
+    """The teacher with its linear products in oneDNN where fp32 on the CPU (choose_matmul's onednn: on an AMD CPU of
+    Zen 5 or later torch's fp32 matmul, MKL's sgemm, runs its AVX2 kernels at half the CPU's rate); a torch built
+    without oneDNN keeps torch's."""
+    if torch.backends.mkldnn.is_available():
+        for module in teacher.modules():
+            if isinstance(module, _Linear):
+                module.onednn = True
+    return teacher
 
 
 def matmuls_in(teacher: Teacher, dtype: torch.dtype) -> Teacher:

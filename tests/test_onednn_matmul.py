@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +284,30 @@ def test_encoders_train_as_the_mkl_program_does(name, tmp_path):
         # relative to the gradient, or to 1e-3 for a gradient that is zero but for rounding (the key bias's)
         err = ((p.grad - want).norm() / want.norm().clamp(min=1e-3)).item()
         assert err < 1e-5, f"{n}: relative error {err:.2e}"
+
+
+def test_a_distillation_teacher_multiplies_in_onednn(tmp_path):
+    """The onednn program's train.py sets the frozen teacher's products to oneDNN; its logits equal torch's to fp32
+    rounding, every product is oneDNN's, and with gradients on (never in the program) it is nn.Linear's."""
+    from malt.runtime.teacher import Teacher, TeacherShape, onednn_matmuls
+
+    torch.manual_seed(0)
+    shape = TeacherShape(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96, vocab=300,
+                         norm_eps=1e-6, rope_theta=1e4, qkv_bias=True, tie_embeddings=False)
+    teacher = Teacher(shape).eval()
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        want = teacher(x)
+        onednn_matmuls(teacher)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = teacher(x)
+    names = [e.name for e in prof.events()]
+    assert names.count("mkldnn::_linear_pointwise") == 2 * 7 + 1 and "aten::linear" not in names
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        teacher(x)
+    assert "mkldnn::_linear_pointwise" not in {e.name for e in prof.events()}
+    root = Path(__file__).resolve().parent.parent
+    plan = compile_to(root / "recipes" / "tiny-distill.yaml", tmp_path / "distill", host=AMD512, sets=FP32)
+    assert plan.matmul == "onednn"
+    assert "    teacher = onednn_matmuls(teacher)  # choose_matmul" in (tmp_path / "distill" / "train.py").read_text()

@@ -14,8 +14,8 @@ target.precision fp32 (auto is bf16 on these CPUs, which multiply bf16 natively)
 (inductor's products are MKL's; choose_compile's auto stays eager here, as the eager oneDNN step beats
 the compiled one). model.py's linear layers then run x @ Wᵀ and both products of their backward
 through oneDNN (``Linear`` and ``linear`` in model.py: nn.Linear's parameters and state dict), and so
-do a decoder's chunked loss's products. Attention (SDPA), a distillation teacher (malt.runtime.teacher)
-and GaLore's projections keep torch's. Elsewhere torch's matmul stays: Intel CPUs (MKL's AVX-512
+do a decoder's chunked loss's products and a distillation teacher's (malt.runtime.teacher.onednn_matmuls).
+Attention (SDPA) and GaLore's projections keep torch's. Elsewhere torch's matmul stays: Intel CPUs (MKL's AVX-512
 kernels run there), AMD CPUs before Zen 5 (not measured; MKL ran at their peak), CPUs without
 AVX-512, and bf16 (whose products torch gives to oneDNN already).
 """
