@@ -249,6 +249,7 @@ def _plan_text(p) -> str:
         f"({ex['precision']}; {basis['peak_source']})"
         + _evaluations(est),
         f"execution  {ex['device'] if ex['devices'] == 1 else str(ex['devices']) + ' × ' + ex['device'] + ' (' + ex['parallelism'] + ')'}, {'pure bf16' if ex.get('master_weights') == 'bf16' else ex['precision']}, compile {'on' if ex['compile'] else 'off'}, attention {ex['attention']}, "
+        + ("oneDNN matmuls, " if ex.get("matmul") == "onednn" else "")
         + (f"GaLore AdamW (rank {p.galore['rank']}, projector every {p.galore['update_every']} steps)" if p.galore else
            f"{'fused' if ex['fused_adamw'] else 'foreach'} AdamW")
         + (f", activation checkpointing {ex['activation_checkpointing']}" if ex.get("activation_checkpointing", "none") != "none" else "")
