@@ -311,3 +311,11 @@ def test_a_distillation_teacher_multiplies_in_onednn(tmp_path):
     plan = compile_to(root / "recipes" / "tiny-distill.yaml", tmp_path / "distill", host=AMD512, sets=FP32)
     assert plan.matmul == "onednn"
     assert "    teacher = onednn_matmuls(teacher)  # choose_matmul" in (tmp_path / "distill" / "train.py").read_text()
+
+
+def test_malt_plan_says_so(make_recipe, tmp_path):
+    from malt.compiler.cli import _plan_text
+
+    ours, torchs = build(make_recipe, tmp_path / "a"), build(make_recipe, tmp_path / "b", host=Host())
+    assert "attention sdpa_causal, oneDNN matmuls, fused AdamW" in _plan_text(ours)
+    assert "oneDNN" not in _plan_text(torchs).split("execution", 1)[1].splitlines()[0]
