@@ -197,7 +197,7 @@ def main():
             # bf16 on a CPU with bf16 matmuls: choose_attention's blocked causal_attention (bench/attention.py)
             vs = {"bf16, SDPA is_causal": Variant(sdpa_attention(bf16), batch=batch),
                   "bf16, causal_attention (blocked, generated)": Variant(bf16, batch=batch)}
-        elif group == "matmul":    # choose_matmul: fp32 products in oneDNN on an AMD CPU with AVX-512
+        elif group == "matmul":    # choose_matmul: fp32 products in oneDNN on an AMD Zen 5 CPU
             if plan["execution"]["matmul"] != "onednn":
                 print("  (this CPU keeps torch's fp32 matmul: no oneDNN program to compare)")
                 continue

@@ -94,7 +94,7 @@ def hf_model(plan: dict):
 
 def matmul_peak(dtype_name: str = "fp32", n: int = 2048, reps: int = 8) -> float:
     """FLOP/s of the best of `reps` n×n×n matmuls, through torch's matmul and through oneDNN, whichever is faster:
-    the machine's practical dense peak for that dtype. (On AMD CPUs with AVX-512, torch's fp32 matmul, MKL's
+    the machine's practical dense peak for that dtype. (On AMD Zen 5 CPUs, torch's fp32 matmul, MKL's
     sgemm, runs AVX2 kernels at about half the rate of oneDNN's: choose_matmul.)"""
     import torch
 

@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
                        "fsdp": ["target.devices=2", "target.parallelism=fsdp"]}.items():
         out[name] = tmp / name
         compile_to(recipe, out[name], sets=[*sets, "train.eval_batches=3"], host=Host())
-    # FSDP2 with the fp32 products in oneDNN (choose_matmul on an AMD CPU with AVX-512): model.py's Linear on the
+    # FSDP2 with the fp32 products in oneDNN (choose_matmul on an AMD Zen 5 CPU): model.py's Linear on the
     # parameters FSDP2 unshards for each forward and backward
     out["fsdp_onednn"] = tmp / "fsdp_onednn"
     plan = compile_to(recipe, out["fsdp_onednn"], sets=["target.devices=2", "target.parallelism=fsdp", "train.eval_batches=3"],

@@ -62,7 +62,7 @@ TARGET_CASES = {
     "tiny-full-checkpointing": ("tiny", ["target.activation_checkpointing=full"], ["model.py"]),
     # the TPU program on one device (recipes/tiny-tpu.yaml's golden is the 4-device SPMD one)
     "tiny-1-tpu": ("tiny", ["target.accelerator=tpu"], ["launch.sh", "train.py", "model.py"]),
-    # fp32 on an AMD CPU with AVX-512: the linears and the chunked loss multiply in oneDNN (choose_matmul)
+    # fp32 on an AMD Zen 5 CPU (AVX-512): the linears and the chunked loss multiply in oneDNN (choose_matmul)
     "tiny-fp32-amd-avx512": ("tiny", ["target.precision=fp32"], ["model.py"],
                              Host(cpu_cores=2, memory_bytes=24 * 2**30, cpu_vendor="AuthenticAMD", cpu_avx512=True, cpu_family=26)),
 }

@@ -1,4 +1,4 @@
-"""fp32 products through oneDNN (choose_matmul's onednn: fp32, eager, an AMD CPU with AVX-512).
+"""fp32 products through oneDNN (choose_matmul's onednn: fp32, eager, an AMD CPU of Zen 5 or later with AVX-512).
 
 The pass takes it only there. The generated Linear is nn.Linear exactly (parameters, state dict), and its forward
 and both backward products, like the chunked loss's, are fp32 products: against an fp64 reference their error is of

@@ -28,8 +28,6 @@ from ..plan import Host, Plan
 # products (bench/matmul.py), and the fp32 training step of bench/recipes/{tiny,small}.yaml (bench/ablate.py)
 ONEDNN_MATMUL_SPEEDUP = 2.0
 ONEDNN_STEP_SPEEDUP = (1.53, 1.66)
-
-
 ZEN5_FAMILY = 26  # AMD's cpu family of Zen 5 (/proc/cpuinfo): the first with full-width AVX-512 units
 
 
